@@ -1,0 +1,265 @@
+"""Run configuration: one YAML file per run, checked strictly.
+
+Every section is a dataclass, so defaults live in one place and a typo in a YAML key is an error
+that names the key (``train.epoch: unknown key; did you mean 'epochs'?``) instead of a silently
+ignored setting. Load with :func:`load_config`; override single values from the command line with
+``key.path=value`` strings (:func:`apply_overrides`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+MODEL_NAMES: tuple[str, ...] = ("binary", "multilabel", "seg1", "seg2", "seg3", "seg4")
+
+
+class ConfigError(ValueError):
+    """A configuration value that is missing, unknown or of the wrong type; the message names the key."""
+
+
+@dataclass
+class SynthConfig:
+    """Generate a synthetic Severstal-like dataset into ``data.root`` when it is missing."""
+
+    images: int = 400
+    test_images: int = 100
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # Folder (local path, file:// or s3://) in the Kaggle layout: train_images/, train.csv,
+    # test_images/, and optionally sample_submission.csv and test_truth.csv (synthetic sets).
+    root: str = "runs/quickstart/data"
+    train_csv: str | None = None  # default: <root>/train.csv
+    train_images: str | None = None  # default: <root>/train_images
+    test_images: str | None = None  # default: <root>/test_images
+    test_truth: str | None = None  # default: <root>/test_truth.csv when it exists
+    synth: SynthConfig | None = None  # set to generate the data when missing
+    skip_bad: bool = False  # skip bad label rows (with a written report) instead of failing
+    seed: int = 42  # split random_state, as the seed notebook
+
+    def path(self, name: str) -> str:
+        from steel import storage
+
+        value = getattr(self, name)
+        if value:
+            return value
+        default = {"train_csv": "train.csv", "train_images": "train_images",
+                   "test_images": "test_images", "test_truth": "test_truth.csv"}[name]
+        return storage.join(self.root, default)
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of one model (see ``steel.models.build``)."""
+
+    encoder: str = "xception"
+    input_size: tuple[int, int] = (256, 512)  # (H, W) fed to the network
+    encoder_weights: str = "imagenet"  # imagenet | none | path to a .h5 file
+    # U-Net decoder widths; the seed uses segmentation-models' default (256, 128, 64, 32, 16).
+    decoder_filters: tuple[int, ...] | None = None
+    dense_units: tuple[int, ...] | None = None  # classifier head; default (1024, 512, 64)
+
+
+@dataclass
+class TrainConfig:
+    output: str = "runs/quickstart/train"  # Ray Train storage_path (local or s3://)
+    models: list[str] = field(default_factory=lambda: list(MODEL_NAMES))
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    mixed_precision: bool = False  # float16 compute on GPU
+    epochs: int = 20
+    per_worker_batch: int = 8
+    base_lr: float = 1e-4  # learning rate at base_batch; scaled linearly with the global batch
+    base_batch: int = 8
+    warmup_epochs: int = 1
+    seg_loss: str = "bce_dice"  # dice | bce_dice
+    max_failures: int = 2
+    max_steps_per_epoch: int | None = None  # cap for quick runs; None = one pass over the data
+    classifier: ModelConfig = field(default_factory=ModelConfig)
+    segmenter: ModelConfig = field(
+        default_factory=lambda: ModelConfig(encoder="efficientnetb1", input_size=(256, 1600))
+    )
+    augment: bool = True
+    blackout_prob: float = 0.2  # segmenters: chance to paint the defect out and relabel as clean
+
+
+@dataclass
+class TuneConfig:
+    enabled: bool = True
+    tta: str = "none"  # none | h | v | hv
+
+
+@dataclass
+class ScoreConfig:
+    images: str | None = None  # default: data test_images
+    out: str = "runs/quickstart/scores"
+    actors: int = 1
+    batch_size: int = 8
+    gpus_per_actor: float = 0.0
+    format: str = "csv"  # csv | parquet
+    tta: str = "none"
+    allow_resize: bool = False  # resize wrong-size images instead of rejecting them
+    images_per_shard: int = 64
+
+
+@dataclass
+class Config:
+    name: str = "quickstart"
+    ray_address: str | None = None  # None: start a local Ray; "auto" or ray://... to join a cluster
+    storage_endpoint: str | None = None  # S3-compatible endpoint; default AWS_ENDPOINT_URL or AWS
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    bundle: str = "runs/quickstart/bundle"
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    report: str = "runs/quickstart/report"
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+
+def _to_plain(obj):
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}: {value!r}")
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        items = [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            extra = f"; did you mean '{hint[0]}'?" if hint else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"{full}: unknown key{extra}")
+        kwargs[key] = _convert(value, hints[key], full)
+    obj = cls(**kwargs)
+    _check(obj, prefix)
+    return obj
+
+
+def _check(obj, prefix: str) -> None:
+    """Value checks beyond types."""
+    p = f"{prefix}." if prefix else ""
+    if isinstance(obj, TrainConfig):
+        unknown = [m for m in obj.models if m not in MODEL_NAMES]
+        if unknown:
+            raise ConfigError(f"{p}models: unknown model {unknown[0]!r}; choose from {', '.join(MODEL_NAMES)}")
+        for name in ("num_workers", "epochs", "per_worker_batch", "base_batch", "cpus_per_worker"):
+            if getattr(obj, name) < 1:
+                raise ConfigError(f"{p}{name}: must be at least 1, got {getattr(obj, name)}")
+        if obj.seg_loss not in ("dice", "bce_dice"):
+            raise ConfigError(f"{p}seg_loss: must be 'dice' or 'bce_dice', got {obj.seg_loss!r}")
+    if isinstance(obj, (TuneConfig, ScoreConfig)) and obj.tta not in ("none", "h", "v", "hv"):
+        raise ConfigError(f"{p}tta: must be one of none, h, v, hv; got {obj.tta!r}")
+    if isinstance(obj, ScoreConfig) and obj.format not in ("csv", "parquet"):
+        raise ConfigError(f"{p}format: must be 'csv' or 'parquet', got {obj.format!r}")
+
+
+def config_from_dict(data: dict) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping at the top level, got {type(data).__name__}")
+    return _build(Config, data)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw config mapping."""
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        path, raw = item.split("=", 1)
+        node = data
+        parts = path.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path}: {part} is not a mapping")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (local path or URI); ``None`` gives the built-in defaults."""
+    data: dict = {}
+    if path:
+        from steel import storage
+
+        try:
+            text = storage.read_text(path)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return config_from_dict(data)

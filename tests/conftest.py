@@ -1,0 +1,142 @@
+"""Shared fixtures: servers the tests start themselves and stop by process id.
+
+- ``s3_endpoint``: a moto S3 server (real HTTP) on 127.0.0.1, one per session, with fake credentials
+  exported through the standard AWS variables; ``s3_bucket`` gives each test a fresh bucket.
+- ``ray_local``: an in-process local Ray (started once per session, shut down at the end).
+- ``ray_head``: a separate Ray head (``ray start --head --block`` in its own process group), for
+  tests that submit jobs; stopped by killing that process group, never ``ray stop``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import steel.keras_env  # noqa: F401  (sets the Keras variables before anything imports TensorFlow)
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early with code {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def _stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop a process we started (and its children, which share its process group) by its pid."""
+    if proc.poll() is not None:
+        return
+    pgid = os.getpgid(proc.pid)
+    os.killpg(pgid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(pgid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+    # Children of ray start (raylet, gcs_server...) share the group: make sure none linger.
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """URL of a moto S3 server on 127.0.0.1; AWS_* variables point boto3/pyarrow at it."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        _wait_port(port, proc)
+        endpoint = f"http://127.0.0.1:{port}"
+        saved = {k: os.environ.get(k) for k in
+                 ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+            AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint,
+        )
+        yield endpoint
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    finally:
+        _stop_group(proc)
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh, empty bucket on the moto server; yields its name."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    yield name
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """An in-process local Ray shared by the session's integration tests."""
+    import ray
+
+    from steel.keras_env import runtime_env
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+            runtime_env=runtime_env(), ignore_reinit_error=True,
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A Ray head in its own process group; yields the dashboard URL for JobSubmissionClient."""
+    gcs_port, dash_port = free_port(), free_port()
+    temp_dir = Path("/tmp") / f"rt{uuid.uuid4().hex[:6]}"  # short: Ray's socket paths have a length limit
+    log = tmp_path_factory.mktemp("rayhead") / "head.log"
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # jobs' `python` is this venv's
+    env.update(steel.keras_env.runtime_env()["env_vars"])
+    env.pop("RAY_ADDRESS", None)
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}",
+             "--node-ip-address=127.0.0.1", "--num-cpus=4", "--include-dashboard=true",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--temp-dir={temp_dir}",
+             "--disable-usage-stats"],
+            stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(REPO), start_new_session=True,
+        )
+    try:
+        _wait_port(dash_port, proc, timeout=120)
+        yield f"http://127.0.0.1:{dash_port}"
+    finally:
+        _stop_group(proc)
