@@ -1,0 +1,435 @@
+"""Files at URIs: a local path, ``file://path`` or ``s3://bucket/key`` (AWS or any S3-compatible endpoint).
+
+Which S3 endpoint: the ``endpoint=`` argument, else :func:`set_endpoint` (process-wide, from the
+config's ``storage_endpoint``), else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, else real AWS.
+Credentials come only from the standard AWS chain (environment, profile, instance role); this module
+never reads, logs or stores them.
+
+Writes are atomic: locally a temporary file in the same folder is renamed over the target; on S3 the
+object is committed by one PUT (or one completed multipart upload), so readers see the old or the new
+content, never a part. A missing object raises :class:`FileNotFoundError` naming the URI.
+
+Listings, queries and :func:`resolve` use ``pyarrow.fs`` (what Ray Data takes). S3 reads, writes and
+deletes use boto3: one GET reads one version of an object even while it is being overwritten (pyarrow's
+HEAD + ranged GETs can mix two), uploads abort cleanly on failure, and deletes leave no folder markers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+import threading
+from typing import IO, Iterable, Iterator
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+_TMP_PREFIX = ".tmp-steel-"  # local temp files of in-progress writes; list_files skips them
+_SPOOL_BYTES = 64 * 2**20  # open_output on S3 buffers this much in memory, then spills to disk
+_COPY_CHUNK = 8 * 2**20
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+_lock = threading.Lock()
+_endpoint: str | None = None
+_s3_filesystems: dict[tuple, pafs.S3FileSystem] = {}
+_s3_clients: dict[tuple, object] = {}
+_bucket_regions: dict[str, str] = {}
+_local = pafs.LocalFileSystem()
+
+_umask = os.umask(0o022)
+os.umask(_umask)
+
+
+# ----------------------------------------------------------------------------------------------
+# URIs
+
+
+def is_s3(uri) -> bool:
+    return os.fspath(uri).startswith("s3://")
+
+
+def _split(uri) -> tuple[str, str]:
+    """``("s3", "bucket/key")`` or ``("local", path)``; rejects other schemes."""
+    uri = os.fspath(uri)
+    if not uri:
+        raise ValueError("empty URI")
+    m = _SCHEME.match(uri)
+    if not m:
+        return "local", uri
+    scheme = m.group(1).lower()
+    rest = uri[m.end():]
+    if scheme == "file":
+        if not rest:
+            raise ValueError(f"{uri!r}: file:// URI without a path")
+        return "local", rest
+    if scheme == "s3":
+        bucket = rest.split("/", 1)[0]
+        if not bucket:
+            raise ValueError(f"{uri!r}: S3 URI without a bucket (expected s3://bucket/key)")
+        return "s3", rest.rstrip("/")
+    raise ValueError(f"{uri!r}: unsupported URI scheme {scheme!r}; use a local path, file:// or s3://")
+
+
+def join(uri, *parts) -> str:
+    """``join("s3://b/data", "train_images", "x.jpg") -> "s3://b/data/train_images/x.jpg"``.
+
+    Parts are always relative: leading and trailing slashes of a part are dropped.
+    """
+    out = os.fspath(uri)
+    if not out:
+        raise ValueError("empty URI")
+    for part in parts:
+        part = os.fspath(part).strip("/")
+        if part:
+            out = out + ("" if out.endswith("/") else "/") + part
+    return out
+
+
+def basename(uri) -> str:
+    """Last name in a URI (``s3://b/x/y.jpg`` -> ``y.jpg``), ignoring a trailing slash."""
+    _, path = _split(uri)
+    return posixpath.basename(path.rstrip("/")) or path
+
+
+# ----------------------------------------------------------------------------------------------
+# Endpoint, filesystems and clients
+
+
+def set_endpoint(url: str | None) -> None:
+    """Set the process-wide S3 endpoint (e.g. ``http://127.0.0.1:9000``); ``None`` clears it."""
+    global _endpoint
+    if url is not None:
+        _parse_endpoint(url)
+    _endpoint = url or None
+
+
+def current_endpoint(endpoint: str | None = None) -> str | None:
+    """The S3 endpoint a call would use (``None`` = real AWS)."""
+    return (endpoint or _endpoint or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
+def _parse_endpoint(url: str) -> tuple[str, str]:
+    p = urlparse(url)
+    if p.scheme not in ("http", "https") or not p.netloc:
+        raise ValueError(f"S3 endpoint {url!r} must look like http(s)://host[:port]")
+    return p.scheme, p.netloc + p.path.rstrip("/")
+
+
+def _region(url: str | None, bucket: str | None) -> str | None:
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        return region
+    if url:  # an S3-compatible endpoint: never ask real AWS where the bucket lives
+        return "us-east-1"
+    if bucket:
+        with _lock:
+            cached = _bucket_regions.get(bucket)
+        if cached is None:
+            cached = pafs.resolve_s3_region(bucket)
+            with _lock:
+                _bucket_regions[bucket] = cached
+        return cached
+    return None
+
+
+def _s3_fs(bucket: str | None, endpoint: str | None = None) -> pafs.S3FileSystem:
+    url = current_endpoint(endpoint)
+    region = _region(url, bucket)
+    key = (url, region)
+    with _lock:
+        fs = _s3_filesystems.get(key)
+        if fs is None:
+            kwargs = {"region": region} if region else {}
+            if url:
+                scheme, host = _parse_endpoint(url)
+                kwargs.update(endpoint_override=host, scheme=scheme)
+            fs = _s3_filesystems[key] = pafs.S3FileSystem(**kwargs)
+    return fs
+
+
+def _s3_client(bucket: str | None, endpoint: str | None = None):
+    import boto3
+
+    url = current_endpoint(endpoint)
+    region = _region(url, bucket)
+    key = (url, region)
+    with _lock:
+        client = _s3_clients.get(key)
+        if client is None:
+            client = _s3_clients[key] = boto3.session.Session().client(
+                "s3", endpoint_url=url, region_name=region)
+    return client
+
+
+def resolve(uri, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """``(pyarrow filesystem, path)`` for a URI: ``bucket/key`` on S3, an absolute path locally.
+
+    Use it for Ray Data: ``ray.data.read_images(path, filesystem=fs)``.
+    """
+    kind, path = _split(uri)
+    if kind == "s3":
+        return _s3_fs(path.split("/", 1)[0], endpoint), path
+    return _local, os.path.abspath(path)
+
+
+def uri_to_ray_path(uri, endpoint: str | None = None) -> tuple[str, pafs.FileSystem]:
+    """``(path, filesystem)`` for ``ray.data.read_*(path, filesystem=filesystem)``."""
+    fs, path = resolve(uri, endpoint)
+    return path, fs
+
+
+def _bucket_key(path: str) -> tuple[str, str]:
+    bucket, _, key = path.partition("/")
+    return bucket, key
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+
+
+def _translate(exc: BaseException, uri) -> OSError | None:
+    """A clear FileNotFoundError / PermissionError naming ``uri`` for a storage error, or None."""
+    text = str(exc)
+    code = ""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+    uri = os.fspath(uri)
+    if isinstance(exc, FileNotFoundError) or code in ("NoSuchKey", "404", "NotFound"):
+        return FileNotFoundError(errno.ENOENT, "No such file or directory", uri)
+    if code == "NoSuchBucket" or "NO_SUCH_BUCKET" in text:
+        return FileNotFoundError(errno.ENOENT, "No such bucket", uri)
+    if isinstance(exc, PermissionError) or code in ("AccessDenied", "403") or "ACCESS_DENIED" in text:
+        return PermissionError(errno.EACCES, "Access denied", uri)
+    return None
+
+
+@contextlib.contextmanager
+def _errors(uri) -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised below, translated when we know what it means
+        clear = _translate(e, uri)
+        if clear is None:
+            raise
+        raise clear from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Queries
+
+
+def exists(uri, endpoint: str | None = None) -> bool:
+    """True if a file or folder (on S3: an object or any object under the prefix) is there."""
+    fs, path = resolve(uri, endpoint)
+    with _errors(uri):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def makedirs(uri, endpoint: str | None = None) -> None:
+    """Create a local folder and its parents; S3 has no folders, so nothing to do there."""
+    kind, path = _split(uri)
+    if kind == "local":
+        os.makedirs(path, exist_ok=True)
+
+
+def list_files(uri, suffixes: str | Iterable[str] | None = None, recursive: bool = False,
+               endpoint: str | None = None) -> list[str]:
+    """Sorted URIs (same scheme and form as ``uri``) of the files in a folder.
+
+    ``suffixes`` (e.g. ``(".jpg", ".png")``) keeps names ending with one of them, ignoring case.
+    A folder that does not exist (on S3: a prefix with no objects) raises FileNotFoundError.
+    """
+    fs, path = resolve(uri, endpoint)
+    if isinstance(suffixes, str):
+        suffixes = (suffixes,)
+    wanted = tuple(s.lower() for s in suffixes) if suffixes is not None else None
+    with _errors(uri):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
+    out = []
+    for info in infos:
+        if info.type != pafs.FileType.File or info.base_name.startswith(_TMP_PREFIX):
+            continue
+        if wanted is not None and not info.base_name.lower().endswith(wanted):
+            continue
+        out.append(join(uri, posixpath.relpath(info.path, path.rstrip("/") or "/")))
+    return sorted(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+@contextlib.contextmanager
+def open_input(uri, endpoint: str | None = None) -> Iterator[IO[bytes]]:
+    """A seekable binary file object to read ``uri``."""
+    kind, path = _split(uri)
+    if kind == "local":
+        with _errors(uri):
+            fh = open(path, "rb")
+        with fh:
+            yield fh
+        return
+    # One GET into a local spool: pyarrow's S3 files do a HEAD then ranged GETs, which can mix two
+    # versions of an object that is overwritten meanwhile; a single GET is always one version.
+    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as spool:
+        with _errors(uri):
+            body = _s3_get(path, endpoint)
+            shutil.copyfileobj(body, spool, _COPY_CHUNK)
+        spool.seek(0)
+        yield spool
+
+
+def _s3_get(path: str, endpoint: str | None):
+    bucket, key = _bucket_key(path)
+    return _s3_client(bucket, endpoint).get_object(Bucket=bucket, Key=key)["Body"]
+
+
+def read_bytes(uri, endpoint: str | None = None) -> bytes:
+    kind, path = _split(uri)
+    if kind == "s3":
+        with _errors(uri):
+            return _s3_get(path, endpoint).read()
+    with open_input(uri, endpoint) as fh:
+        return fh.read()
+
+
+def read_text(uri, encoding: str = "utf-8", endpoint: str | None = None) -> str:
+    return read_bytes(uri, endpoint).decode(encoding)
+
+
+def download_to(uri, local_path, endpoint: str | None = None) -> str:
+    """Copy ``uri`` to a local file (atomically); returns the local path."""
+    local_path = os.fspath(local_path)
+    if _split(local_path)[0] != "local":
+        raise ValueError(f"download_to needs a local destination, got {local_path!r}")
+    with open_input(uri, endpoint) as src, open_output(local_path) as dst:
+        shutil.copyfileobj(src, dst, _COPY_CHUNK)
+    return local_path
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing (atomic)
+
+
+@contextlib.contextmanager
+def _local_output(path: str) -> Iterator[IO[bytes]]:
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=_TMP_PREFIX + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask)  # mkstemp makes it private; give it a normal file's mode
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def open_output(uri, endpoint: str | None = None) -> Iterator[IO[bytes]]:
+    """A binary file object whose content replaces ``uri`` atomically when the block exits cleanly.
+
+    If the block raises, nothing is written and the old content (if any) stays.
+    """
+    kind, path = _split(uri)
+    if kind == "local":
+        with _local_output(path) as fh:
+            yield fh
+        return
+    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as spool:
+        yield spool
+        spool.seek(0)
+        bucket, key = _bucket_key(path)
+        with _errors(uri):
+            # One PUT, or a multipart upload that boto3 aborts if any part fails.
+            _s3_client(bucket, endpoint).upload_fileobj(spool, bucket, key)
+
+
+def write_bytes(uri, data: bytes, endpoint: str | None = None) -> None:
+    """Write ``data`` to ``uri`` atomically (local temp + rename; one PUT on S3)."""
+    kind, path = _split(uri)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"write_bytes({uri!r}) needs bytes, got {type(data).__name__}")
+    if kind == "local":
+        with _local_output(path) as fh:
+            fh.write(data)
+        return
+    bucket, key = _bucket_key(path)
+    with _errors(uri):
+        _s3_client(bucket, endpoint).put_object(Bucket=bucket, Key=key, Body=bytes(data))
+
+
+def write_text(uri, text: str, encoding: str = "utf-8", endpoint: str | None = None) -> None:
+    write_bytes(uri, text.encode(encoding), endpoint)
+
+
+def copy_local_dir_to(local_dir, uri, endpoint: str | None = None) -> list[str]:
+    """Upload (or copy) every file under a local folder to ``uri``, keeping relative paths.
+
+    Each file is written atomically. Returns the destination URIs, sorted.
+    """
+    local_dir = os.fspath(local_dir)
+    if not os.path.isdir(local_dir):
+        raise FileNotFoundError(errno.ENOENT, "No such local folder", local_dir)
+    written = []
+    for root, dirs, files in os.walk(local_dir):
+        dirs.sort()
+        for name in sorted(files):
+            src = os.path.join(root, name)
+            dest = join(uri, os.path.relpath(src, local_dir).replace(os.sep, "/"))
+            kind, path = _split(dest)
+            if kind == "s3":
+                bucket, key = _bucket_key(path)
+                with _errors(dest):
+                    _s3_client(bucket, endpoint).upload_file(src, bucket, key)
+            else:
+                with open(src, "rb") as fin, _local_output(path) as fout:
+                    shutil.copyfileobj(fin, fout, _COPY_CHUNK)
+            written.append(dest)
+    return sorted(written)
+
+
+# ----------------------------------------------------------------------------------------------
+# Deleting
+
+
+def delete(uri, recursive: bool = False, missing_ok: bool = False, endpoint: str | None = None) -> None:
+    """Delete a file; a folder (on S3: every object under the prefix) only with ``recursive=True``."""
+    kind, path = _split(uri)
+    fs, fs_path = resolve(uri, endpoint)
+    with _errors(uri):
+        kind_found = fs.get_file_info(fs_path).type
+    if kind_found == pafs.FileType.NotFound:
+        if missing_ok:
+            return
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", os.fspath(uri))
+    if kind_found == pafs.FileType.Directory and not recursive:
+        raise IsADirectoryError(errno.EISDIR, "Is a folder; pass recursive=True to delete it", os.fspath(uri))
+    if kind == "local":
+        if kind_found == pafs.FileType.Directory:
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+        return
+    bucket, key = _bucket_key(path)
+    client = _s3_client(bucket, endpoint)
+    with _errors(uri):
+        if kind_found == pafs.FileType.File:
+            client.delete_object(Bucket=bucket, Key=key)
+            return
+        prefix = key.rstrip("/") + "/" if key else ""
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            objects = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if objects:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
