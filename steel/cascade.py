@@ -1,0 +1,409 @@
+"""The thresholded cascade: binary gate -> 4-label gate -> per-class U-Net -> pixel/area thresholds -> RLE.
+
+For a batch of uint8 images (N x 256 x 1600 x 3):
+
+1. the binary classifier runs on every image: defective iff ``p_defect >= t_bin``;
+2. the multilabel classifier runs only on the defective images: class k passes iff also
+   ``p_k >= t_k`` (``p_class`` stays NaN for images the binary gate stopped);
+3. segmenter k runs only on the images where class k passed (batched together); its probability
+   map is resized back to 256 x 1600 (``cv2.INTER_LINEAR`` on probabilities), thresholded at the
+   pixel threshold ``p_k``, and emptied if its area is outside ``[min_area_k, max_area_k]``;
+4. each mask is run-length encoded (:func:`steel.rle.encode`).
+
+Models are plain callables ``f(batch) -> np.ndarray`` taking float32 NHWC in [0, 1] at that model's
+input size (the semantics of ``steel.models.preprocess``: uint8 / 255) and returning probabilities:
+``(N, 1)`` binary, ``(N, 4)`` multilabel, ``(N, H, W, 1)`` segmenters. Keras models are wrapped by
+:meth:`Cascade.from_bundle`. Inputs are resized with ``cv2.INTER_AREA``.
+
+Flip test-time augmentation (``tta``: none | h | v | hv, for all models or per model as a dict)
+averages each model's probabilities over flipped copies of its input; segmentation outputs are
+flipped back before averaging. ``hv`` uses four views: identity, h, v and both.
+
+:attr:`Cascade.stats` counts the work done and the work the gates saved (in images).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from steel import rle
+from steel.thresholds import CLASSES, TTA_MODES, validate_thresholds
+
+MODEL_NAMES: tuple[str, ...] = ("binary", "multilabel", "seg1", "seg2", "seg3", "seg4")
+SHAPE: tuple[int, int] = rle.SHAPE
+
+# Flip views per TTA mode: (flip rows / vertical, flip columns / horizontal).
+_VIEWS: dict[str, tuple[tuple[bool, bool], ...]] = {
+    "none": ((False, False),),
+    "h": ((False, False), (False, True)),
+    "v": ((False, False), (True, False)),
+    "hv": ((False, False), (False, True), (True, False), (True, True)),
+}
+
+
+def _cv2():
+    import cv2
+
+    return cv2
+
+
+def preprocess(images_uint8: np.ndarray) -> np.ndarray:
+    """uint8 RGB -> float32 in [0, 1] (the same as ``steel.models.preprocess``, without importing TF)."""
+    return np.asarray(images_uint8, dtype=np.float32) / np.float32(255.0)
+
+
+def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an N x H x W x C batch to ``size`` (H, W) with ``cv2.INTER_AREA`` (no-op if equal)."""
+    h, w = int(size[0]), int(size[1])
+    if images.shape[1:3] == (h, w):
+        return images
+    cv2 = _cv2()
+    out = np.empty((images.shape[0], h, w, images.shape[3]), dtype=images.dtype)
+    for i in range(images.shape[0]):
+        r = cv2.resize(images[i], (w, h), interpolation=cv2.INTER_AREA)
+        out[i] = r.reshape(h, w, -1)
+    return out
+
+
+def resize_prob(prob: np.ndarray, size: tuple[int, int] = SHAPE, interpolation: str = "linear") -> np.ndarray:
+    """Resize a 2-D probability map to ``size`` (H, W): ``linear`` (upsampling) or ``area`` (downsampling)."""
+    h, w = int(size[0]), int(size[1])
+    prob = np.asarray(prob, dtype=np.float32)
+    if prob.shape == (h, w):
+        return prob
+    cv2 = _cv2()
+    flag = cv2.INTER_LINEAR if interpolation == "linear" else cv2.INTER_AREA
+    return cv2.resize(prob, (w, h), interpolation=flag)
+
+
+def mask_from_prob(prob: np.ndarray, pixel: float, min_area: int, max_area: int,
+                   shape: tuple[int, int] = SHAPE) -> tuple[np.ndarray, int]:
+    """Full-resolution mask from a (possibly low-res) probability map: resize, threshold, area filter.
+
+    Returns ``(mask uint8, raw_area)``; the mask is all zero when ``raw_area`` is outside
+    ``[min_area, max_area]``.
+    """
+    full = resize_prob(prob, shape, "linear")
+    mask = (full >= pixel).astype(np.uint8)
+    area = int(mask.sum())
+    if area < min_area or area > max_area:
+        mask[:] = 0
+    return mask, area
+
+
+def _normalise_tta(tta: str | Mapping[str, str] | None) -> dict[str, str]:
+    if tta is None:
+        tta = "none"
+    if isinstance(tta, str):
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}; got {tta!r}")
+        return {name: tta for name in MODEL_NAMES}
+    if not isinstance(tta, Mapping):
+        raise ValueError(f"tta must be a mode string or a mapping model name -> mode, got {type(tta).__name__}")
+    unknown = sorted(set(tta) - set(MODEL_NAMES))
+    if unknown:
+        raise ValueError(f"tta: unknown model {unknown[0]!r}; models are {', '.join(MODEL_NAMES)}")
+    out = {}
+    for name in MODEL_NAMES:
+        mode = tta.get(name, "none")
+        if mode not in TTA_MODES:
+            raise ValueError(f"tta[{name!r}] must be one of {', '.join(TTA_MODES)}; got {mode!r}")
+        out[name] = mode
+    return out
+
+
+def _as_batch(images: Any) -> np.ndarray:
+    if isinstance(images, (list, tuple)):
+        if not images:
+            return np.zeros((0, *SHAPE, 3), dtype=np.uint8)
+        images = np.stack([np.asarray(i) for i in images])
+    images = np.asarray(images)
+    if images.ndim == 3:
+        raise ValueError(f"images must be a batch N x 256 x 1600 x 3; got one image of shape {images.shape} "
+                         "(add a batch axis)")
+    if images.ndim != 4 or images.shape[1:] != (*SHAPE, 3):
+        raise ValueError(f"images must have shape N x {SHAPE[0]} x {SHAPE[1]} x 3, got {images.shape}")
+    if images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (0..255), got dtype {images.dtype}")
+    return images
+
+
+class Cascade:
+    """Gated inference with six models and a thresholds mapping (see the module docstring).
+
+    Args:
+        models: model name (binary, multilabel, seg1..seg4) -> callable(float32 NHWC) -> probabilities.
+        input_sizes: model name -> (H, W) the model takes.
+        thresholds: a thresholds mapping (:mod:`steel.thresholds` schema); validated here.
+        tta: none | h | v | hv, or a mapping model name -> mode (missing models: none).
+        batch_size: largest batch handed to one model call (None: the whole gated subset at once).
+    """
+
+    def __init__(self, models: Mapping[str, Callable[[np.ndarray], Any]],
+                 input_sizes: Mapping[str, Sequence[int]], thresholds: dict,
+                 tta: str | Mapping[str, str] = "none", batch_size: int | None = None):
+        missing = [n for n in MODEL_NAMES if n not in models]
+        if missing:
+            raise ValueError(f"Cascade needs all six models; missing {', '.join(missing)}")
+        unknown = sorted(set(models) - set(MODEL_NAMES))
+        if unknown:
+            raise ValueError(f"Cascade: unknown model {unknown[0]!r}; models are {', '.join(MODEL_NAMES)}")
+        for name in MODEL_NAMES:
+            if not callable(models[name]):
+                raise ValueError(f"model {name!r} is not callable (got {type(models[name]).__name__})")
+        self.models = dict(models)
+        self.input_sizes: dict[str, tuple[int, int]] = {}
+        for name in MODEL_NAMES:
+            if name not in input_sizes:
+                raise ValueError(f"input_sizes: missing the input size (H, W) of model {name!r}")
+            size = tuple(int(v) for v in input_sizes[name])
+            if len(size) != 2 or min(size) < 1:
+                raise ValueError(f"input_sizes[{name!r}] must be (H, W) with positive values, got {input_sizes[name]!r}")
+            self.input_sizes[name] = size  # type: ignore[assignment]
+        self.thresholds = validate_thresholds(thresholds)
+        self.tta = _normalise_tta(tta)
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.reset_stats()
+
+    # ------------------------------------------------------------------ construction from a bundle
+    @classmethod
+    def from_bundle(cls, bundle: Any, thresholds: dict | None = None, tta: str | Mapping[str, str] | None = None,
+                    batch_size: int | None = None) -> "Cascade":
+        """Cascade from a loaded ``steel.bundle.Bundle`` (or a bundle URI, loaded here).
+
+        Thresholds default to the bundle's ``thresholds.json``, else the seed's; ``tta`` defaults to
+        the thresholds' ``tta`` entry.
+        """
+        if isinstance(bundle, str):
+            from steel import bundle as bundle_mod
+
+            bundle = bundle_mod.load_bundle(bundle)
+        if thresholds is None:
+            thresholds = getattr(bundle, "thresholds", None)
+        if thresholds is None:
+            from steel.thresholds import default_thresholds
+
+            thresholds = default_thresholds()
+        thresholds = validate_thresholds(thresholds)
+        if tta is None:
+            tta = thresholds.get("tta", "none")
+        models = {name: keras_callable(model) for name, model in bundle.models.items()}
+        sizes = {}
+        for name, spec in bundle.specs.items():
+            if "input_size" not in spec:
+                raise ValueError(f"bundle spec of {name!r} has no input_size")
+            sizes[name] = tuple(spec["input_size"])
+        return cls(models, sizes, thresholds, tta=tta, batch_size=batch_size)
+
+    # ------------------------------------------------------------------ stats
+    def reset_stats(self) -> None:
+        self._stats = {
+            "images": 0,
+            "binary_calls": 0,
+            "multilabel_calls": 0,
+            "multilabel_calls_saved": 0,
+            "seg_calls": 0,
+            "seg_calls_saved": 0,
+            "seg_calls_per_class": {k: 0 for k in CLASSES},
+            "forward_passes": 0,  # images through any model, counting every TTA view
+        }
+
+    @property
+    def stats(self) -> dict:
+        """Cumulative counts over :meth:`predict` calls (in images; a gated call saves one image)."""
+        s = dict(self._stats)
+        s["seg_calls_per_class"] = dict(self._stats["seg_calls_per_class"])
+        return s
+
+    # ------------------------------------------------------------------ model calls
+    def _call(self, name: str, x: np.ndarray) -> np.ndarray:
+        """One model over ``x`` (already resized, float32), TTA-averaged, in chunks of batch_size."""
+        n = x.shape[0]
+        step = self.batch_size or n
+        parts = []
+        for start in range(0, n, step):
+            chunk = x[start:start + step]
+            acc = None
+            views = _VIEWS[self.tta[name]]
+            for flip_v, flip_h in views:
+                view = chunk
+                if flip_v:
+                    view = view[:, ::-1]
+                if flip_h:
+                    view = view[:, :, ::-1]
+                out = self._check_output(name, self.models[name](np.ascontiguousarray(view)), view.shape[0])
+                if out.ndim == 3:  # segmentation map (n, h, w): undo the flip
+                    if flip_v:
+                        out = out[:, ::-1]
+                    if flip_h:
+                        out = out[:, :, ::-1]
+                acc = out if acc is None else acc + out
+                self._stats["forward_passes"] += view.shape[0]
+            parts.append(acc / np.float32(len(views)))
+        return np.concatenate(parts, axis=0)
+
+    @staticmethod
+    def _check_output(name: str, out: Any, n: int) -> np.ndarray:
+        if hasattr(out, "numpy"):
+            out = out.numpy()
+        out = np.asarray(out, dtype=np.float32)
+        if out.shape[:1] != (n,):
+            raise ValueError(f"model {name!r} returned shape {out.shape} for a batch of {n} images")
+        if name == "binary":
+            if out.ndim == 2 and out.shape[1] == 1:
+                out = out[:, 0]
+            if out.ndim != 1:
+                raise ValueError(f"binary model must return (N, 1) probabilities, got shape {out.shape}")
+        elif name == "multilabel":
+            if out.shape != (n, 4):
+                raise ValueError(f"multilabel model must return (N, 4) probabilities, got shape {out.shape}")
+        else:
+            if out.ndim == 4 and out.shape[3] == 1:
+                out = out[..., 0]
+            if out.ndim != 3:
+                raise ValueError(f"segmenter {name!r} must return (N, H, W, 1) probabilities, got shape {out.shape}")
+        return out
+
+    def _inputs(self, images: np.ndarray, name: str, cache: dict) -> np.ndarray:
+        """``images`` resized to the model's input and scaled to [0, 1]; shared between equal sizes."""
+        size = self.input_sizes[name]
+        if size not in cache:
+            cache[size] = preprocess(resize_images(images, size))
+        return cache[size]
+
+    def _run(self, name: str, images: np.ndarray, index: np.ndarray, cache: dict) -> np.ndarray:
+        x = self._inputs(images, name, cache)
+        if index.size != x.shape[0]:
+            x = x[index]
+        return self._call(name, x)
+
+    # ------------------------------------------------------------------ public inference
+    def predict(self, images: Any, image_ids: Sequence[str] | None = None) -> list[dict]:
+        """Gated predictions for a batch of uint8 images N x 256 x 1600 x 3.
+
+        Returns one dict per image: ``p_defect`` (float), ``p_class`` (4 floats; NaN where the
+        binary gate skipped the multilabel model), ``masks`` (4 RLE strings, '' = empty; ``rle`` is
+        the same list), ``areas`` (4 ints: area of each final mask), ``raw_areas`` (area before the
+        area filter; 0 where the segmenter was gated), and ``ImageId`` when ``image_ids`` is given.
+        """
+        images = _as_batch(images)
+        n = images.shape[0]
+        if image_ids is not None and len(image_ids) != n:
+            raise ValueError(f"image_ids has {len(image_ids)} entries for {n} images")
+        th = self.thresholds
+        cache: dict = {}
+        everyone = np.arange(n)
+        p_defect = self._run("binary", images, everyone, cache) if n else np.zeros(0, np.float32)
+        defective = np.flatnonzero(p_defect >= th["binary"])
+        p_class = np.full((n, 4), np.nan, dtype=np.float32)
+        if defective.size:
+            p_class[defective] = self._run("multilabel", images, defective, cache)
+        masks = [["" for _ in CLASSES] for _ in range(n)]
+        areas = np.zeros((n, 4), dtype=np.int64)
+        raw_areas = np.zeros((n, 4), dtype=np.int64)
+        seg_calls = 0
+        for j, k in enumerate(CLASSES):
+            ck = th["classes"][str(k)]
+            with np.errstate(invalid="ignore"):
+                passed = np.flatnonzero(p_class[:, j] >= ck["prob"])  # NaN (not defective) never passes
+            if not passed.size:
+                continue
+            probs = self._run(f"seg{k}", images, passed, cache)
+            seg_calls += passed.size
+            self._stats["seg_calls_per_class"][k] += int(passed.size)
+            for row, i in enumerate(passed):
+                mask, raw = mask_from_prob(probs[row], ck["pixel"], ck["min_area"], ck["max_area"])
+                raw_areas[i, j] = raw
+                if mask.any():
+                    areas[i, j] = raw
+                    masks[i][j] = rle.encode(mask)
+        s = self._stats
+        s["images"] += n
+        s["binary_calls"] += n
+        s["multilabel_calls"] += int(defective.size)
+        s["multilabel_calls_saved"] += n - int(defective.size)
+        s["seg_calls"] += seg_calls
+        s["seg_calls_saved"] += 4 * n - seg_calls
+        out = []
+        for i in range(n):
+            item = {
+                "p_defect": float(p_defect[i]),
+                "p_class": [float(v) for v in p_class[i]],
+                "masks": masks[i],
+                "rle": masks[i],
+                "areas": [int(v) for v in areas[i]],
+                "raw_areas": [int(v) for v in raw_areas[i]],
+            }
+            if image_ids is not None:
+                item = {"ImageId": image_ids[i], **item}
+            out.append(item)
+        return out
+
+    def predict_probabilities(self, images: Any, seg_size: Sequence[int] | None = None,
+                              seg_dtype: Any = np.float32) -> dict:
+        """Raw, ungated probabilities of every model for every image (for threshold tuning).
+
+        Returns ``{"p_defect": (N,), "p_class": (N, 4), "seg": {k: (N, h, w)}}`` with each
+        segmenter's map at its output resolution, or resized to ``seg_size`` (H, W) with
+        ``cv2.INTER_AREA`` (averaging, so areas scale by (256*1600)/(H*W)), as ``seg_dtype``.
+        """
+        images = _as_batch(images)
+        n = images.shape[0]
+        cache: dict = {}
+        everyone = np.arange(n)
+        result: dict = {"p_defect": np.zeros(0, np.float32), "p_class": np.zeros((0, 4), np.float32), "seg": {}}
+        if n:
+            result["p_defect"] = self._run("binary", images, everyone, cache)
+            result["p_class"] = self._run("multilabel", images, everyone, cache)
+        for k in CLASSES:
+            name = f"seg{k}"
+            if not n:
+                h, w = seg_size or self.input_sizes[name]
+                result["seg"][k] = np.zeros((0, int(h), int(w)), dtype=seg_dtype)
+                continue
+            probs = self._run(name, images, everyone, cache)
+            if seg_size is not None:
+                probs = np.stack([resize_prob(p, seg_size, "area") for p in probs])
+            result["seg"][k] = probs.astype(seg_dtype, copy=False)
+        s = self._stats
+        s["images"] += n
+        s["binary_calls"] += n
+        s["multilabel_calls"] += n
+        s["seg_calls"] += 4 * n
+        for k in CLASSES:
+            s["seg_calls_per_class"][k] += n
+        return result
+
+
+def keras_callable(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """Wrap a Keras model as ``f(batch) -> np.ndarray`` (``predict_on_batch``, else ``model(x, training=False)``)."""
+    if hasattr(model, "predict_on_batch"):
+        def call(x: np.ndarray) -> np.ndarray:
+            return np.asarray(model.predict_on_batch(x))
+    else:
+        def call(x: np.ndarray) -> np.ndarray:
+            out = model(x, training=False)
+            return np.asarray(out.numpy() if hasattr(out, "numpy") else out)
+    call.model = model  # type: ignore[attr-defined]
+    return call
+
+
+def rows_from_predictions(predictions: Sequence[dict]) -> list[dict]:
+    """Long-layout rows (ImageId, ClassId, EncodedPixels) from :meth:`Cascade.predict` output with ImageIds."""
+    rows = []
+    for item in predictions:
+        if "ImageId" not in item:
+            raise ValueError("predictions have no ImageId; pass image_ids to Cascade.predict")
+        for j, k in enumerate(CLASSES):
+            rows.append({"ImageId": item["ImageId"], "ClassId": k, "EncodedPixels": item["masks"][j]})
+    return rows
+
+
+__all__ = ["Cascade", "MODEL_NAMES", "preprocess", "resize_images", "resize_prob", "mask_from_prob",
+           "keras_callable", "rows_from_predictions"]
+
