@@ -1,0 +1,93 @@
+"""The seed's Keras losses and metrics, written with plain TensorFlow ops.
+
+- ``dice_coef`` / ``dice_loss`` / ``bce_dice_loss`` for the U-Nets (the seed's ``dice_coef`` with
+  ``smooth=1`` over the whole flattened batch);
+- ``precision_m`` / ``recall_m`` / ``f1_m`` for the classifiers (the seed's batch-wise metrics on
+  predictions rounded at 0.5).
+
+Every function casts both arguments to float32 first, so they work under the ``mixed_float16``
+policy (float16 ``y_pred``) and with integer masks/labels, and they use only ops that run inside
+``MultiWorkerMirroredStrategy`` replicas. Keras names history columns after ``__name__``: the
+columns are ``dice_coef``, ``dice_loss``, ``precision_m``, ``recall_m``, ``f1_m`` (each prefixed
+``val_`` for validation). As in the seed, these are per-batch values that Keras averages over the
+batches of an epoch (not an exact epoch-level F1 or Dice).
+"""
+
+from __future__ import annotations
+
+from steel.keras_env import keras, tf
+
+SMOOTH = 1.0
+EPSILON = 1e-7  # keras.backend.epsilon(), as the seed's K.epsilon()
+
+
+def _f32(y_true, y_pred):
+    return tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32)
+
+
+def dice_coef(y_true, y_pred, smooth: float = SMOOTH):
+    """Soft Dice over the whole flattened batch: ``(2|X*Y| + s) / (|X| + |Y| + s)`` with ``s = 1``."""
+    y_true, y_pred = _f32(y_true, y_pred)
+    t = tf.reshape(y_true, [-1])
+    p = tf.reshape(y_pred, [-1])
+    intersection = tf.reduce_sum(t * p)
+    return (2.0 * intersection + smooth) / (tf.reduce_sum(t) + tf.reduce_sum(p) + smooth)
+
+
+def dice_loss(y_true, y_pred):
+    """``1 - dice_coef`` (a scalar for the batch)."""
+    return 1.0 - dice_coef(y_true, y_pred)
+
+
+def bce_dice_loss(y_true, y_pred):
+    """Binary cross-entropy + Dice loss.
+
+    Returns one value per sample: the sample's mean pixel BCE plus the batch's Dice loss, so Keras'
+    ``SUM_OVER_BATCH_SIZE`` reduction (which divides by the *global* batch under a distribution
+    strategy) gives ``mean BCE + dice_loss`` exactly as the seed's scalar sum does on one device.
+    """
+    y_true, y_pred = _f32(y_true, y_pred)
+    bce = keras.losses.binary_crossentropy(y_true, y_pred)  # mean over the last axis: (B, ...)
+    per_sample = tf.reduce_mean(tf.reshape(bce, [tf.shape(bce)[0], -1]), axis=1)
+    return per_sample + dice_loss(y_true, y_pred)
+
+
+def recall_m(y_true, y_pred):
+    """Recall of predictions rounded at 0.5: ``TP / (P + eps)`` over the batch."""
+    y_true, y_pred = _f32(y_true, y_pred)
+    true_positives = tf.reduce_sum(tf.round(tf.clip_by_value(y_true * y_pred, 0.0, 1.0)))
+    possible_positives = tf.reduce_sum(tf.round(tf.clip_by_value(y_true, 0.0, 1.0)))
+    return true_positives / (possible_positives + EPSILON)
+
+
+def precision_m(y_true, y_pred):
+    """Precision of predictions rounded at 0.5: ``TP / (predicted P + eps)`` over the batch."""
+    y_true, y_pred = _f32(y_true, y_pred)
+    true_positives = tf.reduce_sum(tf.round(tf.clip_by_value(y_true * y_pred, 0.0, 1.0)))
+    predicted_positives = tf.reduce_sum(tf.round(tf.clip_by_value(y_pred, 0.0, 1.0)))
+    return true_positives / (predicted_positives + EPSILON)
+
+
+def f1_m(y_true, y_pred):
+    """Harmonic mean of :func:`precision_m` and :func:`recall_m` (the seed's ``f1_score_m``)."""
+    precision = precision_m(y_true, y_pred)
+    recall = recall_m(y_true, y_pred)
+    return 2.0 * ((precision * recall) / (precision + recall + EPSILON))
+
+
+CUSTOM_OBJECTS: dict = {f.__name__: f for f in
+                        (dice_coef, dice_loss, bce_dice_loss, precision_m, recall_m, f1_m)}
+CLASSIFIER_METRICS = (precision_m, recall_m, f1_m)
+SEGMENTER_METRICS = (dice_coef,)
+
+
+def segmenter_loss(kind: str):
+    """``"dice"`` -> :func:`dice_loss`, ``"bce_dice"`` -> :func:`bce_dice_loss` (``train.seg_loss``)."""
+    losses = {"dice": dice_loss, "bce_dice": bce_dice_loss}
+    if kind not in losses:
+        raise ValueError(f"unknown segmentation loss {kind!r}; choose from {', '.join(losses)}")
+    return losses[kind]
+
+
+__all__ = ["dice_coef", "dice_loss", "bce_dice_loss", "precision_m", "recall_m", "f1_m",
+           "CUSTOM_OBJECTS", "CLASSIFIER_METRICS", "SEGMENTER_METRICS", "segmenter_loss"]

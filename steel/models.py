@@ -1,0 +1,443 @@
+"""The six networks of the cascade: one registry, one public factory, :func:`build`.
+
+Layout follows qubvel/segmentation_models' ``unet.py``: utility functions, blocks (small closures),
+the two model builders, the registry of the six model names, and the public factory.
+
+- ``binary``: encoder (no top) -> GlobalAveragePooling2D -> Dense 1024 relu -> BN -> Dropout 0.3
+  -> Dense 512 relu -> BN -> Dropout 0.3 -> Dense 64 relu -> Dense 1 sigmoid (the seed's Xception
+  head; 23,523,497 parameters at 256x512x3).
+- ``multilabel``: the same head with 4 sigmoid outputs (23,523,692 parameters).
+- ``seg1`` .. ``seg4``: ``segmentation_models.Unet(encoder, classes=1, activation='sigmoid')``, one
+  per defect class (efficientnetb1: 12,641,169 parameters).
+
+Every model takes float32 RGB in ``[0, 1]`` of its ``input_size`` (see :func:`preprocess`), exactly
+as the seed's ``ImageDataGenerator(rescale=1/255)``. The output layer always computes in float32
+(``dtype='float32'``): under the ``mixed_float16`` global policy the body runs in float16 but the
+sigmoid, and so the loss, stay float32 (the numerically safe set-up the Keras mixed-precision guide
+asks for); under the default float32 policy this changes nothing. No ``Lambda`` layers are used, so
+a bundle rebuilds every architecture from code plus a small spec (see :func:`model_spec`) and loads
+weights only.
+
+TensorFlow is imported lazily (inside the builders), so ``import steel.models`` is cheap.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from steel.config import MODEL_NAMES
+
+# ---------------------------------------------------------------------
+#  Defaults (the seed notebook) and allowed values
+# ---------------------------------------------------------------------
+
+CLASSIFIER_DEFAULTS: dict[str, Any] = {
+    "encoder": "xception",
+    "input_size": (256, 512),
+    "encoder_weights": "imagenet",
+    "decoder_filters": None,
+    "dense_units": (1024, 512, 64),
+}
+SEGMENTER_DEFAULTS: dict[str, Any] = {
+    "encoder": "efficientnetb1",
+    "input_size": (256, 1600),
+    "encoder_weights": "imagenet",
+    "decoder_filters": (256, 128, 64, 32, 16),  # segmentation-models' default
+    "dense_units": None,
+}
+SPEC_KEYS: tuple[str, ...] = ("encoder", "input_size", "encoder_weights", "decoder_filters", "dense_units")
+DROPOUT = 0.3
+UNET_DIVISOR = 32  # a U-Net downsamples 5 times: H and W must be multiples of 32
+MIN_CLASSIFIER_SIDE = 32
+
+# Classifier encoders: name -> (tf_keras.applications constructor name, extra kwargs, input scale).
+# ``input_scale`` multiplies the [0, 1] input before the encoder: tf_keras' EfficientNets carry their
+# own Rescaling(1/255) + Normalization layers and expect [0, 255] pixels.
+_CLASSIFIER_ENCODERS: dict[str, tuple[str | None, dict, float]] = {
+    "xception": ("Xception", {}, 1.0),
+    "mobilenetv2": ("MobileNetV2", {"alpha": 1.0}, 1.0),
+    "mobilenetv2_035": ("MobileNetV2", {"alpha": 0.35}, 1.0),
+    "efficientnetb0": ("EfficientNetB0", {}, 255.0),
+    "efficientnetb1": ("EfficientNetB1", {}, 255.0),
+    "simplecnn": (None, {}, 1.0),  # 4 conv blocks, ~25k parameters: for tests and smoke runs only
+}
+# U-Net encoders (segmentation-models backbones). "mobilenetv2_035" is registered below.
+_SEGMENTER_ENCODERS: tuple[str, ...] = (
+    "efficientnetb0", "efficientnetb1", "efficientnetb2", "efficientnetb3",
+    "mobilenetv2", "mobilenetv2_035", "resnet18", "resnet34",
+)
+CLASSIFIER_ENCODERS: tuple[str, ...] = tuple(_CLASSIFIER_ENCODERS)
+SEGMENTER_ENCODERS: tuple[str, ...] = _SEGMENTER_ENCODERS
+
+
+# ---------------------------------------------------------------------
+#  Utility functions
+# ---------------------------------------------------------------------
+
+def is_segmenter(name: str) -> bool:
+    """True for ``seg1`` .. ``seg4``; ValueError for a name that is not one of the six models."""
+    _check_name(name)
+    return name.startswith("seg")
+
+
+def class_of(name: str) -> int:
+    """Defect class (1..4) a segmenter predicts; ValueError for the classifiers and unknown names."""
+    if not is_segmenter(name):
+        raise ValueError(f"{name!r} is a classifier, not a per-class segmenter (seg1..seg4)")
+    return int(name[3:])
+
+
+def num_outputs(name: str) -> int:
+    """Sigmoid outputs of a classifier (binary 1, multilabel 4) or channels of a U-Net mask (1)."""
+    _check_name(name)
+    return 4 if name == "multilabel" else 1
+
+
+def preprocess(images: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+    """uint8 RGB (``N x H x W x 3`` or one ``H x W x 3`` image) -> float32 in ``[0, 1]``.
+
+    ``size=(H, W)`` also resizes (OpenCV ``INTER_AREA``, the anti-aliased choice for shrinking
+    256x1600 frames to a classifier's 256x512); ``None`` keeps the size. Float input already in
+    ``[0, 1]`` passes through as float32.
+    """
+    arr = np.asarray(images)
+    if arr.ndim not in (3, 4) or arr.shape[-1] != 3:
+        raise ValueError(f"expected RGB images shaped (N, H, W, 3) or (H, W, 3), got {arr.shape}")
+    if size is not None:
+        arr = resize(arr, size) if arr.ndim == 4 else resize(arr[None], size)[0]
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) * np.float32(1.0 / 255.0)
+    if np.issubdtype(arr.dtype, np.floating):
+        out = arr.astype(np.float32, copy=False)
+        if out.size and (float(out.min()) < 0.0 or float(out.max()) > 1.0):
+            raise ValueError("float images must already be in [0, 1]; pass uint8 pixels to rescale")
+        return out
+    raise ValueError(f"expected uint8 pixels, got dtype {arr.dtype}")
+
+
+def resize(images: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    """Resize a batch ``N x H x W`` or ``N x H x W x C`` to ``size=(H, W)``; ``nearest=True`` for masks."""
+    import cv2
+
+    h, w = _check_size(size, "size")
+    arr = np.asarray(images)
+    if arr.ndim not in (3, 4):
+        raise ValueError(f"expected a batch shaped (N, H, W) or (N, H, W, C), got {arr.shape}")
+    if arr.shape[1:3] == (h, w):
+        return arr
+    if nearest:
+        interp = cv2.INTER_NEAREST
+    else:
+        interp = cv2.INTER_AREA if arr.shape[1] >= h and arr.shape[2] >= w else cv2.INTER_LINEAR
+    return np.stack([cv2.resize(img, (w, h), interpolation=interp).reshape((h, w) + img.shape[2:])
+                     for img in arr])
+
+
+def _check_name(name: str) -> None:
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
+
+
+def _check_size(size, what: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in size)
+        ok = [h, w] == list(size)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or h <= 0 or w <= 0:
+        raise ValueError(f"{what} must be two positive integers (H, W), got {size!r}")
+    return h, w
+
+
+def _weights_arg(encoder_weights: str | None) -> str | None:
+    """``imagenet`` | ``none``/None | path or URI of an .h5 file -> what Keras' ``weights=`` takes."""
+    if encoder_weights is None or str(encoder_weights).lower() == "none":
+        return None
+    if str(encoder_weights).lower() == "imagenet":
+        return "imagenet"
+    path = str(encoder_weights)
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    if "://" in path:  # s3://... : fetch once to a local cache file (Keras reads local paths only)
+        from steel import storage
+
+        local = os.path.join(tempfile.gettempdir(), "steel-encoder-weights",
+                             storage.basename(path) or "weights.h5")
+        if not os.path.exists(local):
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            storage.download_to(path, local)
+        return local
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"encoder_weights: expected 'imagenet', 'none' or the path of an .h5 file; "
+            f"no such file: {encoder_weights!r}")
+    return path
+
+
+def _norm_tuple(value, what: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        out = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a list of positive integers, got {value!r}") from None
+    if any(v <= 0 for v in out) or list(out) != list(value):
+        raise ValueError(f"{what} must be a list of positive integers, got {value!r}")
+    return out
+
+
+def resolve_spec(name: str, encoder: str | None = None, input_size=None, encoder_weights=None,
+                 decoder_filters=None, dense_units=None) -> dict:
+    """The complete, checked architecture spec of ``name`` (``None`` arguments -> the seed's defaults).
+
+    Returns a JSON-friendly dict with the keys of :data:`SPEC_KEYS` (tuples become lists). This is
+    what a bundle manifest stores and what :func:`build` accepts back as keyword arguments.
+    """
+    seg = is_segmenter(name)
+    defaults = SEGMENTER_DEFAULTS if seg else CLASSIFIER_DEFAULTS
+    encoder = defaults["encoder"] if encoder is None else str(encoder).lower()
+    allowed = SEGMENTER_ENCODERS if seg else CLASSIFIER_ENCODERS
+    if encoder not in allowed:
+        kind = "U-Net (seg1..seg4)" if seg else "classifier (binary, multilabel)"
+        raise ValueError(f"unknown {kind} encoder {encoder!r} for model {name!r}; "
+                         f"choose from {', '.join(allowed)}")
+    h, w = _check_size(defaults["input_size"] if input_size is None else input_size, "input_size")
+    if seg and (h % UNET_DIVISOR or w % UNET_DIVISOR):
+        raise ValueError(f"input_size {h}x{w} for U-Net {name!r}: height and width must be divisible "
+                         f"by {UNET_DIVISOR} (e.g. {max(32, h // 32 * 32)}x{max(32, w // 32 * 32)})")
+    if not seg and min(h, w) < MIN_CLASSIFIER_SIDE:
+        raise ValueError(f"input_size {h}x{w} for classifier {name!r}: both sides must be >= {MIN_CLASSIFIER_SIDE}")
+    if not seg and encoder == "xception" and min(h, w) < 71:
+        raise ValueError(f"input_size {h}x{w}: the xception encoder needs both sides >= 71")
+    weights = defaults["encoder_weights"] if encoder_weights is None else str(encoder_weights)
+    if weights.lower() in ("none", "imagenet"):
+        weights = weights.lower()
+    if weights == "imagenet" and encoder == "simplecnn":
+        raise ValueError("encoder 'simplecnn' has no ImageNet weights; use encoder_weights='none'")
+    if seg:
+        if dense_units is not None:
+            raise ValueError(f"dense_units applies to classifiers only, not to U-Net {name!r}")
+        filters = _norm_tuple(defaults["decoder_filters"] if decoder_filters is None else decoder_filters,
+                              "decoder_filters")
+        if len(filters) != 5:
+            raise ValueError(f"decoder_filters must have 5 values (one per U-Net upsampling block), got {filters}")
+        units = None
+    else:
+        if decoder_filters is not None:
+            raise ValueError(f"decoder_filters applies to U-Nets only, not to classifier {name!r}")
+        units = _norm_tuple(defaults["dense_units"] if dense_units is None else dense_units, "dense_units")
+        filters = None
+    return {
+        "encoder": encoder,
+        "input_size": [h, w],
+        "encoder_weights": weights,
+        "decoder_filters": list(filters) if filters is not None else None,
+        "dense_units": list(units) if units is not None else None,
+    }
+
+
+# ---------------------------------------------------------------------
+#  Blocks
+# ---------------------------------------------------------------------
+
+def DenseBlock(units: int, name: str, normalize: bool):
+    """Dense relu [-> BatchNorm -> Dropout 0.3], as the seed's classification head."""
+    from steel.keras_env import keras
+
+    def wrapper(x):
+        x = keras.layers.Dense(units, activation="relu", name=f"{name}_dense")(x)
+        if normalize:
+            x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+            x = keras.layers.Dropout(DROPOUT, name=f"{name}_dropout")(x)
+        return x
+
+    return wrapper
+
+
+def ConvBlock(filters: int, name: str):
+    """Conv 3x3 -> BatchNorm -> ReLU -> MaxPool 2x2 (the ``simplecnn`` encoder's unit)."""
+    from steel.keras_env import keras
+
+    def wrapper(x):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
+        x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+        x = keras.layers.Activation("relu", name=f"{name}_relu")(x)
+        return keras.layers.MaxPooling2D(2, name=f"{name}_pool")(x)
+
+    return wrapper
+
+
+def _classifier_encoder(encoder: str, inputs, weights: str | None):
+    """Encoder feature map (no top) on ``inputs``."""
+    from steel.keras_env import keras
+
+    ctor_name, extra, scale = _CLASSIFIER_ENCODERS[encoder]
+    x = inputs
+    if scale != 1.0:
+        x = keras.layers.Rescaling(scale, name="to_255")(x)
+    if ctor_name is None:  # simplecnn
+        for i, filters in enumerate((8, 16, 32, 64)):
+            x = ConvBlock(filters, f"simplecnn_block{i + 1}")(x)
+        return x
+    ctor = getattr(keras.applications, ctor_name)
+    base = ctor(include_top=False, weights=weights, input_tensor=x, **extra)
+    return base.output
+
+
+# ---------------------------------------------------------------------
+#  Model builders
+# ---------------------------------------------------------------------
+
+def _build_classifier(name: str, spec: dict):
+    from steel.keras_env import keras
+
+    h, w = spec["input_size"]
+    inputs = keras.layers.Input(shape=(h, w, 3), name="image")
+    x = _classifier_encoder(spec["encoder"], inputs, _weights_arg(spec["encoder_weights"]))
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    units = spec["dense_units"]
+    for i, u in enumerate(units):
+        x = DenseBlock(u, f"head{i + 1}", normalize=i < len(units) - 1)(x)
+    # float32 output: the sigmoid and the loss stay float32 under mixed precision.
+    outputs = keras.layers.Dense(num_outputs(name), activation="sigmoid", dtype="float32",
+                                 name="predictions")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _build_segmenter(name: str, spec: dict):
+    from steel.keras_env import keras
+
+    sm = _sm()
+    h, w = spec["input_size"]
+    unet = sm.Unet(
+        spec["encoder"], classes=1, activation="sigmoid", input_shape=(h, w, 3),
+        encoder_weights=_weights_arg(spec["encoder_weights"]),
+        decoder_filters=tuple(spec["decoder_filters"]),
+    )
+    # Same network, but the final sigmoid computes in float32 (matters under mixed_float16 only).
+    logits = unet.get_layer("final_conv").output
+    outputs = keras.layers.Activation("sigmoid", dtype="float32", name="mask")(logits)
+    return keras.Model(unet.input, outputs, name=name)
+
+
+@functools.lru_cache(maxsize=1)
+def _sm():
+    """segmentation_models, with the ``mobilenetv2_035`` backbone registered (MobileNetV2 alpha=0.35).
+
+    segmentation-models 1.0.1 (its last release, pinned) passes no ``alpha`` through ``Unet``; its
+    backbone registry (``Backbones``) is the extension point: same layers and skip connections as
+    ``mobilenetv2``, a third of the width.
+    """
+    from steel.keras_env import segmentation_models
+
+    sm = segmentation_models()
+    backbones = sm.Backbones
+    if "mobilenetv2_035" not in backbones._models_update:
+        base_fn, base_pre = backbones.get("mobilenetv2")
+        backbones._models_update["mobilenetv2_035"] = [functools.partial(base_fn, alpha=0.35), base_pre]
+        backbones._default_feature_layers["mobilenetv2_035"] = backbones._default_feature_layers["mobilenetv2"]
+    return sm
+
+
+# ---------------------------------------------------------------------
+#  Registry of the six models
+# ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    kind: str  # "classifier" | "segmenter"
+    outputs: int
+    builder: Callable[[str, dict], Any]
+    description: str
+
+
+REGISTRY: dict[str, ModelEntry] = {
+    "binary": ModelEntry("binary", "classifier", 1, _build_classifier,
+                         "defect / no defect, trained on all images"),
+    "multilabel": ModelEntry("multilabel", "classifier", 4, _build_classifier,
+                             "which of the 4 classes, trained on defect images only"),
+    **{f"seg{k}": ModelEntry(f"seg{k}", "segmenter", 1, _build_segmenter,
+                             f"U-Net mask of class {k}, trained on images with class {k}")
+       for k in range(1, 5)},
+}
+assert tuple(REGISTRY) == MODEL_NAMES
+
+
+# ---------------------------------------------------------------------
+#  Public factory
+# ---------------------------------------------------------------------
+
+def build(name: str, encoder: str | None = None, input_size=None, encoder_weights: str | None = None,
+          decoder_filters=None, dense_units=None):
+    """Build one of the six cascade models (uncompiled ``tf_keras.Model``).
+
+    Args:
+        name: one of ``binary``, ``multilabel``, ``seg1``, ``seg2``, ``seg3``, ``seg4``.
+        encoder: backbone name. Classifiers: ``xception`` (default, the seed), ``efficientnetb0``,
+            ``efficientnetb1``, ``mobilenetv2`` (alpha 1.0), ``mobilenetv2_035`` (alpha 0.35),
+            ``simplecnn`` (4 conv blocks, tests only). U-Nets: ``efficientnetb1`` (default, the seed),
+            ``efficientnetb0``, ``efficientnetb2``, ``efficientnetb3``, ``mobilenetv2``,
+            ``mobilenetv2_035``, ``resnet18``, ``resnet34``.
+        input_size: ``(H, W)`` of the network input; default ``(256, 512)`` for classifiers and
+            ``(256, 1600)`` for U-Nets. U-Net sides must be divisible by 32.
+        encoder_weights: ``imagenet`` (default; downloaded by Keras, needs internet), ``none``
+            (random init; tests, quickstart, and every bundle reload) or the path/URI of an ``.h5``
+            file with encoder weights (fetched to a local cache first when it is on S3).
+        decoder_filters: U-Nets only: 5 filter counts of the decoder blocks, default
+            ``(256, 128, 64, 32, 16)``; tiny test setting ``(16, 8, 8, 4, 4)``.
+        dense_units: classifiers only: widths of the relu Dense layers of the head, default
+            ``(1024, 512, 64)``; every layer but the last is followed by BatchNorm and Dropout 0.3.
+
+    Returns:
+        ``tf_keras.Model`` named ``name``: input float32 ``(H, W, 3)`` in ``[0, 1]``; output
+        ``(1,)`` / ``(4,)`` sigmoid probabilities for classifiers, ``(H, W, 1)`` sigmoid mask for
+        U-Nets, always float32.
+
+    Raises:
+        ValueError: unknown model or encoder (the message lists the allowed values), bad input size,
+            a missing weights file, or a setting that does not apply to the model kind.
+    """
+    spec = resolve_spec(name, encoder, input_size, encoder_weights, decoder_filters, dense_units)
+    return REGISTRY[name].builder(name, spec)
+
+
+def model_config(name: str, train_cfg):
+    """The ``ModelConfig`` section of ``train_cfg`` that applies to ``name`` (classifier or segmenter)."""
+    return train_cfg.segmenter if is_segmenter(name) else train_cfg.classifier
+
+
+def model_spec(name: str, train_cfg) -> dict:
+    """Resolved architecture spec of ``name`` under ``train_cfg`` (what the bundle manifest stores)."""
+    mc = model_config(name, train_cfg)
+    return resolve_spec(name, mc.encoder, mc.input_size, mc.encoder_weights, mc.decoder_filters,
+                        mc.dense_units)
+
+
+def build_from_config(name: str, train_cfg):
+    """``build(name, **model_spec(name, train_cfg))``: the model a training run with ``train_cfg`` uses."""
+    return build(name, **model_spec(name, train_cfg))
+
+
+def build_from_spec(name: str, spec: dict, encoder_weights: str | None = "none"):
+    """Rebuild ``name`` from a stored spec; ``encoder_weights`` overrides the spec's (``none``: never download)."""
+    kwargs = {k: spec.get(k) for k in SPEC_KEYS}
+    missing = [k for k in ("encoder", "input_size") if kwargs[k] is None]
+    if missing:
+        raise ValueError(f"spec of model {name!r} lacks {', '.join(missing)}: {spec!r}")
+    if encoder_weights is not None:
+        kwargs["encoder_weights"] = encoder_weights
+    return build(name, **kwargs)
+
+
+__all__ = [
+    "MODEL_NAMES", "REGISTRY", "CLASSIFIER_ENCODERS", "SEGMENTER_ENCODERS", "SPEC_KEYS",
+    "build", "build_from_config", "build_from_spec", "model_spec", "model_config", "resolve_spec",
+    "preprocess", "resize", "is_segmenter", "class_of", "num_outputs",
+]
