@@ -102,8 +102,13 @@ def s3_bucket(s3_endpoint):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """An in-process local Ray shared by the session's integration tests."""
+def ray_local(s3_endpoint):
+    """An in-process local Ray shared by the session's integration tests.
+
+    Depends on ``s3_endpoint`` so that Ray's worker processes inherit the moto credentials/endpoint
+    variables: workers unpickle pyarrow S3 filesystems and resolve credentials from their own
+    environment, which is fixed when Ray starts.
+    """
     import ray
 
     from steel.keras_env import runtime_env

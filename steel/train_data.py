@@ -1,0 +1,214 @@
+"""Ray Data pipelines that feed the six models during training.
+
+For one model and one split of the wide label table (``steel.dataset``), :func:`build_dataset` returns
+a lazy ``ray.data.Dataset`` with two columns:
+
+- ``image``: float32 ``H x W x 3`` in ``[0, 1]`` at the model's input size;
+- ``label``: float32 ``[1]`` (binary: ``hasDefect``), ``[4]`` (multilabel: ``hasDefect_1..4``) or
+  ``H x W x 1`` (segK: the class-K mask, decoded from ``Defect_K`` with :func:`steel.rle.decode`).
+
+Which images: :func:`steel.dataset.subset` (binary = all, multilabel = defect images, segK = images
+with class K). Only those files are read (``read_binary_files`` on the explicit list of paths through
+the pyarrow filesystem of :func:`steel.storage.resolve`, so custom S3 endpoints work). The JPEG bytes
+are decoded, resized (``cv2.INTER_AREA`` for images, nearest for masks), augmented and labelled in one
+``map_batches`` step on CPU workers, so training workers receive ready batches. Labels travel as a
+small ``ImageId -> label`` dict with the map function (a few bytes per image; the RLE string per image
+for segmenters), never as a join.
+
+Nothing is materialised in the driver: the dataset is re-executed each time it is iterated (each
+epoch), which re-reads the files, shuffles the file order (training only) and draws fresh random
+augmentations.
+
+Augmentation (training only, ``steel.augment``): classifiers get the seed's ``ImageDataGenerator``
+settings (shear, zoom, rotation, shifts, flips); segmenters get joint image+mask flips plus "defect
+blackout" with probability ``blackout_prob``.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from steel import rle
+from steel.config import MODEL_NAMES
+
+CLASSES = (1, 2, 3, 4)
+# Rows per map_batches call: small, because a decoded 256x1600 RGB frame is 1.2 MB and each output
+# row is float32 at the model's input size.
+MAP_BATCH = 8
+
+
+def is_segmenter(name: str) -> bool:
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model name {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+    return name.startswith("seg")
+
+
+def model_rows(table: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Rows of the wide table that ``name`` trains on (``steel.dataset.subset``)."""
+    from steel.dataset import subset
+
+    missing = [c for c in ("ImageId", "hasDefect", *(f"hasDefect_{k}" for k in CLASSES),
+                           *(f"Defect_{k}" for k in CLASSES)) if c not in table.columns]
+    if missing:
+        raise ValueError(f"label table lacks columns {missing}; expected the wide table of "
+                         "steel.dataset.load_labels")
+    return subset(table, name)
+
+
+def label_lookup(table: pd.DataFrame, name: str) -> dict[str, Any]:
+    """``ImageId -> label`` for ``name``: float32 arrays for classifiers, the RLE string for segmenters."""
+    rows = model_rows(table, name)
+    ids = rows["ImageId"].astype(str).tolist()
+    if name == "binary":
+        values = rows["hasDefect"].to_numpy(np.float32)[:, None]
+        return dict(zip(ids, values))
+    if name == "multilabel":
+        values = rows[[f"hasDefect_{k}" for k in CLASSES]].to_numpy(np.float32)
+        return dict(zip(ids, values))
+    k = int(name[3:])
+    return dict(zip(ids, rows[f"Defect_{k}"].fillna("").astype(str).tolist()))
+
+
+def _decode_jpeg(data: bytes, path: str) -> np.ndarray:
+    import cv2
+
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if len(data) else None
+    if img is None:
+        raise ValueError(f"{path}: not a decodable image ({len(data)} bytes)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _resize(img: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
+    import cv2
+
+    h, w = size
+    if img.shape[:2] == (h, w):
+        return img
+    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
+    out = cv2.resize(img, (w, h), interpolation=interp)
+    return out.reshape((h, w) + img.shape[2:])
+
+
+def prepare_batch(batch: dict[str, np.ndarray], *, name: str, labels: dict[str, Any],
+                  input_size: tuple[int, int], augment: bool = False, blackout_prob: float = 0.0,
+                  seed: int | None = None) -> dict[str, np.ndarray]:
+    """``{"path", "bytes"}`` rows from ``read_binary_files`` -> ``{"image", "label"}`` model rows.
+
+    Decodes each JPEG, looks its label up by file name, decodes the class mask (segmenters),
+    resizes to ``input_size`` and, when ``augment``, applies the model's training augmentation.
+    """
+    seg = is_segmenter(name)
+    size = (int(input_size[0]), int(input_size[1]))
+    images, targets = [], []
+    for path, data in zip(batch["path"], batch["bytes"]):
+        path = str(path)
+        image_id = posixpath.basename(path.replace("\\", "/"))
+        if image_id not in labels:
+            raise ValueError(f"{path}: no label for ImageId {image_id!r} in the {name} label table")
+        img = _decode_jpeg(bytes(data), path)
+        if seg:
+            try:
+                mask = rle.decode(labels[image_id], shape=img.shape[:2])
+            except rle.RLEError as e:
+                raise ValueError(f"{path}: bad Defect_{name[3:]} RLE for image of shape "
+                                 f"{img.shape[:2]}: {e}") from None
+            targets.append(_resize(mask, size, nearest=True))
+        else:
+            targets.append(np.asarray(labels[image_id], np.float32))
+        images.append(_resize(img, size, nearest=False))
+    image_arr = np.stack(images) if images else np.zeros((0, *size, 3), np.uint8)
+    if seg:
+        label_arr = np.stack(targets) if targets else np.zeros((0, *size), np.uint8)
+    else:
+        label_arr = np.stack(targets) if targets else np.zeros((0, 4 if name == "multilabel" else 1),
+                                                               np.float32)
+    if augment and len(images):
+        image_arr, label_arr = _augment(name, image_arr, label_arr, blackout_prob, seed)
+    out_images = image_arr.astype(np.float32) * np.float32(1.0 / 255.0)
+    if seg:
+        out_labels = (label_arr > 0).astype(np.float32)[..., None]
+    else:
+        out_labels = label_arr.astype(np.float32)
+    return {"image": out_images, "label": out_labels}
+
+
+def _augment(name: str, images: np.ndarray, labels: np.ndarray, blackout_prob: float,
+             seed: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Training augmentation of a uint8 batch (``steel.augment``); masks move with their images."""
+    from steel import augment
+
+    rng = np.random.default_rng(seed)
+    if is_segmenter(name):
+        return augment.augment_segmentation(images, labels, blackout_prob=blackout_prob, rng=rng)
+    return augment.augment_classifier(images, rng=rng), labels
+
+
+def image_paths(images_uri: str, image_ids: list[str]) -> tuple[list[str], Any]:
+    """Filesystem paths (``bucket/key`` on S3) of ``image_ids`` under ``images_uri``, and the filesystem."""
+    from steel import storage
+
+    fs, root = storage.resolve(images_uri)
+    join = posixpath.join if storage.is_s3(images_uri) else os.path.join
+    return [join(root, i) for i in image_ids], fs
+
+
+def build_dataset(table: pd.DataFrame, images_uri: str, name: str, input_size: tuple[int, int], *,
+                  augment: bool = False, blackout_prob: float = 0.0, shuffle: bool = False,
+                  seed: int | None = None, num_blocks: int | None = None):
+    """Lazy ``ray.data.Dataset`` (columns ``image``, ``label``) of model ``name`` over ``table``'s images.
+
+    Args:
+        table: a split of the wide label table (``steel.dataset.load_labels`` / ``split``).
+        images_uri: folder holding ``<ImageId>`` files (local path, ``file://`` or ``s3://``).
+        name: one of the six model names; selects the rows and the label column.
+        input_size: ``(H, W)`` of the network input.
+        augment: apply the training augmentation (training split only).
+        blackout_prob: segmenters: chance per image of the defect blackout augmentation.
+        shuffle: shuffle the file order anew on every pass (training split).
+        seed: fixes the augmentation draws (tests); ``None`` draws fresh ones every pass.
+        num_blocks: read parallelism override (default: Ray's choice).
+    """
+    import ray
+
+    rows = model_rows(table, name)
+    if rows.empty:
+        raise ValueError(f"no images for model {name!r} in this split: it needs "
+                         f"{'defect images' if name == 'multilabel' else 'images with class ' + name[3:] if name.startswith('seg') else 'images'}")
+    labels = label_lookup(rows, name)
+    paths, fs = image_paths(images_uri, list(labels))
+    ds = ray.data.read_binary_files(
+        paths, filesystem=fs, include_paths=True, shuffle="files" if shuffle else None,
+        override_num_blocks=num_blocks,
+    )
+    return ds.map_batches(
+        prepare_batch, batch_size=MAP_BATCH, batch_format="numpy",
+        fn_kwargs=dict(name=name, labels=labels, input_size=tuple(input_size), augment=augment,
+                       blackout_prob=blackout_prob, seed=seed),
+    )
+
+
+def build_datasets(splits: dict[str, pd.DataFrame], images_uri: str, name: str, train_cfg) -> dict:
+    """``{"train": ds, "val": ds}`` for ``name`` under a ``TrainConfig`` (augmentation on train only)."""
+    from steel.models import model_config
+
+    size = tuple(model_config(name, train_cfg).input_size)
+    blackout = train_cfg.blackout_prob if is_segmenter(name) else 0.0
+    return {
+        "train": build_dataset(splits["train"], images_uri, name, size, augment=train_cfg.augment,
+                               blackout_prob=blackout, shuffle=True),
+        "val": build_dataset(splits["val"], images_uri, name, size),
+    }
+
+
+def split_sizes(splits: dict[str, pd.DataFrame], name: str) -> dict[str, int]:
+    """Number of rows each split contributes to ``name`` (the datasets' row counts, known up front)."""
+    return {k: int(len(model_rows(v, name))) for k, v in splits.items()}
+
+
+__all__ = ["build_dataset", "build_datasets", "label_lookup", "model_rows", "prepare_batch",
+           "image_paths", "split_sizes", "MAP_BATCH"]
