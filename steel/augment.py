@@ -230,5 +230,16 @@ def blackout(image: np.ndarray, defect: np.ndarray, rng: np.random.Generator,
     return out
 
 
-__all__ = ["classifier_augment", "segmenter_augment", "blackout", "classifier_pipeline",
+def augment_classifier(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Alias of :func:`classifier_augment` (keyword form used by ``steel.train_data``)."""
+    return classifier_augment(images, rng)
+
+
+def augment_segmentation(images: np.ndarray, masks: np.ndarray, rng: np.random.Generator,
+                         blackout_prob: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Alias of :func:`segmenter_augment` with the defaults (flips, no affine, background blackout)."""
+    return segmenter_augment(images, masks, rng, blackout_prob=blackout_prob)
+
+
+__all__ = ["classifier_augment", "segmenter_augment", "augment_classifier", "augment_segmentation", "blackout", "classifier_pipeline",
            "SHEAR_DEGREES", "ZOOM", "ROTATION_DEGREES", "SHIFT"]

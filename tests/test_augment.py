@@ -122,3 +122,13 @@ def test_bad_input_is_rejected_clearly():
         augment.classifier_augment(images, 42)
     with pytest.raises(ValueError, match="background, black"):
         augment.segmenter_augment(images, defect_masks(2), np.random.default_rng(0), blackout_fill="white")
+
+
+def test_aliases_used_by_train_data():
+    images, masks = steel_like(4), defect_masks(4)
+    a = augment.augment_segmentation(images, masks, blackout_prob=0.5, rng=np.random.default_rng(9))
+    b = augment.segmenter_augment(images, masks, np.random.default_rng(9), blackout_prob=0.5)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(augment.augment_classifier(images, rng=np.random.default_rng(9)),
+                                  augment.classifier_augment(images, np.random.default_rng(9)))
