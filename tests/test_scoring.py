@@ -1,0 +1,307 @@
+"""Batch scoring: shards, decoding, resume, incremental runs and bad input (steel.scoring, steel.score_io).
+
+Unit tests run without Ray. Integration tests use the session's local Ray (``ray_local``) with a
+light stand-in predictor (``BrightPredictor``: deterministic masks from pixel brightness), and the
+slow ones a tiny real bundle (random-weight models) through ``Cascade.from_bundle``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from steel import rle, score_io, storage
+from steel.config import ScoreConfig
+
+H, W = 256, 1600
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+def jpeg_bytes(seed: int, size=(W, H), mode="RGB", fmt="JPEG") -> bytes:
+    """A 'steel' image: gray noise with a bright rectangle whose position depends on ``seed``."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    gray = rng.integers(40, 90, size=(h, w), dtype=np.uint8)
+    x0 = 50 + (seed * 97) % max(1, w - 300)
+    gray[40:120, x0:x0 + 200] = 230
+    img = Image.fromarray(gray, "L")
+    if mode != "L":
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def write_images(folder: str, names: list[str], start: int = 0) -> None:
+    for i, name in enumerate(names):
+        storage.write_bytes(storage.join(folder, name), jpeg_bytes(start + i))
+
+
+class BrightPredictor:
+    """Stand-in for the cascade: class 1 = pixels brighter than 200, p_defect = their share.
+
+    Fails on purpose for images whose mean is exactly 0 (all-black), to test error isolation.
+    """
+
+    def __init__(self):
+        self.stats = {"images": 0, "seg_calls": 0}
+
+    def predict(self, images):
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[1:] != (H, W, 3) or images.dtype != np.uint8:
+            raise ValueError(f"bad batch {images.shape} {images.dtype}")
+        if (images.reshape(len(images), -1).max(axis=1) == 0).any():
+            raise RuntimeError("black image")
+        out = []
+        for img in images:
+            mask = (img[:, :, 0] > 200).astype(np.uint8)
+            area = int(mask.sum())
+            out.append({"p_defect": area / mask.size, "p_class": [0.9, 0.1, 0.1, 0.1],
+                        "masks": [rle.encode(mask), "", "", ""], "areas": [area, 0, 0, 0]})
+        self.stats["images"] += len(images)
+        self.stats["seg_calls"] += int(len(images))
+        return out
+
+
+@pytest.fixture(scope="module")
+def stand_in():
+    """Factory of the stand-in predictor, pickled by value so Ray workers need not import tests/."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield BrightPredictor
+    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def check_output(out: str, image_ids: set[str], error_ids: set[str] = frozenset()) -> pd.DataFrame:
+    """Every scored image has exactly one row set (4 rows, classes 1..4) in exactly one shard."""
+    rows = []
+    for name, uri in score_io.complete_shards(out).items():
+        df = score_io.read_rows_file(uri)
+        df["shard"] = name
+        rows.append(df)
+    rows = pd.concat(rows, ignore_index=True)
+    assert set(rows["ImageId"]) == image_ids
+    counts = rows.groupby("ImageId")["ClassId"].agg(list)
+    assert all(sorted(v) == [1, 2, 3, 4] for v in counts), counts[counts.map(len) != 4]
+    assert rows.groupby("ImageId")["shard"].nunique().max() == 1
+    for value in rows["EncodedPixels"]:
+        rle.validate(value)
+    errors = []
+    for uri in storage.list_files(storage.join(out, "errors")) if error_ids else []:
+        errors.append(score_io.read_errors_file(uri))
+    if error_ids:
+        err = pd.concat(errors, ignore_index=True)
+        assert set(err["ImageId"]) == set(error_ids) and len(err) == len(error_ids)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Unit tests (no Ray)
+# --------------------------------------------------------------------------------------------
+
+def test_shards_are_deterministic_and_disjoint():
+    ids = [f"{i:04d}.jpg" for i in range(23)]
+    plan = score_io.plan_shards(ids, 5)
+    again = score_io.plan_shards(list(reversed(ids)), 5)
+    assert [s.name for s in plan] == [s.name for s in again]
+    assert [len(s.image_ids) for s in plan] == [5, 5, 5, 5, 3]
+    assert sorted(i for s in plan for i in s.image_ids) == ids
+    assert all(s.name.startswith("part-") and len(s.name) == 5 + 16 for s in plan)
+    assert plan[0].name == score_io.shard_name(ids[:5]) != score_io.shard_name(ids[:4])
+    with pytest.raises(ValueError, match="at least 1"):
+        score_io.plan_shards(ids, 0)
+
+
+def test_decode_accepts_jpeg_and_rejects_bad_input_with_reasons():
+    good = score_io.decode_image(jpeg_bytes(1))
+    assert good.shape == (H, W, 3) and good.dtype == np.uint8
+    gray = score_io.decode_image(jpeg_bytes(2, mode="L"))
+    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
+    data = jpeg_bytes(3)
+    cases = {
+        b"": "empty file",
+        b"hello, this is text\n": "not an image",
+        data[: len(data) // 2]: "truncated",
+        jpeg_bytes(4, fmt="PNG"): "PNG image: only JPEG accepted",
+        jpeg_bytes(5, size=(W - 1, H)): "wrong size 1599x256 (expected 1600x256",
+        jpeg_bytes(6, mode="CMYK"): "colour mode CMYK",
+    }
+    for payload, reason in cases.items():
+        with pytest.raises(score_io.BadImage, match=reason.replace("(", r"\(")):
+            score_io.decode_image(payload)
+    resized = score_io.decode_image(jpeg_bytes(5, size=(W - 1, H)), allow_resize=True)
+    assert resized.shape == (H, W, 3)
+    png = score_io.decode_image(jpeg_bytes(4, fmt="PNG"), formats=("JPEG", "PNG"))
+    assert png.shape == (H, W, 3)
+
+
+def test_list_inputs_uses_relative_paths_as_ids(tmp_path):
+    root = str(tmp_path / "in")
+    write_images(root, ["b.jpg", "a.jpg", "day2/a.jpg"])
+    storage.write_text(storage.join(root, "notes.txt"), "not an image")
+    storage.write_text(storage.join(root, "out", "manifest.json"), "{}")
+    inputs = score_io.list_inputs(root, exclude=storage.join(root, "out"))
+    assert list(inputs) == ["a.jpg", "b.jpg", "day2/a.jpg", "notes.txt"]
+    assert inputs["day2/a.jpg"] == storage.join(root, "day2/a.jpg")
+    with pytest.raises(FileNotFoundError):
+        score_io.list_inputs(str(tmp_path / "missing"))
+
+
+def test_shard_files_resume_state_and_recovery(tmp_path):
+    out = str(tmp_path / "out")
+    result = {"p_defect": 0.7, "p_class": [0.9, 0.1, 0.2, 0.3], "masks": ["1 3", "", "", "10 2"],
+              "areas": [3, 0, 0, 2]}
+    a = score_io.ShardResult("part-a", ["x.jpg", "y.jpg"])
+    a.add_scored("x.jpg", result)
+    a.add_scored("x.jpg", result)  # a retried task's duplicate is ignored
+    assert not a.complete
+    with pytest.raises(RuntimeError, match="not complete"):
+        a.write(out, "parquet")
+    a.add_error("y.jpg", "/in/y.jpg", "empty file (0 bytes)")
+    entry = a.write(out, "parquet")
+    assert entry == {"images": ["x.jpg", "y.jpg"], "scored": 1, "errors": 1, "file": "part-a.parquet"}
+    df = score_io.read_rows_file(score_io.shard_uri(out, "part-a", "parquet"))
+    assert list(df["ClassId"]) == [1, 2, 3, 4] and list(df["EncodedPixels"]) == ["1 3", "", "", "10 2"]
+    assert df["p_class_3"].iloc[0] == pytest.approx(0.2) and df["area_4"].iloc[0] == 2
+    # No manifest: the shard's images are recovered from its files.
+    done, owner = score_io.done_images(out, None)
+    assert owner == {"x.jpg": "part-a", "y.jpg": "part-a"} and done["part-a"]["recovered"]
+    # A stale errors file of a shard that never completed is removed; complete ones stay.
+    storage.write_text(score_io.errors_uri(out, "part-b"), "ImageId,file,reason\n")
+    assert score_io.remove_orphan_errors(out, {"part-a"}) == ["part-b"]
+    assert storage.exists(score_io.errors_uri(out, "part-a"))
+    # The same image in two complete shards is reported, not merged silently.
+    b = score_io.ShardResult("part-b", ["x.jpg"])
+    b.add_scored("x.jpg", result)
+    b.write(out, "parquet")
+    with pytest.raises(ValueError, match="in two shards"):
+        score_io.done_images(out, None)
+
+
+def test_cascade_actor_isolates_failing_images_and_passes_errors():
+    from steel.scoring import CascadeActor, decode_batch
+
+    actor = CascadeActor(BrightPredictor)
+    images = np.stack([score_io.decode_image(jpeg_bytes(i)) for i in range(3)])
+    images[1] = 0  # the stand-in raises on black images
+    batch = {"shard": np.array(["s"] * 4, dtype=object), "image_id": np.array(list("abcd"), dtype=object),
+             "file": np.array(list("abcd"), dtype=object),
+             "image": np.concatenate([images, np.zeros((1, H, W, 3), np.uint8)]),
+             "error": np.array(["", "", "", "empty file (0 bytes)"], dtype=object)}
+    out = actor(batch)
+    assert list(out["error"][[0, 2]]) == ["", ""]
+    assert out["error"][1] == "scoring failed: RuntimeError: black image"
+    assert out["error"][3] == "empty file (0 bytes)"
+    assert out["mask_1"][0] and rle.area(out["mask_1"][0]) == out["area_1"][0] > 0
+    assert json.loads(out["stats"][0]) == {"images": 2, "seg_calls": 2}
+    # decode stage without a filesystem reads through steel.storage
+    dec = decode_batch({"shard": ["s"], "image_id": ["z"], "file": ["/no/such/file.jpg"], "path": ["x"]})
+    assert dec["error"][0].startswith("could not read the file: FileNotFoundError")
+
+
+# --------------------------------------------------------------------------------------------
+# Integration tests on a local Ray (stand-in predictor)
+# --------------------------------------------------------------------------------------------
+
+BAD_FILES = {
+    "bad_corrupt.jpg": lambda: b"\xff\xd8\xff\xe0" + b"\x00" * 50 + jpeg_bytes(9)[200:2000],
+    "bad_empty.jpg": lambda: b"",
+    "bad_text.jpg": lambda: b"this is a text file, not a JPEG\n",
+    "bad_png.png": lambda: jpeg_bytes(10, fmt="PNG"),
+    "bad_size.jpg": lambda: jpeg_bytes(11, size=(W - 1, H)),
+}
+
+
+def test_score_local_with_bad_inputs_and_merge(ray_local, stand_in, tmp_path):
+    from steel import merge
+    from steel.scoring import format_summary, score
+
+    images, out = str(tmp_path / "images"), str(tmp_path / "out")
+    good = [f"img{i:02d}.jpg" for i in range(9)]
+    write_images(images, good)
+    for name, make in BAD_FILES.items():
+        storage.write_bytes(storage.join(images, name), make())
+    cfg = ScoreConfig(batch_size=3, images_per_shard=4, format="parquet")
+    summary = score("unused-bundle", images, out, cfg, predictor_factory=stand_in)
+    assert summary["images_in"] == 14 == summary["scored"] + summary["errors"]
+    assert (summary["scored"], summary["errors"], summary["shards_written"]) == (9, 5, 4)
+    assert summary["gating"] == {"images": 9, "seg_calls": 9}
+    rows = check_output(out, set(good), set(BAD_FILES))
+    assert (rows.loc[rows["ClassId"] == 1, "EncodedPixels"] != "").all()  # the bright rectangles
+    assert {"p_defect", "p_class_1", "area_1"} <= set(rows.columns)
+    errors = pd.concat([score_io.read_errors_file(u) for u in storage.list_files(storage.join(out, "errors"))])
+    reasons = dict(zip(errors["ImageId"], errors["reason"]))
+    assert reasons["bad_empty.jpg"] == "empty file (0 bytes)"
+    assert reasons["bad_text.jpg"].startswith("not an image")
+    assert reasons["bad_corrupt.jpg"].startswith(("not an image", "corrupt or truncated", "unreadable"))
+    assert reasons["bad_png.png"].startswith("PNG image: only JPEG accepted")
+    assert reasons["bad_size.jpg"].startswith("wrong size 1599x256")
+    assert set(errors["file"]) == {storage.join(images, n) for n in BAD_FILES}
+    manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
+    assert manifest["counts"]["images_in"] == 14 and manifest["totals"]["images"] == 14
+    assert sorted(i for s in manifest["shards"].values() for i in s["images"]) == sorted(good + list(BAD_FILES))
+    assert storage.exists(storage.join(out, "_SUCCESS"))
+    assert "9 scored, 5 errors" in format_summary(summary)
+
+    sub = str(tmp_path / "submission.csv")
+    s = merge.merge(out, sub, layout="combined", fill_errors=True)
+    assert (s["images"], s["rows"], s["errors"]) == (14, 56, 5)
+    table = pd.read_csv(sub, keep_default_na=False)
+    assert list(table.columns) == ["ImageId_ClassId", "EncodedPixels"]
+    assert list(table["ImageId_ClassId"]) == sorted(table["ImageId_ClassId"], key=lambda v: (v[:-2], v[-1]))
+
+    # Nothing new: a second run writes nothing and scores nothing.
+    again = score("unused-bundle", images, out, cfg, predictor_factory=stand_in)
+    assert (again["images_in"], again["shards_written"], again["shards_skipped"]) == (0, 0, 4)
+
+
+def test_resume_after_crash_then_incremental_run(ray_local, stand_in, tmp_path, monkeypatch):
+    from steel import merge
+    from steel.scoring import FAIL_AFTER_ENV, score
+
+    images, out = str(tmp_path / "images"), str(tmp_path / "out")
+    first = [f"a{i:02d}.jpg" for i in range(12)]
+    write_images(images, first)
+    cfg = ScoreConfig(batch_size=2, images_per_shard=3)
+
+    monkeypatch.setenv(FAIL_AFTER_ENV, "2")
+    with pytest.raises(RuntimeError, match="injected failure after 2 shards"):
+        score("unused-bundle", images, out, cfg, predictor_factory=stand_in)
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    assert len(score_io.complete_shards(out)) == 2
+    assert not storage.exists(storage.join(out, "_SUCCESS"))
+    with pytest.raises(merge.MergeError, match="not finished"):
+        merge.merge(out, str(tmp_path / "partial.csv"))
+
+    resumed = score("unused-bundle", images, out, cfg, predictor_factory=stand_in)
+    assert (resumed["images_already_scored"], resumed["images_in"]) == (6, 6)
+    assert (resumed["shards_skipped"], resumed["shards_written"]) == (2, 2)
+    check_output(out, set(first))
+    manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
+    assert sum(1 for s in manifest["shards"].values() if s.get("recovered")) == 2
+
+    # Nightly: new images arrive (one in a subfolder with a clashing file name); only they are scored.
+    new = ["b00.jpg", "b01.jpg", "late/a00.jpg"]
+    write_images(images, new, start=100)
+    before = {u: storage.read_bytes(u) for u in score_io.complete_shards(out).values()}
+    nightly = score("unused-bundle", images, out, cfg, predictor_factory=stand_in)
+    assert (nightly["images_listed"], nightly["images_in"], nightly["scored"]) == (15, 3, 3)
+    assert (nightly["shards_written"], nightly["shards_skipped"]) == (1, 4)
+    assert all(storage.read_bytes(u) == data for u, data in before.items())  # old shards untouched
+    check_output(out, set(first) | set(new))
+    manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
+    assert manifest["totals"] == {"shards": 5, "images": 15, "scored": 15, "errors": 0}
+    assert len(manifest["runs"]) == 2
+    s = merge.merge(out, str(tmp_path / "sub.csv"))
+    assert (s["images"], s["rows"]) == (15, 60)
+
