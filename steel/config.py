@@ -111,6 +111,7 @@ class ScoreConfig:
     tta: str = "none"
     allow_resize: bool = False  # resize wrong-size images instead of rejecting them
     images_per_shard: int = 64
+    image_formats: list[str] = field(default_factory=lambda: ["JPEG"])  # other formats (PNG...) are error rows
 
 
 @dataclass
