@@ -209,6 +209,7 @@ def read_rows(src: str | pd.DataFrame, shape: tuple[int, int] = rle.SHAPE,
     rows, problems = parse_rows(table, layout, shape, validate_rle)
     problems = pd.concat([problems, find_duplicates(rows)], ignore_index=True) if len(rows) else problems
     if len(problems):
+        problems = problems.sort_values("row", kind="stable").reset_index(drop=True)
         raise RowsError(format_problems(problems, name), problems)
     out = rows.drop(columns="row").reset_index(drop=True)
     out.attrs["layout"] = layout
