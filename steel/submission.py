@@ -246,7 +246,7 @@ def to_kaggle(df: pd.DataFrame, layout: str = "long", images: Iterable[str] | No
     if images is not None:
         all_images.update(str(i) for i in images)
     grid = pd.MultiIndex.from_product([sorted(all_images), list(CLASSES)], names=["ImageId", "ClassId"])
-    out = (rows.set_index(["ImageId", "ClassId"])["EncodedPixels"]
+    out = (rows.set_index(["ImageId", "ClassId"])["EncodedPixels"].astype(object)
            .reindex(grid, fill_value="").reset_index())
     out["EncodedPixels"] = out["EncodedPixels"].astype(str)
     if layout == "combined":
