@@ -1,0 +1,77 @@
+"""Tune the cascade thresholds of a bundle on the validation split (maximising mean Dice).
+
+    steel tune --bundle URI --config C [--tta none|h|v|hv] [--rounds R] [--cache-size H W]
+               [--batch-size B] [--no-full-check] [--cache PATH.npz] [--start thresholds.json|area_thresholds.json]
+    python -m ray_jobs.tune ...   (the same; e.g. under ``ray job submit``)
+
+The models run once over the validation images (in this process); the search then runs on the
+cached probabilities. Writes ``<bundle>/thresholds.json`` (with the validation score before and
+after) and ``<bundle>/tuning/dice_vs_*.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML run config (data paths and split seed, bundle, tune.tta)")
+    parser.add_argument("--bundle", help="model bundle URI (default: the config's bundle)")
+    parser.add_argument("--tta", choices=("none", "h", "v", "hv"), help="flip TTA (default: tune.tta)")
+    parser.add_argument("--rounds", type=int, default=4, help="coordinate-ascent rounds at most (default 4)")
+    parser.add_argument("--cache-size", nargs=2, type=int, metavar=("H", "W"),
+                        help="resolution of the cached segmentation maps (default: segmenter input, "
+                             "at most 64x400 cells)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per inference batch (default 8)")
+    parser.add_argument("--no-full-check", dest="full_check", action="store_false",
+                        help="skip the full-resolution Dice of the tuned cascade (a second inference pass)")
+    parser.add_argument("--cache", help="local .npz: reuse cached validation predictions if present, else write them")
+    parser.add_argument("--start", help="starting thresholds: a thresholds.json, or EDA's area_thresholds.json "
+                                        "(merged into the seed's); default: the bundle's, else the seed's")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. data.root=/data (repeatable)")
+
+
+def _start_thresholds(uri: str | None) -> dict | None:
+    if not uri:
+        return None
+    import json
+
+    from steel import storage, thresholds
+
+    data = json.loads(storage.read_text(uri))
+    if isinstance(data, dict) and "classes" in data:
+        return thresholds.validate_thresholds(data)
+    return thresholds.from_area_json(uri)
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    from steel import storage
+    from steel.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.storage_endpoint:
+        storage.set_endpoint(cfg.storage_endpoint)
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+
+    from steel import tuning
+
+    summary = tuning.tune(cfg, bundle_uri=args.bundle or cfg.bundle, start=_start_thresholds(args.start),
+                          rounds=args.rounds, cache_size=args.cache_size, batch_size=args.batch_size,
+                          full_check=args.full_check, cache_path=args.cache, tta=args.tta)
+    print(tuning.format_summary(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from steel.cli import main as steel_main
+
+    return steel_main(["tune", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

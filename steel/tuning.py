@@ -1,0 +1,627 @@
+"""Tune the cascade's thresholds on the validation split, maximising mean Dice.
+
+The models run **once** over the validation images (:func:`predict_cache`): binary and multilabel
+probabilities and every segmenter's probability map for every image (ungated), the maps downsampled
+to a cache resolution (``cv2.INTER_AREA``) and kept as float16. Truth masks are brought to the same
+resolution as *coverage fractions* (share of each cache cell covered by the full-resolution mask),
+and their exact full-resolution areas are kept.
+
+The search (:func:`search`) is numpy only. For class k and a pixel threshold p, a predicted mask at
+cache resolution is ``seg_k >= p``; its full-resolution area is ``count * (256*1600)/(h*w)`` and its
+overlap with the truth is ``sum(mask * truth_fraction) * (256*1600)/(h*w)``. One histogram pass per
+class gives these for every p of the grid at once, so each candidate thresholds set is scored with a
+few vector operations over images:
+
+    dice(i, k) = 2 |X∩Y| / (|X| + |Y|)   if image i passes t_bin and t_k and min_area_k <= |X| <= max_area_k
+               = 1 if |Y| == 0 else 0     otherwise (empty prediction)
+
+averaged over **all** (image, class) pairs (empty/empty = 1), as the competition metric.
+Coordinate ascent over grids of t_bin, then per class t_k, p_k, min_area_k, for several rounds; a
+value only changes when a candidate scores strictly higher, so the result never scores below the
+starting thresholds on the cached predictions. :func:`tune` wires it to a config and a bundle:
+writes ``thresholds.json`` (with before/after scores) and ``tuning/*.png`` plots of Dice against each
+threshold, and (optionally) the full-resolution Dice of the tuned cascade on the same images.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from steel import rle
+from steel.thresholds import CLASSES, validate_thresholds
+
+log = logging.getLogger(__name__)
+
+FULL_PIXELS = rle.SHAPE[0] * rle.SHAPE[1]
+MAX_CACHE_PIXELS = 64 * 400  # default cap of the cached map size per image and class (25,600 cells)
+
+PROB_GRID: tuple[float, ...] = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2).tolist())
+PIXEL_GRID: tuple[float, ...] = tuple(np.round(np.arange(0.1, 0.901, 0.05), 2).tolist())
+AREA_GRID: tuple[int, ...] = (0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 1200, 1500, 2000, 2500,
+                              3000, 3500, 4000, 5000, 6000, 8000, 10000)
+
+
+# --------------------------------------------------------------------------------------------
+# Cached predictions
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class PredictionCache:
+    """Validation predictions and truth at cache resolution (one entry per image, classes 1..4).
+
+    Attributes:
+        image_ids: N ImageIds.
+        p_defect: (N,) binary probabilities.  p_class: (N, 4) multilabel probabilities.
+        seg: {k: (N, h_k, w_k) float16} segmenter probability maps at cache resolution.
+        truth_frac: {k: (N, h_k, w_k) float16} share of each cache cell covered by the truth mask.
+        truth_area: (N, 4) int64 truth areas in full-resolution pixels.
+    """
+
+    image_ids: list[str]
+    p_defect: np.ndarray
+    p_class: np.ndarray
+    seg: dict[int, np.ndarray]
+    truth_frac: dict[int, np.ndarray]
+    truth_area: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = len(self.image_ids)
+        self.p_defect = np.asarray(self.p_defect, dtype=np.float32).reshape(-1)
+        self.p_class = np.asarray(self.p_class, dtype=np.float32)
+        self.truth_area = np.asarray(self.truth_area, dtype=np.int64)
+        if self.p_defect.shape != (n,) or self.p_class.shape != (n, 4) or self.truth_area.shape != (n, 4):
+            raise ValueError(f"cache shapes disagree with {n} images: p_defect {self.p_defect.shape}, "
+                             f"p_class {self.p_class.shape}, truth_area {self.truth_area.shape}")
+        for k in CLASSES:
+            if k not in self.seg or k not in self.truth_frac:
+                raise ValueError(f"cache has no segmentation / truth maps for class {k}")
+            if self.seg[k].shape != self.truth_frac[k].shape or self.seg[k].shape[0] != n:
+                raise ValueError(f"class {k}: seg {self.seg[k].shape} and truth {self.truth_frac[k].shape} "
+                                 f"maps must both be (N={n}, h, w)")
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def scale(self, k: int) -> float:
+        """Full-resolution pixels per cache cell of class k."""
+        h, w = self.seg[k].shape[1:]
+        return FULL_PIXELS / float(h * w)
+
+    def save(self, path: str) -> None:
+        """Write to a local .npz file (reload with :meth:`load`)."""
+        arrays = {"image_ids": np.asarray(self.image_ids, dtype=str), "p_defect": self.p_defect,
+                  "p_class": self.p_class, "truth_area": self.truth_area,
+                  "meta": np.asarray(json.dumps(self.meta))}
+        for k in CLASSES:
+            arrays[f"seg{k}"] = self.seg[k]
+            arrays[f"truth{k}"] = self.truth_frac[k]
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+    @classmethod
+    def load(cls, path: str) -> "PredictionCache":
+        with np.load(path, allow_pickle=False) as z:
+            return cls(image_ids=z["image_ids"].tolist(), p_defect=z["p_defect"], p_class=z["p_class"],
+                       seg={k: z[f"seg{k}"] for k in CLASSES}, truth_frac={k: z[f"truth{k}"] for k in CLASSES},
+                       truth_area=z["truth_area"], meta=json.loads(str(z["meta"])))
+
+
+def default_cache_size(input_size: Sequence[int], max_pixels: int = MAX_CACHE_PIXELS) -> tuple[int, int]:
+    """A segmenter's input size, halved until it has at most ``max_pixels`` cells."""
+    h, w = int(input_size[0]), int(input_size[1])
+    while h * w > max_pixels and h % 2 == 0 and w % 2 == 0:
+        h, w = h // 2, w // 2
+    return h, w
+
+
+def truth_maps(rles: Sequence[str], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage fractions (n, h, w) float16 and full-resolution areas (n,) of truth RLEs."""
+    from steel.cascade import resize_prob
+
+    fracs = np.zeros((len(rles), int(size[0]), int(size[1])), dtype=np.float16)
+    areas = np.zeros(len(rles), dtype=np.int64)
+    for i, code in enumerate(rles):
+        if not isinstance(code, str) or not code.strip():
+            continue
+        mask = rle.decode(code)
+        areas[i] = int(mask.sum())
+        fracs[i] = resize_prob(mask.astype(np.float32), size, "area")
+    return fracs, areas
+
+
+def read_image(uri: str) -> np.ndarray:
+    """One image as uint8 RGB 256 x 1600 x 3 (ValueError naming the file if it is not)."""
+    import cv2
+
+    from steel import storage
+
+    data = storage.read_bytes(uri)
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError(f"{uri}: not a decodable image ({len(data)} bytes)")
+    img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if img.shape != (*rle.SHAPE, 3):
+        raise ValueError(f"{uri}: image is {img.shape[1]}x{img.shape[0]}, expected {rle.SHAPE[1]}x{rle.SHAPE[0]}")
+    return img
+
+
+def predict_cache(cascade, labels, images_uri: str, cache_size: Sequence[int] | None = None,
+                  batch_size: int = 8, progress: bool = True) -> PredictionCache:
+    """Run every model once over the labelled images and cache probabilities at cache resolution.
+
+    Args:
+        cascade: a :class:`steel.cascade.Cascade` (its thresholds are not used here).
+        labels: wide label table (ImageId, Defect_1..4) of the images to predict.
+        images_uri: folder URI holding the images.
+        cache_size: (h, w) for every class's maps; None: each segmenter's input size, halved
+            until at most 64*400 cells.
+        batch_size: images per inference batch.
+    Unreadable images are logged and left out (the cache's ``meta["skipped"]`` lists them).
+    """
+    from tqdm import tqdm
+
+    from steel import storage
+
+    sizes = {k: tuple(cache_size) if cache_size else default_cache_size(cascade.input_sizes[f"seg{k}"])
+             for k in CLASSES}
+    ids = [str(i) for i in labels["ImageId"].tolist()]
+    truth_rles = {k: labels[f"Defect_{k}"].fillna("").astype(str).tolist() for k in CLASSES}
+    kept: list[int] = []
+    skipped: list[dict] = []
+    parts: dict[str, list] = {"p_defect": [], "p_class": [], **{f"seg{k}": [] for k in CLASSES}}
+    bar = tqdm(total=len(ids), desc="predict validation", unit="img", disable=not progress)
+    for start in range(0, len(ids), batch_size):
+        batch, rows = [], []
+        for i in range(start, min(start + batch_size, len(ids))):
+            try:
+                batch.append(read_image(storage.join(images_uri, ids[i])))
+                rows.append(i)
+            except (ValueError, FileNotFoundError) as e:
+                log.warning("skipping %s: %s", ids[i], e)
+                skipped.append({"ImageId": ids[i], "reason": str(e)})
+        if batch:
+            p = cascade.predict_probabilities(np.stack(batch), seg_size=None, seg_dtype=np.float32)
+            parts["p_defect"].append(p["p_defect"])
+            parts["p_class"].append(p["p_class"])
+            for k in CLASSES:
+                maps = p["seg"][k]
+                parts[f"seg{k}"].append(np.stack([_down(m, sizes[k]) for m in maps]).astype(np.float16))
+            kept.extend(rows)
+        bar.update(min(batch_size, len(ids) - start))
+    bar.close()
+    if not kept:
+        raise ValueError(f"no readable validation images in {images_uri} ({len(skipped)} skipped)")
+    truth_frac, truth_area = {}, np.zeros((len(kept), 4), dtype=np.int64)
+    for j, k in enumerate(CLASSES):
+        truth_frac[k], truth_area[:, j] = truth_maps([truth_rles[k][i] for i in kept], sizes[k])
+    return PredictionCache(
+        image_ids=[ids[i] for i in kept],
+        p_defect=np.concatenate(parts["p_defect"]), p_class=np.concatenate(parts["p_class"]),
+        seg={k: np.concatenate(parts[f"seg{k}"]) for k in CLASSES}, truth_frac=truth_frac,
+        truth_area=truth_area,
+        meta={"cache_size": {str(k): list(sizes[k]) for k in CLASSES}, "skipped": skipped,
+              "tta": dict(cascade.tta)},
+    )
+
+
+def _down(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from steel.cascade import resize_prob
+
+    return resize_prob(prob, size, "area")
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring candidates on the cache (numpy only)
+# --------------------------------------------------------------------------------------------
+
+class Evaluator:
+    """Scores threshold sets on a :class:`PredictionCache` with precomputed per-pixel-threshold tables.
+
+    ``pixel_values`` are the pixel thresholds the tables cover (the grid plus any value asked for
+    later is added on demand by recomputing that class's table).
+    """
+
+    def __init__(self, cache: PredictionCache, pixel_values: Iterable[float] = PIXEL_GRID):
+        self.cache = cache
+        self.n = len(cache)
+        self._edges: dict[int, np.ndarray] = {}
+        self._count: dict[int, np.ndarray] = {}  # (P, N) full-resolution predicted area per threshold
+        self._inter: dict[int, np.ndarray] = {}  # (P, N) full-resolution overlap with truth
+        self._pixel_values = sorted(set(float(v) for v in pixel_values))
+        for k in CLASSES:
+            self._build(k, self._pixel_values)
+
+    def _build(self, k: int, values: Sequence[float]) -> None:
+        """Histogram pass: for each image, cells (and truth coverage) at or above each threshold."""
+        edges = np.asarray(sorted(set(float(v) for v in values)), dtype=np.float32)
+        seg, frac = self.cache.seg[k], self.cache.truth_frac[k]
+        n, p = self.n, edges.size
+        counts = np.zeros((n, p + 1), dtype=np.float64)
+        inters = np.zeros((n, p + 1), dtype=np.float64)
+        step = max(1, 2_000_000 // max(1, seg[0].size))  # ~2M cells per chunk
+        for start in range(0, n, step):
+            s = seg[start:start + step].reshape(min(step, n - start), -1).astype(np.float32)
+            f = frac[start:start + step].reshape(s.shape).astype(np.float64)
+            # bin b = number of edges <= value: value >= edges[j] iff bin > j
+            bins = np.searchsorted(edges, s, side="right")
+            rows = np.arange(s.shape[0])[:, None] * (p + 1)
+            flat = (rows + bins).ravel()
+            counts[start:start + s.shape[0]] = np.bincount(flat, minlength=s.shape[0] * (p + 1)).reshape(-1, p + 1)
+            inters[start:start + s.shape[0]] = np.bincount(flat, weights=f.ravel(),
+                                                           minlength=s.shape[0] * (p + 1)).reshape(-1, p + 1)
+        # at-or-above threshold j = sum of bins j+1..p  (reverse cumulative sum)
+        ge_counts = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1][:, 1:]
+        ge_inters = np.cumsum(inters[:, ::-1], axis=1)[:, ::-1][:, 1:]
+        scale = self.cache.scale(k)
+        self._edges[k] = edges
+        self._count[k] = np.ascontiguousarray((ge_counts * scale).T)
+        self._inter[k] = np.ascontiguousarray((ge_inters * scale).T)
+
+    def _row(self, k: int, pixel: float) -> int:
+        edges = self._edges[k]
+        j = int(np.searchsorted(edges, np.float32(pixel)))
+        if j < edges.size and edges[j] == np.float32(pixel):
+            return j
+        self._build(k, [*edges.tolist(), float(pixel)])
+        return self._row(k, pixel)
+
+    def class_dice(self, k: int, t_bin: float, prob: float, pixel: float, min_area: float,
+                   max_area: float) -> np.ndarray:
+        """(N,) Dice of class k per image for one set of thresholds."""
+        c = self.cache
+        j = k - 1
+        row = self._row(k, pixel)
+        area, inter = self._count[k][row], self._inter[k][row]
+        truth = c.truth_area[:, j].astype(np.float64)
+        keep = (c.p_defect >= t_bin) & (c.p_class[:, j] >= prob) & (area > 0) & (area >= min_area) & (area <= max_area)
+        denom = np.where(keep, area + truth, 1.0)
+        return np.where(keep, 2.0 * inter / denom, (truth == 0).astype(np.float64))
+
+    def per_class(self, th: dict) -> dict[int, float]:
+        out = {}
+        for k in CLASSES:
+            ck = th["classes"][str(k)]
+            out[k] = float(self.class_dice(k, th["binary"], ck["prob"], ck["pixel"], ck["min_area"],
+                                           ck["max_area"]).mean()) if self.n else 1.0
+        return out
+
+    def score(self, th: dict) -> float:
+        """Mean Dice over all (image, class) pairs (= mean of the per-class means: 4 pairs per image)."""
+        return float(np.mean(list(self.per_class(th).values())))
+
+
+# --------------------------------------------------------------------------------------------
+# Search
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Grids:
+    binary: Sequence[float] = PROB_GRID
+    prob: Sequence[float] = PROB_GRID
+    pixel: Sequence[float] = PIXEL_GRID
+    min_area: Sequence[int] = AREA_GRID
+
+    def to_dict(self) -> dict:
+        return {k: list(getattr(self, k)) for k in ("binary", "prob", "pixel", "min_area")}
+
+
+def _candidates(grid: Sequence[float], current: float) -> list[float]:
+    return sorted(set(float(v) for v in grid) | {float(current)})
+
+
+def search(cache: PredictionCache, start: dict, grids: Grids | None = None, rounds: int = 4,
+           evaluator: Evaluator | None = None) -> dict:
+    """Coordinate ascent from ``start`` thresholds; never returns a lower cached score than ``start``.
+
+    Returns ``{"thresholds", "before", "after", "per_class_before", "per_class_after", "rounds",
+    "steps", "evaluator"}``; ``steps`` lists every accepted change (param, old, new, score).
+    """
+    grids = grids or Grids()
+    th = validate_thresholds(start)
+    ev = evaluator or Evaluator(cache, sorted(set(grids.pixel) | {th["classes"][str(k)]["pixel"] for k in CLASSES}))
+    before_per_class = ev.per_class(th)
+    per_class = dict(before_per_class)
+    best = float(np.mean(list(per_class.values())))
+    before = best
+    steps: list[dict] = []
+    done_rounds = 0
+    for r in range(rounds):
+        done_rounds = r + 1
+        changed = False
+        # t_bin affects every class.
+        for value in _candidates(grids.binary, th["binary"]):
+            if value == th["binary"]:
+                continue
+            trial = {**th, "binary": value}
+            pc = ev.per_class(trial)
+            s = float(np.mean(list(pc.values())))
+            if s > best + 1e-12:
+                steps.append({"round": r + 1, "param": "binary", "old": th["binary"], "new": value, "score": s})
+                th, best, per_class, changed = trial, s, pc, True
+        for k in CLASSES:
+            ck = th["classes"][str(k)]
+            for param, grid in (("prob", grids.prob), ("pixel", grids.pixel), ("min_area", grids.min_area)):
+                values = _candidates(grid, ck[param])
+                if param == "min_area":
+                    values = [int(v) for v in values if v <= ck["max_area"]]
+                best_v, best_k = ck[param], per_class[k]
+                for value in values:
+                    if value == ck[param]:
+                        continue
+                    trial = {**ck, param: value}
+                    d = float(ev.class_dice(k, th["binary"], trial["prob"], trial["pixel"], trial["min_area"],
+                                            trial["max_area"]).mean())
+                    if d > best_k + 1e-12:
+                        best_v, best_k = value, d
+                if best_v != ck[param]:
+                    old = ck[param]
+                    ck = {**ck, param: best_v}
+                    th = {**th, "classes": {**th["classes"], str(k): ck}}
+                    per_class = {**per_class, k: best_k}
+                    best = float(np.mean(list(per_class.values())))
+                    steps.append({"round": r + 1, "param": f"classes.{k}.{param}", "old": old, "new": best_v,
+                                  "score": best})
+                    changed = True
+        if not changed:
+            break
+    th = validate_thresholds(th)
+    return {"thresholds": th, "before": before, "after": best,
+            "per_class_before": before_per_class, "per_class_after": per_class,
+            "rounds": done_rounds, "steps": steps, "evaluator": ev}
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+
+def sweep(ev: Evaluator, th: dict, k: int | None, param: str, values: Sequence[float]) -> np.ndarray:
+    """Dice as one threshold varies (others fixed at ``th``): overall for ``binary``, class k otherwise."""
+    out = []
+    for v in values:
+        if param == "binary":
+            out.append(ev.score({**th, "binary": float(v)}))
+        else:
+            ck = {**th["classes"][str(k)], param: v}
+            out.append(float(ev.class_dice(k, th["binary"], ck["prob"], ck["pixel"], ck["min_area"],
+                                           ck["max_area"]).mean()))
+    return np.asarray(out)
+
+
+def plot_curves(ev: Evaluator, start: dict, final: dict, grids: Grids) -> dict[str, bytes]:
+    """PNG bytes: ``dice_vs_binary.png`` and ``dice_vs_class{k}.png`` (prob, pixel, min_area panels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def png(fig) -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80)
+        plt.close(fig)
+        return buf.getvalue()
+
+    files = {}
+    values = _candidates(grids.binary, final["binary"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(values, sweep(ev, final, None, "binary", values), marker="o", ms=3, label="mean Dice (all pairs)")
+    for k in CLASSES:
+        ys = [float(np.mean(ev.class_dice(k, v, **_class_args(final, k)))) for v in values]
+        ax.plot(values, ys, lw=1, alpha=0.6, label=f"class {k}")
+    ax.axvline(final["binary"], color="k", ls="--", lw=1, label=f"tuned {final['binary']:.2f}")
+    ax.axvline(start["binary"], color="grey", ls=":", lw=1, label=f"start {start['binary']:.2f}")
+    ax.set_xlabel("t_bin (binary classifier threshold)")
+    ax.set_ylabel("validation Dice")
+    ax.set_title("Dice vs binary gate (other thresholds tuned)")
+    ax.legend(fontsize=7)
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.13, top=0.9)
+    files["dice_vs_binary.png"] = png(fig)
+    for k in CLASSES:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        ck, c0 = final["classes"][str(k)], start["classes"][str(k)]
+        for ax, (param, grid, label) in zip(axes, (("prob", grids.prob, "t_k (multilabel prob)"),
+                                                   ("pixel", grids.pixel, "p_k (pixel prob)"),
+                                                   ("min_area", grids.min_area, "min_area_k (pixels)"))):
+            xs = _candidates(grid, ck[param])
+            if param == "min_area":
+                xs = [x for x in xs if x <= ck["max_area"]]
+            ax.plot(xs, sweep(ev, final, k, param, xs), marker="o", ms=3)
+            ax.axvline(ck[param], color="k", ls="--", lw=1, label=f"tuned {ck[param]:g}")
+            ax.axvline(c0[param], color="grey", ls=":", lw=1, label=f"start {c0[param]:g}")
+            ax.set_xlabel(label)
+            ax.set_ylabel(f"class {k} Dice")
+            ax.legend(fontsize=7)
+        fig.suptitle(f"Class {k}: validation Dice vs each threshold (others at tuned values)")
+        fig.subplots_adjust(left=0.06, right=0.98, bottom=0.15, top=0.86, wspace=0.28)
+        files[f"dice_vs_class{k}.png"] = png(fig)
+    return files
+
+
+def _class_args(th: dict, k: int) -> dict:
+    ck = th["classes"][str(k)]
+    return {"prob": ck["prob"], "pixel": ck["pixel"], "min_area": ck["min_area"], "max_area": ck["max_area"]}
+
+
+# --------------------------------------------------------------------------------------------
+# Full-resolution check and the job
+# --------------------------------------------------------------------------------------------
+
+def full_resolution_dice(cascade, labels, images_uri: str, batch_size: int = 8, progress: bool = True) -> dict:
+    """Mean Dice (overall, per class) of ``cascade.predict`` at 256x1600 against the labels' masks."""
+    import pandas as pd
+    from tqdm import tqdm
+
+    from steel import metrics, storage
+    from steel.cascade import rows_from_predictions
+
+    ids = [str(i) for i in labels["ImageId"].tolist()]
+    rows: list[dict] = []
+    used: list[str] = []
+    for start in tqdm(range(0, len(ids), batch_size), desc="full-resolution check", unit="batch",
+                      disable=not progress):
+        batch, names = [], []
+        for name in ids[start:start + batch_size]:
+            try:
+                batch.append(read_image(storage.join(images_uri, name)))
+                names.append(name)
+            except (ValueError, FileNotFoundError) as e:
+                log.warning("skipping %s: %s", name, e)
+        if batch:
+            rows.extend(rows_from_predictions(cascade.predict(np.stack(batch), image_ids=names)))
+            used.extend(names)
+    pred = pd.DataFrame(rows, columns=["ImageId", "ClassId", "EncodedPixels"])
+    keep = labels[labels["ImageId"].astype(str).isin(set(used))]
+    truth = pd.DataFrame([{"ImageId": r.ImageId, "ClassId": k, "EncodedPixels": getattr(r, f"Defect_{k}") or ""}
+                          for r in keep.itertuples() for k in CLASSES])
+    result = metrics.mean_dice(pred, truth)
+    return {"mean_dice": float(result["mean_dice"]),
+            "per_class": {str(k): float(v) for k, v in result["per_class"].items()},
+            "n_images": int(result["n_images"]), "stats": cascade.stats}
+
+
+def validation_labels(cfg) -> tuple[Any, str]:
+    """The validation split (wide table) of the config's data and the data fingerprint."""
+    from steel import dataset
+
+    wide = dataset.load_labels(cfg.data.path("train_csv"), images=cfg.data.path("train_images"),
+                               skip_bad=cfg.data.skip_bad)
+    splits = dataset.split(wide, seed=cfg.data.seed)
+    return splits["val"], dataset.fingerprint(splits)
+
+
+def _write_thresholds(bundle_uri: str, th: dict) -> None:
+    try:
+        from steel import bundle as bundle_lib
+        writer: Callable | None = getattr(bundle_lib, "write_thresholds", None)
+    except ImportError:
+        writer = None
+    if writer is not None:
+        writer(bundle_uri, validate_thresholds(th))
+    else:
+        from steel.thresholds import save_thresholds
+
+        save_thresholds(bundle_uri, th)
+
+
+def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start: dict | None = None,
+         grids: Grids | None = None, rounds: int = 4, cache_size: Sequence[int] | None = None,
+         batch_size: int = 8, full_check: bool = True, cache_path: str | None = None, tta: str | None = None,
+         progress: bool = True, cascade=None, labels=None) -> dict:
+    """Tune thresholds for a bundle on the config's validation split and write them into the bundle.
+
+    Args:
+        cfg: a :class:`steel.config.Config` (data paths, split seed, tune.tta).
+        bundle_uri: bundle folder (default ``cfg.bundle``).
+        stamp: identifies the bundle's models (stored as ``validation.fingerprint``, so a pipeline can
+            tell whether thresholds were tuned for the current models).
+        start: starting thresholds (default: the bundle's thresholds.json, else the seed's).
+        grids, rounds: the search grids and the maximum number of coordinate-ascent rounds.
+        cache_size: (h, w) of the cached maps (default: segmenter input, at most 64*400 cells).
+        full_check: also run the tuned cascade at full resolution on the validation images.
+        cache_path: local .npz to reuse (if it exists) or write the prediction cache to.
+        tta: flip TTA for the validation predictions (default ``cfg.tune.tta``).
+        cascade, labels: inject a ready cascade / validation table (tests); default from the bundle/config.
+    Returns a summary dict (``before``, ``after``, ``per_class_before/after``, ``thresholds``, ``files``...).
+    """
+    import os
+
+    from steel import storage
+    from steel.thresholds import default_thresholds
+
+    t0 = time.time()
+    bundle_uri = bundle_uri or cfg.bundle
+    tta = tta or cfg.tune.tta
+    data_fp = None
+    if labels is None:
+        labels, data_fp = validation_labels(cfg)
+    if cascade is None:
+        from steel import bundle as bundle_lib
+        from steel.cascade import Cascade
+
+        loaded = bundle_lib.load_bundle(bundle_uri)
+        start = start or loaded.thresholds or default_thresholds()
+        cascade = Cascade.from_bundle(loaded, thresholds=start, tta=tta, batch_size=batch_size)
+        manifest_fp = (loaded.manifest or {}).get("fingerprint")
+        if data_fp and manifest_fp and manifest_fp != data_fp:
+            log.warning("the bundle was trained on a different split (fingerprint %s, data now %s): "
+                        "validation images may have been seen in training", manifest_fp[:12], data_fp[:12])
+    start = validate_thresholds(start or cascade.thresholds)
+    images_uri = cfg.data.path("train_images")
+    if cache_path and os.path.exists(cache_path):
+        cache = PredictionCache.load(cache_path)
+        log.info("loaded %d cached validation predictions from %s", len(cache), cache_path)
+    else:
+        cache = predict_cache(cascade, labels, images_uri, cache_size=cache_size, batch_size=batch_size,
+                              progress=progress)
+        if cache_path:
+            cache.save(cache_path)
+    t_pred = time.time() - t0
+    grids = grids or Grids()
+    result = search(cache, start, grids, rounds=rounds)
+    t_search = time.time() - t0 - t_pred
+    final = result["thresholds"]
+    final["tta"] = tta
+    validation: dict = {
+        "fingerprint": stamp, "data_fingerprint": data_fp, "n_images": len(cache),
+        "before": result["before"], "after": result["after"],
+        "per_class_before": {str(k): v for k, v in result["per_class_before"].items()},
+        "per_class_after": {str(k): v for k, v in result["per_class_after"].items()},
+        "cache_size": cache.meta.get("cache_size"), "skipped_images": len(cache.meta.get("skipped", [])),
+        "rounds": result["rounds"], "changes": result["steps"], "grids": grids.to_dict(),
+        "start": {k: start[k] for k in ("binary", "classes")},
+        "note": "before/after: mean Dice on cached validation predictions at cache resolution",
+        "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if full_check:
+        from steel.cascade import Cascade
+
+        tuned = Cascade(cascade.models, cascade.input_sizes, final, tta=tta, batch_size=batch_size)
+        full = full_resolution_dice(tuned, labels[labels["ImageId"].isin(set(cache.image_ids))], images_uri,
+                                    batch_size=batch_size, progress=progress)
+        validation["full_resolution_after"] = {k: full[k] for k in ("mean_dice", "per_class", "n_images")}
+        validation["gating"] = {k: v for k, v in full["stats"].items() if k != "seg_calls_per_class"}
+    final["validation"] = validation
+    _write_thresholds(bundle_uri, final)
+    files = [storage.join(bundle_uri, "thresholds.json")]
+    for name, data in plot_curves(result["evaluator"], start, final, grids).items():
+        uri = storage.join(bundle_uri, "tuning", name)
+        storage.write_bytes(uri, data)
+        files.append(uri)
+    summary = {
+        "before": result["before"], "after": result["after"],
+        "per_class_before": validation["per_class_before"], "per_class_after": validation["per_class_after"],
+        "full_resolution_after": validation.get("full_resolution_after"),
+        "n_images": len(cache), "thresholds": {k: final[k] for k in ("binary", "classes", "tta")},
+        "changes": len(result["steps"]), "files": files,
+        "seconds": {"predict": round(t_pred, 2), "search": round(t_search, 2), "total": round(time.time() - t0, 2)},
+    }
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"validation mean Dice (cached, {s['n_images']} images): {s['before']:.4f} -> {s['after']:.4f} "
+             f"({s['changes']} threshold changes)"]
+    full = s.get("full_resolution_after")
+    if full:
+        lines.append(f"full-resolution mean Dice of the tuned cascade: {full['mean_dice']:.4f}")
+    th = s["thresholds"]
+    lines.append(f"t_bin {th['binary']:.2f}")
+    for k in CLASSES:
+        c = th["classes"][str(k)]
+        lines.append(f"class {k}: prob {c['prob']:.2f} pixel {c['pixel']:.2f} area {c['min_area']}-{c['max_area']}"
+                     f"  Dice {s['per_class_before'][str(k)]:.4f} -> {s['per_class_after'][str(k)]:.4f}")
+    lines.append("files: " + ", ".join(s["files"]))
+    lines.append("seconds: " + ", ".join(f"{k} {v}" for k, v in s["seconds"].items()))
+    return "\n".join(lines)
+
+
+__all__ = ["PredictionCache", "Evaluator", "Grids", "search", "sweep", "plot_curves", "predict_cache",
+           "truth_maps", "read_image", "full_resolution_dice", "validation_labels", "tune", "format_summary",
+           "default_cache_size"]

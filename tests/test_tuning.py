@@ -1,0 +1,238 @@
+"""Threshold tuning on cached predictions: exact scoring, improvement, never-worse, and the tune job."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from steel import metrics, rle
+from steel.thresholds import default_thresholds, validate_thresholds
+from steel.tuning import Evaluator, Grids, PredictionCache, search, truth_maps
+
+H, W = rle.SHAPE
+CS = (16, 100)  # cache resolution in these tests: one cell = 16 x 16 full-resolution pixels
+SCALE = (H * W) // (CS[0] * CS[1])
+
+
+def block_rle(rows: slice, cols: slice) -> str:
+    """RLE of a full-resolution rectangle given in cache cells."""
+    m = np.zeros((H, W), np.uint8)
+    m[rows.start * 16:rows.stop * 16, cols.start * 16:cols.stop * 16] = 1
+    return rle.encode(m)
+
+
+def make_cache(p_defect, p_class, seg_maps, truth_rles) -> PredictionCache:
+    n = len(p_defect)
+    truth_frac, truth_area = {}, np.zeros((n, 4), np.int64)
+    for j, k in enumerate((1, 2, 3, 4)):
+        truth_frac[k], truth_area[:, j] = truth_maps([truth_rles[i][j] for i in range(n)], CS)
+    return PredictionCache(image_ids=[f"{i}.jpg" for i in range(n)], p_defect=p_defect, p_class=p_class,
+                           seg={k: np.asarray(seg_maps[k], np.float16) for k in (1, 2, 3, 4)},
+                           truth_frac=truth_frac, truth_area=truth_area)
+
+
+def gate_set(n=80, seed=0) -> PredictionCache:
+    """Half the images have a class-1..4 defect (p_defect 0.82-1.0); clean ones get p_defect 0.55-0.79
+    and a confident spurious blob, so the best binary threshold is 0.8."""
+    rng = np.random.default_rng(seed)
+    defective = np.arange(n) % 2 == 0
+    p_defect = np.where(defective, rng.uniform(0.82, 1.0, n), rng.uniform(0.55, 0.79, n)).astype(np.float32)
+    p_class = np.full((n, 4), 0.9, np.float32)
+    seg = {k: np.zeros((n, *CS), np.float32) for k in (1, 2, 3, 4)}
+    truth = [["", "", "", ""] for _ in range(n)]
+    for i in range(n):
+        k = i % 4 + 1
+        r0, c0 = rng.integers(0, 8), rng.integers(0, 80)
+        if defective[i]:
+            truth[i][k - 1] = block_rle(slice(r0, r0 + 6), slice(c0, c0 + 15))  # 90 cells = 23,040 px
+            seg[k][i, r0:r0 + 6, c0:c0 + 15] = 0.85
+        else:
+            seg[k][i, r0:r0 + 6, c0:c0 + 15] = 0.85  # false positive
+    return make_cache(p_defect, p_class, seg, truth)
+
+
+def wide_open() -> dict:
+    th = default_thresholds()
+    for k in range(1, 5):
+        th["classes"][str(k)].update(min_area=0, max_area=H * W)
+    return th
+
+
+def brute_force(cache: PredictionCache, th: dict) -> float:
+    """Dice at full resolution with nearest-neighbour upsampled masks (exact for block maps)."""
+    pred, truth = [], []
+    for i, image in enumerate(cache.image_ids):
+        for j, k in enumerate((1, 2, 3, 4)):
+            ck = th["classes"][str(k)]
+            mask = np.kron((cache.seg[k][i].astype(np.float32) >= ck["pixel"]).astype(np.uint8),
+                           np.ones((16, 16), np.uint8))
+            area = int(mask.sum())
+            ok = (cache.p_defect[i] >= th["binary"] and cache.p_class[i, j] >= ck["prob"]
+                  and ck["min_area"] <= area <= ck["max_area"])
+            pred.append({"ImageId": image, "ClassId": k, "EncodedPixels": rle.encode(mask) if ok else ""})
+            tm = np.kron((cache.truth_frac[k][i] > 0.5).astype(np.uint8), np.ones((16, 16), np.uint8))
+            truth.append({"ImageId": image, "ClassId": k, "EncodedPixels": rle.encode(tm)})
+    return metrics.mean_dice(pd.DataFrame(pred), pd.DataFrame(truth))["mean_dice"]
+
+
+def test_evaluator_matches_full_resolution_dice_on_block_maps():
+    rng = np.random.default_rng(3)
+    n = 6
+    seg = {k: np.kron(rng.random((n, 4, 10)), np.ones((1, 4, 10))).astype(np.float32) for k in (1, 2, 3, 4)}
+    truth = [[block_rle(slice(0, 4), slice(10 * j, 10 * j + 20)) if (i + j) % 3 else "" for j in range(4)]
+             for i in range(n)]
+    cache = make_cache(rng.random(n).astype(np.float32), rng.random((n, 4)).astype(np.float32), seg, truth)
+    ev = Evaluator(cache)
+    for trial in range(4):
+        th = wide_open()
+        th["binary"] = float(rng.choice([0.0, 0.3, 0.6]))
+        for k in range(1, 5):
+            th["classes"][str(k)].update(prob=float(rng.choice([0.0, 0.4])), pixel=float(rng.choice([0.3, 0.5, 0.7])),
+                                         min_area=int(rng.choice([0, 10000, 40000])),
+                                         max_area=int(rng.choice([50000, H * W])))
+        assert ev.score(th) == pytest.approx(brute_force(cache, th), abs=1e-9)
+
+
+def test_search_finds_the_binary_threshold_and_raises_dice():
+    cache = gate_set()
+    start = wide_open()
+    result = search(cache, start, rounds=3)
+    assert result["thresholds"]["binary"] == pytest.approx(0.8)
+    assert result["after"] > result["before"] + 0.1
+    assert result["after"] == pytest.approx(1.0)  # the set is separable: every pair right
+    assert result["after"] == pytest.approx(Evaluator(cache).score(result["thresholds"]))
+    assert any(s["param"] == "binary" for s in result["steps"])
+
+
+def test_search_tunes_min_area_against_small_false_positives():
+    rng = np.random.default_rng(1)
+    n = 40
+    seg = {k: np.zeros((n, *CS), np.float32) for k in (1, 2, 3, 4)}
+    truth = [["", "", "", ""] for _ in range(n)]
+    for i in range(n):
+        if i % 2 == 0:  # real defect of class 1: 60 cells = 15,360 px (seed max 15,500)
+            truth[i][0] = block_rle(slice(2, 8), slice(10, 20))
+            seg[1][i, 2:8, 10:20] = 0.9
+        else:  # a 3-cell (768 px) speck that the seed's min_area 500 lets through
+            seg[1][i, 0, 0:3] = 0.9
+    cache = make_cache(np.full(n, 0.9, np.float32), np.full((n, 4), 0.9, np.float32), seg, truth)
+    start = default_thresholds()
+    result = search(cache, start, rounds=2)
+    assert 768 < result["thresholds"]["classes"]["1"]["min_area"] <= 15360
+    assert result["per_class_after"][1] == pytest.approx(1.0)
+    assert result["per_class_before"][1] == pytest.approx(0.5)
+
+
+def test_search_from_the_optimum_stays():
+    cache = gate_set(seed=5)
+    first = search(cache, wide_open(), rounds=4)
+    again = search(cache, first["thresholds"], rounds=4)
+    assert again["steps"] == []
+    assert again["after"] == again["before"] == pytest.approx(first["after"])
+    assert again["thresholds"] == first["thresholds"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), t_bin=st.floats(0, 1), prob=st.floats(0, 1), pixel=st.floats(0.05, 0.95),
+       min_area=st.integers(0, 20_000))
+def test_search_never_lowers_the_score(seed, t_bin, prob, pixel, min_area):
+    rng = np.random.default_rng(seed)
+    n = 12
+    seg = {k: rng.random((n, *CS)).astype(np.float32) ** 3 for k in (1, 2, 3, 4)}
+    truth = [[block_rle(slice(0, 3), slice(0, 10)) if rng.random() < 0.3 else "" for _ in range(4)] for _ in range(n)]
+    cache = make_cache(rng.random(n).astype(np.float32), rng.random((n, 4)).astype(np.float32), seg, truth)
+    start = default_thresholds()
+    start["binary"] = t_bin
+    for k in range(1, 5):
+        c = start["classes"][str(k)]
+        c.update(prob=prob, pixel=pixel, min_area=min(min_area, c["max_area"]))
+    grids = Grids(binary=(0.2, 0.5, 0.8), prob=(0.3, 0.6), pixel=(0.3, 0.6), min_area=(0, 1000, 5000))
+    result = search(cache, start, grids, rounds=2)
+    assert result["after"] >= result["before"]
+    assert result["before"] == pytest.approx(Evaluator(cache).score(validate_thresholds(start)))
+    assert result["after"] == pytest.approx(Evaluator(cache).score(result["thresholds"]))
+
+
+def test_cache_round_trip(tmp_path):
+    cache = gate_set(n=8)
+    cache.meta = {"cache_size": {"1": list(CS)}}
+    cache.save(str(tmp_path / "c.npz"))
+    back = PredictionCache.load(str(tmp_path / "c.npz"))
+    assert back.image_ids == cache.image_ids and back.meta == cache.meta
+    np.testing.assert_array_equal(back.seg[3], cache.seg[3])
+    assert Evaluator(back).score(wide_open()) == Evaluator(cache).score(wide_open())
+
+
+# ------------------------------------------------------------------------- the tune job (stub models)
+
+def test_tune_writes_thresholds_and_plots(tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    from steel.cascade import Cascade
+    from steel.config import load_config
+    from steel.tuning import tune
+
+    # 8 images: image i has brightness 20 * (i + 1). Even images carry a class-(i//2 % 4 + 1) defect
+    # in the left 160 columns; the stub binary says 0.9 for those and 0.78 for clean ones (best t_bin 0.8),
+    # and every stub segmenter marks the left 160 columns.
+    root = tmp_path / "data"
+    (root / "train_images").mkdir(parents=True)
+    ids, truth = [], []
+    left = np.zeros((H, W), np.uint8)
+    left[:, :160] = 1
+    for i in range(8):
+        name = f"img{i}.jpg"
+        cv2.imwrite(str(root / "train_images" / name), np.full((H, W, 3), 20 * (i + 1), np.uint8))
+        ids.append(name)
+        row = {"ImageId": name, **{f"Defect_{k}": "" for k in range(1, 5)}}
+        if i % 2 == 0:
+            row[f"Defect_{(i // 2) % 4 + 1}"] = rle.encode(left)
+        truth.append(row)
+    labels = pd.DataFrame(truth)
+
+    def index(x):
+        return np.clip(np.rint(x[:, 0, 0, 0] * 255 / 20).astype(int) - 1, 0, 7)
+
+    def binary(x):
+        return np.where(index(x) % 2 == 0, 0.9, 0.78)[:, None]
+
+    def multilabel(x):
+        out = np.full((len(x), 4), 0.1)
+        for row, i in enumerate(index(x)):
+            out[row, (i // 2) % 4] = 0.9
+            out[row, (i // 2 + 1) % 4] = 0.9 if i % 2 else 0.1
+        return out
+
+    def seg(x):
+        out = np.zeros((len(x), 32, 160, 1), np.float32)
+        out[:, :, :16] = 0.95
+        return out
+
+    models = {"binary": binary, "multilabel": multilabel, **{f"seg{k}": seg for k in range(1, 5)}}
+    start = wide_open()
+    cas = Cascade(models, {n: (32, 160) for n in models}, start)
+    cfg = load_config(None, [f"data.root={root}"])
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    summary = tune(cfg, bundle_uri=str(bundle), stamp="stamp-1", cascade=cas, labels=labels,
+                   cache_size=(16, 80), progress=False, cache_path=str(tmp_path / "cache.npz"))
+    assert summary["after"] > summary["before"]
+    assert summary["thresholds"]["binary"] == pytest.approx(0.8)
+    saved = json.loads((bundle / "thresholds.json").read_text())
+    assert validate_thresholds(saved)["binary"] == pytest.approx(0.8)
+    v = saved["validation"]
+    assert v["fingerprint"] == "stamp-1" and v["n_images"] == 8
+    assert v["after"] == pytest.approx(summary["after"]) and v["before"] == pytest.approx(summary["before"])
+    assert v["full_resolution_after"]["mean_dice"] == pytest.approx(1.0)
+    assert v["gating"]["multilabel_calls_saved"] == 4
+    assert sorted(p.name for p in (bundle / "tuning").iterdir()) == [
+        "dice_vs_binary.png", *(f"dice_vs_class{k}.png" for k in range(1, 5))]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in (bundle / "tuning").iterdir())
+    # A second run reuses the cached predictions and, starting from the tuned values, changes nothing.
+    again = tune(cfg, bundle_uri=str(bundle), cascade=cas, labels=labels, start=saved, progress=False,
+                 cache_path=str(tmp_path / "cache.npz"), full_check=False)
+    assert again["changes"] == 0 and again["after"] == pytest.approx(summary["after"])
