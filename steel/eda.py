@@ -104,7 +104,9 @@ def _plt():
 def _png(fig, tight: bool = True) -> bytes:
     plt = _plt()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight" if tight else None)
+    # zlib level 3: photos with noise compress ~10% worse than the default 6 at half the time.
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight" if tight else None,
+                pil_kwargs={"compress_level": 3})
     plt.close(fig)
     return buf.getvalue()
 
