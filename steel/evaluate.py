@@ -113,6 +113,11 @@ def cli_arguments(parser) -> None:
                         help="print only a JSON object {mean_dice, per_class, n_images}")
     parser.add_argument("--shape", nargs=2, type=int, metavar=("H", "W"), default=list(rle.SHAPE),
                         help="image height and width the RLEs refer to (default %(default)s)")
+    parser.add_argument("--report", metavar="DIR",
+                        help="also write a report folder (URI): report.md, confusion matrices, classification "
+                             "report, best/worst overlays (steel.eval_report)")
+    parser.add_argument("--images", metavar="URI",
+                        help="with --report: folder of the submission's images, for the overlays")
 
 
 def cli_main(args) -> int:
@@ -122,8 +127,17 @@ def cli_main(args) -> int:
     result = evaluate(args.submission, args.truth, shape=(h, w))
     # Further outputs (e.g. a --report DIR with confusion matrices and overlays) take `result`,
     # which also carries per_pair and the scored rows.
+    if args.report:
+        if (h, w) != rle.SHAPE:
+            raise ValueError(f"--report needs the Severstal image shape {rle.SHAPE}, got --shape {h} {w}")
+        from steel import eval_report
+
+        written = eval_report.write_report(result["pred"], result["truth"], args.images, args.report)
+        log.info("report: %s", written["report"])
     if args.json:
         print(json.dumps(summary(result)))
     else:
         print(format_table(result))
+        if args.report:
+            print(f"report: {written['report']}")
     return 0

@@ -96,3 +96,18 @@ def test_write_report_rejects_truth_images_missing_from_submission(tmp_path):
     pred, truth = frames()
     with pytest.raises(ValueError, match="not in pred"):
         write_report(pred[pred.ImageId != "d.jpg"], truth, None, str(tmp_path / "r"))
+
+
+def test_steel_evaluate_report_option(tmp_path, capsys):
+    from steel.cli import main
+
+    pred, truth = frames()
+    pred.to_csv(tmp_path / "sub.csv", index=False)
+    truth.to_csv(tmp_path / "truth.csv", index=False)
+    rc = main(["evaluate", "--submission", str(tmp_path / "sub.csv"), "--truth", str(tmp_path / "truth.csv"),
+               "--report", str(tmp_path / "rep")])
+    assert rc == 0
+    assert "report:" in capsys.readouterr().out
+    assert (tmp_path / "rep" / "report.md").exists() and (tmp_path / "rep" / "confusion.png").exists()
+    # 4 worst (every image) + the 3 images with a true defect as best
+    assert len(list((tmp_path / "rep" / "overlays").glob("*.png"))) == 7
