@@ -151,16 +151,16 @@ def parse_rows(table: pd.DataFrame, layout: str, shape: tuple[int, int] = rle.SH
     bad = np.array([bool(r) for r in reasons], dtype=bool)
     problems = pd.DataFrame({
         "row": row_no[bad].astype(int),
-        "ImageId": image_ids[bad].astype(str),
-        "ClassId": class_raw[bad].astype(str),
+        "ImageId": image_ids[bad],
+        "ClassId": class_raw[bad],
         "reason": ["; ".join(r) for r, b in zip(reasons, bad) if b],
     }, columns=list(PROBLEM_COLUMNS))
     good = ~bad
     rows = pd.DataFrame({
         "row": row_no[good].astype(int),
-        "ImageId": image_ids[good].astype(str),
+        "ImageId": image_ids[good],
         "ClassId": class_ids[good],
-        "EncodedPixels": pixels[good].astype(str),
+        "EncodedPixels": pixels[good],
     })
     return rows, problems
 
