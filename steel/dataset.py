@@ -82,8 +82,9 @@ def load_labels(train_csv_uri: str | pd.DataFrame, images: str | Iterable[str] |
             Listed images without label rows have no defect.
         skip_bad: skip bad rows instead of raising :class:`LabelError`.
         report_uri: with ``skip_bad``, where to write the skipped rows as CSV (row, ImageId,
-            ClassId, reason). If None, a warning with counts per reason is logged. Either way the
-            report DataFrame is in ``result.attrs["skipped"]``.
+            ClassId, reason). If None, a warning listing them with counts per reason is logged.
+            Either way the skipped rows are in ``result.attrs["skipped"]`` (list of dicts with
+            those keys; :func:`skipped_rows` gives them as a DataFrame).
         shape: image (H, W) that RLEs are checked against.
 
     Returns:
@@ -122,10 +123,19 @@ def load_labels(train_csv_uri: str | pd.DataFrame, images: str | Iterable[str] |
         _report_skipped(problems, name, report_uri)
 
     wide = _wide(rows, listing)
-    wide.attrs["skipped"] = problems
+    # Plain records, not a DataFrame: pandas compares attrs in concat/merge, and a DataFrame there fails.
+    wide.attrs["skipped"] = [
+        {"row": int(r.row), "ImageId": str(r.ImageId), "ClassId": str(r.ClassId), "reason": str(r.reason)}
+        for r in problems.itertuples(index=False)
+    ]
     wide.attrs["source"] = name
     wide.attrs["layout"] = layout
     return wide
+
+
+def skipped_rows(wide: pd.DataFrame) -> pd.DataFrame:
+    """The bad rows :func:`load_labels` skipped (row, ImageId, ClassId, reason); empty if none."""
+    return pd.DataFrame(wide.attrs.get("skipped", []), columns=list(PROBLEM_COLUMNS))
 
 
 def _report_skipped(problems: pd.DataFrame, name: str, report_uri: str | None) -> None:

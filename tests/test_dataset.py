@@ -184,8 +184,14 @@ def test_skip_without_report_uri_logs_counts_and_keeps_report_in_attrs(tmp_path,
     assert "1 x unknown class" in caplog.text and "1 x malformed RLE" in caplog.text
     assert "1 x image not in the image listing" in caplog.text
     assert "row 8: ImageId='q.jpg'" in caplog.text
-    assert wide.attrs["skipped"]["row"].tolist() == [6, 7, 8]
+    assert dataset.skipped_rows(wide)["row"].tolist() == [6, 7, 8]
+    assert wide.attrs["skipped"][0] == {"row": 6, "ImageId": "b.jpg", "ClassId": "7",
+                                        "reason": "unknown class '7' (expected 1, 2, 3, 4)"}
     assert len(wide) == 4
+    # attrs stay plain data, so the usual pandas operations on the table keep working.
+    parts = dataset.split(wide)
+    assert len(pd.concat(list(parts.values()))) == 4
+    assert len(wide.merge(wide[["ImageId"]], on="ImageId")) == 4
 
 
 def test_many_bad_rows_list_the_first_twenty_then_count(tmp_path):
