@@ -165,6 +165,7 @@ def plot_area_histograms(areas: pd.DataFrame, thresholds: dict) -> bytes:
             ax.text(0.5, 0.5, f"no class {k} defects", ha="center", va="center", transform=ax.transAxes)
             ax.set_xticks([])
             ax.set_yticks([])
+            ax.spines[["left", "bottom"]].set_visible(False)
             continue
         lo, hi = max(1, int(a.min())), max(int(a.max()), int(a.min()) + 1)
         log_scale = hi / lo > 20  # the real data spans 150 .. 356,000 pixels
