@@ -57,9 +57,10 @@ def cli_main(args: argparse.Namespace) -> int:
         storage.set_endpoint(cfg.storage_endpoint)
 
     from steel import scoring
+    from steel.ray_session import ray_session
 
-    summary = scoring.score(bundle, images, out, score_cfg, thresholds=args.thresholds,
-                            ray_address=args.ray_address or cfg.ray_address)
+    with ray_session(args.ray_address or cfg.ray_address):
+        summary = scoring.score(bundle, images, out, score_cfg, thresholds=args.thresholds)
     print(scoring.format_summary(summary))
     if summary["images_in"] and summary["scored"] == 0:
         print("steel score: no image could be scored (see the errors above)", file=sys.stderr)

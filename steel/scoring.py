@@ -210,19 +210,6 @@ class CascadeActor:
 # Driver
 # --------------------------------------------------------------------------------------------
 
-def ensure_ray(address: str | None = None, endpoint: str | None = None) -> None:
-    """Start (or join) Ray unless this process already did, with the Keras variables for workers."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    from steel.keras_env import runtime_env
-
-    env = {"AWS_ENDPOINT_URL": endpoint} if endpoint else {}
-    ray.init(address=address, runtime_env=runtime_env(env), ignore_reinit_error=True,
-             log_to_driver=False)
-
-
 def _check_cfg(cfg: ScoreConfig) -> None:
     if cfg.format not in score_io.FORMATS:
         raise ValueError(f"format must be one of {', '.join(score_io.FORMATS)}, got {cfg.format!r}")
@@ -236,17 +223,17 @@ def _check_cfg(cfg: ScoreConfig) -> None:
 
 
 def _bundle_info(bundle_uri: str) -> dict:
-    uri = storage.join(bundle_uri, "manifest.json")
-    try:
-        manifest = json.loads(storage.read_text(uri))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{bundle_uri}: not a model bundle (no manifest.json)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{uri}: not valid JSON: {e}") from None
+    """Provenance of the bundle for the manifest (read from its manifest.json; no TensorFlow)."""
+    from steel.bundle import read_manifest
+
+    manifest = read_manifest(bundle_uri)
     info = {"uri": str(bundle_uri)}
-    for key in ("created_at", "updated_at", "version", "steel_version", "fingerprint"):
+    for key in ("format_version", "created_at", "updated_at", "fingerprint"):
         if key in manifest:
             info[key] = manifest[key]
+    info["models"] = {name: {"encoder": m.get("spec", {}).get("encoder"),
+                             "input_size": m.get("spec", {}).get("input_size"), "sha256": m.get("sha256")}
+                      for name, m in manifest.get("models", {}).items()}
     return info
 
 
@@ -318,7 +305,9 @@ def score(bundle_uri: str, images_uri: str, out_uri: str, score_cfg: ScoreConfig
             str(bundle_uri), used_thresholds, cfg.tta, endpoint=storage.current_endpoint(),
             threads=(max(1, (os.cpu_count() or 1) // cfg.actors) if cfg.gpus_per_actor == 0 and cfg.actors > 1
                      else None))
-        ensure_ray(ray_address, storage.current_endpoint())
+        from steel.ray_session import ensure_ray
+
+        ensure_ray(ray_address)  # no-op when the caller (a job, the pipeline, a test) already started Ray
         for entry in _run_pipeline(plan, inputs, images_uri, out_uri, cfg, formats, factory, gating):
             written[entry["name"]] = entry
             for err in entry.pop("error_rows"):
@@ -476,5 +465,4 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["score", "decode_batch", "CascadeActor", "BundleCascade", "ensure_ray", "format_summary",
-           "FAIL_AFTER_ENV"]
+__all__ = ["score", "decode_batch", "CascadeActor", "BundleCascade", "format_summary", "FAIL_AFTER_ENV"]

@@ -305,3 +305,100 @@ def test_resume_after_crash_then_incremental_run(ray_local, stand_in, tmp_path, 
     s = merge.merge(out, str(tmp_path / "sub.csv"))
     assert (s["images"], s["rows"]) == (15, 60)
 
+
+
+def test_score_from_and_to_s3(ray_local, stand_in, s3_bucket, tmp_path):
+    from steel import merge
+    from steel.scoring import score
+
+    images, out = f"s3://{s3_bucket}/archive/2026-11-24", f"s3://{s3_bucket}/scores/nightly"
+    good = [f"s{i}.jpg" for i in range(5)]
+    write_images(images, good)
+    storage.write_bytes(storage.join(images, "zero.jpg"), b"")
+    summary = score("unused-bundle", images, out, ScoreConfig(batch_size=2, images_per_shard=4),
+                    predictor_factory=stand_in)
+    assert (summary["images_in"], summary["scored"], summary["errors"], summary["shards_written"]) == (6, 5, 1, 2)
+    check_output(out, set(good), {"zero.jpg"})
+    assert storage.exists(storage.join(out, "_SUCCESS"))
+    s = merge.merge(out, storage.join(out, "submission.csv"))
+    assert (s["images"], s["rows"]) == (5, 20)
+    table = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(out, "submission.csv"))), keep_default_na=False)
+    assert sorted(set(table["ImageId"])) == good
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny real bundle: random-weight models through steel.bundle + Cascade.from_bundle
+# --------------------------------------------------------------------------------------------
+
+TINY = {"classifier": dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none", dense_units=(8,)),
+        "segmenter": dict(encoder="mobilenetv2_035", input_size=(32, 160), encoder_weights="none",
+                          decoder_filters=(16, 8, 8, 4, 4))}
+
+
+def tiny_models():
+    from steel import models
+
+    built, specs = {}, {}
+    for name in models.MODEL_NAMES:
+        kw = TINY["segmenter" if models.is_segmenter(name) else "classifier"]
+        built[name] = models.build(name, **kw)
+        specs[name] = models.resolve_spec(name, **kw)
+    return built, specs
+
+
+def visible_thresholds(built, specs, images: np.ndarray) -> dict:
+    """Thresholds under which random-weight models give gating and non-empty masks on ``images``:
+    the binary gate at the median p_defect (about half pass), classes 1-2 always pass with the pixel
+    threshold at the median probability (masks of about half the image), classes 3-4 never pass."""
+    from steel.cascade import Cascade, keras_callable
+    from steel.thresholds import default_thresholds
+
+    th = default_thresholds()
+    probe = Cascade({n: keras_callable(m) for n, m in built.items()},
+                    {n: s["input_size"] for n, s in specs.items()}, th)
+    probs = probe.predict_probabilities(images)
+    th["binary"] = float(np.median(probs["p_defect"]))
+    for k in (1, 2, 3, 4):
+        seg = probs["seg"][k]
+        th["classes"][str(k)] = {"prob": 0.0 if k <= 2 else 1.0, "pixel": float(np.median(seg)),
+                                 "min_area": 0, "max_area": H * W}
+    return th
+
+
+@pytest.mark.slow
+def test_cli_scores_s3_images_with_a_tiny_real_bundle(ray_local, s3_bucket, tmp_path, capsys):
+    from steel import bundle as bundle_lib
+    from steel import merge
+    from steel.cli import main
+
+    root = f"s3://{s3_bucket}"
+    images, out, bundle = f"{root}/images", f"{root}/scores", f"{root}/bundle"
+    names = [f"t{i}.jpg" for i in range(6)]
+    write_images(images, names)
+    storage.write_bytes(storage.join(images, "broken.jpg"), b"not a jpeg")
+    built, specs = tiny_models()
+    decoded = np.stack([score_io.decode_image(storage.read_bytes(storage.join(images, n))) for n in names])
+    bundle_lib.save_bundle(bundle, built, specs, {"test": "tiny"})
+    bundle_lib.write_thresholds(bundle, visible_thresholds(built, specs, decoded))
+
+    rc = main(["score", "--bundle", bundle, "--images", images, "--out", out, "--batch-size", "4",
+               "--images-per-shard", "4", "--format", "parquet"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "7 images" in printed and "6 scored, 1 errors" in printed
+    rows = check_output(out, set(names), {"broken.jpg"})
+    masks = rows[rows["EncodedPixels"] != ""]
+    assert len(masks) > 0 and set(masks["ClassId"]) <= {1, 2}  # classes 3-4 are gated off
+    assert (rows.loc[rows["ClassId"] >= 3, "EncodedPixels"] == "").all()
+    for r in masks.itertuples():
+        assert rle.area(r.EncodedPixels) == getattr(r, f"area_{r.ClassId}")
+    manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
+    assert manifest["bundle"]["created_at"] == bundle_lib.read_manifest(bundle)["created_at"]
+    assert manifest["thresholds"]["classes"]["3"]["prob"] == 1.0
+    gating = manifest["gating"]
+    assert gating["images"] == 6 and gating["seg_calls_per_class"]["3"] == 0
+    assert gating["multilabel_calls"] + gating["multilabel_calls_saved"] == 6
+    assert gating["seg_calls"] + gating["seg_calls_saved"] == 24
+
+    s = merge.merge(out, str(tmp_path / "submission.csv"))
+    assert (s["images"], s["rows"], s["errors"]) == (6, 24, 1)
