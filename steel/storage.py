@@ -244,14 +244,19 @@ def list_files(uri, suffixes: str | Iterable[str] | None = None, recursive: bool
     """Sorted URIs (same scheme and form as ``uri``) of the files in a folder.
 
     ``suffixes`` (e.g. ``(".jpg", ".png")``) keeps names ending with one of them, ignoring case.
-    A folder that does not exist (on S3: a prefix with no objects) raises FileNotFoundError.
+    A folder that does not exist gives ``[]`` (on S3 a missing prefix and an empty one are the same
+    thing); a missing S3 bucket raises FileNotFoundError.
     """
     fs, path = resolve(uri, endpoint)
     if isinstance(suffixes, str):
         suffixes = (suffixes,)
     wanted = tuple(s.lower() for s in suffixes) if suffixes is not None else None
     with _errors(uri):
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+        if not infos and is_s3(uri):
+            bucket = _bucket_key(path)[0]
+            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise FileNotFoundError(errno.ENOENT, "No such bucket", os.fspath(uri))
     out = []
     for info in infos:
         if info.type != pafs.FileType.File or info.base_name.startswith(_TMP_PREFIX):

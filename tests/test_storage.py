@@ -57,10 +57,12 @@ def test_list_files_sorted_same_scheme_and_filtered(root):
 
 def test_missing_object_names_the_uri(root):
     missing = storage.join(root, "nope", "missing.csv")
-    for call in (storage.read_bytes, storage.read_text, storage.list_files, storage.delete):
+    for call in (storage.read_bytes, storage.read_text, storage.delete):
         with pytest.raises(FileNotFoundError) as info:
             call(missing)
         assert missing in str(info.value)
+    assert storage.list_files(storage.join(root, "nope")) == []  # a missing folder lists as empty
+    assert storage.list_files(storage.join(root, "nope"), recursive=True) == []
     with pytest.raises(FileNotFoundError, match="missing.csv"):
         storage.download_to(missing, "/tmp/should-not-exist-steel-test")
     assert not os.path.exists("/tmp/should-not-exist-steel-test")
