@@ -97,7 +97,7 @@ def load_labels(train_csv_uri: str | pd.DataFrame, images: str | Iterable[str] |
     if images is not None:
         listing = list_images(images)
         if not listing:
-            where = images if isinstance(images, str) else "the images argument"
+            where = f"{images} (missing or empty folder)" if isinstance(images, str) else "the images argument"
             raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {where}")
         missing = ~rows["ImageId"].isin(set(listing))
         if missing.any():

@@ -83,7 +83,7 @@ def test_empty_listing_and_missing_folder_are_errors(tmp_path):
         load_labels(csv, images=str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="no images"):
         load_labels(csv, images=[])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="no images .* found in .*nowhere \\(missing or empty folder\\)"):
         load_labels(csv, images=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError):
         load_labels(str(tmp_path / "missing.csv"), images=IMAGES)
