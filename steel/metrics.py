@@ -152,8 +152,9 @@ def _pair_runs(df: pd.DataFrame, images: pd.Index, n_pairs: int, shape, name: st
     starts, lengths = values[0::2], values[1::2]
     string_of_run = np.repeat(np.arange(strings.size), counts // 2)
     run_pair = pair_of_string[string_of_run]
-    bad = (starts < 1) | (lengths < 1) | (starts - 1 + lengths > n_pixels)
-    bad[1:] |= (string_of_run[1:] == string_of_run[:-1]) & (starts[1:] < starts[:-1] + lengths[:-1])
+    # Written so that no sum can overflow (numpy's parser saturates values too big for int64).
+    bad = (starts < 1) | (lengths < 1) | (lengths > n_pixels + 1 - starts)
+    bad[1:] |= (string_of_run[1:] == string_of_run[:-1]) & (starts[1:] - starts[:-1] < lengths[:-1])
     if bad.any():
         fail(int(string_of_run[np.argmax(bad)]))
     begin = run_pair * n_pixels + starts - 1
@@ -189,7 +190,7 @@ def _parse_many(strings: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     owner = np.searchsorted(offsets, token_start, side="right") - 1
     counts = np.bincount(owner, minlength=strings.size)
     # Only digits and whitespace are left, which numpy's text parser reads exactly (values too big
-    # for int64 saturate and then fail the bounds check).
+    # for int64 saturate, then fail the bounds check, and rle.validate names them).
     values = np.fromstring(big, dtype=np.int64, sep=" ")
     if values.size != token_start.size:  # pragma: no cover - defensive
         return None

@@ -191,6 +191,7 @@ def test_mean_dice_errors():
     bad_rles = {
         "5 2 1 2": "not sorted", "1 5 3 2": "overlap", "0 3": "not positive", "1 2 3": "odd number",
         "1 x": "not an integer", "380 10": "past the image", "-1 3": "not positive", "1 ²": "not an integer",
+        "1 99999999999999999999999": "too large", "9223372036854775806 9223372036854775806": "past",
     }
     for encoded, reason in bad_rles.items():
         bad = pd.DataFrame([("a", 1, "1 2"), ("b", 3, encoded)], columns=cols)
