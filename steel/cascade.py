@@ -380,9 +380,24 @@ class Cascade:
         return result
 
 
-def keras_callable(model: Any) -> Callable[[np.ndarray], np.ndarray]:
-    """Wrap a Keras model as ``f(batch) -> np.ndarray`` (``predict_on_batch``, else ``model(x, training=False)``)."""
-    if hasattr(model, "predict_on_batch"):
+def keras_callable(model: Any, traced: bool = True) -> Callable[[np.ndarray], np.ndarray]:
+    """Wrap a Keras model as ``f(batch) -> np.ndarray``.
+
+    With ``traced`` (default) and a model of known input shape, the call is one ``tf.function`` with a
+    batch-size-free input signature: traced once, whatever the size of the gated batches (Keras'
+    ``predict_on_batch`` retraces for every new batch size, which the gates produce all the time).
+    Otherwise ``model.predict_on_batch(x)``, else ``model(x, training=False)``.
+    """
+    shape = getattr(model, "input_shape", None)
+    if traced and isinstance(shape, tuple) and len(shape) == 4 and all(v is not None for v in shape[1:]):
+        from steel.keras_env import tf
+
+        spec = tf.TensorSpec((None, *shape[1:]), tf.float32)
+        fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+
+        def call(x: np.ndarray) -> np.ndarray:
+            return fn(tf.convert_to_tensor(x, tf.float32)).numpy()
+    elif hasattr(model, "predict_on_batch"):
         def call(x: np.ndarray) -> np.ndarray:
             return np.asarray(model.predict_on_batch(x))
     else:

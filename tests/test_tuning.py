@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -236,3 +237,41 @@ def test_tune_writes_thresholds_and_plots(tmp_path):
     again = tune(cfg, bundle_uri=str(bundle), cascade=cas, labels=labels, start=saved, progress=False,
                  cache_path=str(tmp_path / "cache.npz"), full_check=False)
     assert again["changes"] == 0 and again["after"] == pytest.approx(summary["after"])
+
+
+@pytest.mark.slow
+def test_steel_tune_on_a_tiny_real_bundle(tmp_path, capsys):
+    """`steel tune` end to end: synthetic data, six tiny untrained Keras models in a real bundle."""
+    from steel import bundle, models, synth
+    from steel.cascade import Cascade
+    from steel.cli import main
+    from steel.config import MODEL_NAMES, load_config
+
+    data = tmp_path / "data"
+    synth.generate(str(data), images=40, test_images=0, seed=1, workers=1, progress=False)
+    tiny_cls = dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none", dense_units=(8,))
+    tiny_seg = dict(encoder="mobilenetv2_035", input_size=(32, 160), encoder_weights="none",
+                    decoder_filters=(8, 8, 4, 4, 4))
+    specs = {n: models.resolve_spec(n, **(tiny_seg if models.is_segmenter(n) else tiny_cls)) for n in MODEL_NAMES}
+    built = {n: models.build(n, **specs[n]) for n in MODEL_NAMES}
+    uri = str(tmp_path / "bundle")
+    bundle.save_bundle(uri, built, specs, load_config(None))
+
+    # The real Keras models as Cascade.from_bundle wraps them (a traced tf.function per model).
+    cas = Cascade.from_bundle(SimpleNamespace(models=built, specs=specs, thresholds=None))
+    img = np.random.default_rng(0).integers(0, 256, (2, H, W, 3), dtype=np.uint8)
+    probs = cas.predict_probabilities(img)
+    x = models.preprocess(img, (32, 160))
+    np.testing.assert_allclose(probs["p_defect"], built["binary"](x, training=False).numpy()[:, 0], atol=1e-5)
+    np.testing.assert_allclose(probs["seg"][2], built["seg2"](x, training=False).numpy()[..., 0], atol=1e-5)
+    assert len(cas.predict(img)) == 2 and len(cas.predict(img[:1])) == 1  # another batch size: no retrace needed
+
+    rc = main(["tune", "--bundle", uri, "--set", f"data.root={data}", "--rounds", "2", "--cache-size", "16", "80"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "validation mean Dice" in out and "full-resolution mean Dice" in out
+    th = bundle.read_thresholds(uri)
+    v = th["validation"]
+    assert v["after"] >= v["before"] and v["n_images"] >= 4
+    assert 0.0 <= v["full_resolution_after"]["mean_dice"] <= 1.0
+    assert (tmp_path / "bundle" / "tuning" / "dice_vs_class3.png").exists()
