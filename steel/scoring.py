@@ -293,6 +293,11 @@ def score(bundle_uri: str, images_uri: str, out_uri: str, score_cfg: ScoreConfig
     t_listed = time.time()
     if not inputs and not done:
         raise ValueError(f"{images_uri}: no files to score")
+    before = (previous or {}).get("bundle", {})
+    if plan and predictor_factory is None and before.get("created_at") not in (None, bundle.get("created_at")):
+        log.warning("%s holds shards scored with another bundle (created %s; this one %s): new shards use "
+                    "this bundle, old shards are kept (the manifest records each shard's bundle)",
+                    out_uri, before.get("created_at"), bundle.get("created_at"))
     log.info("%d files under %s: %d already in %d complete shards, %d to score in %d shards",
              len(inputs), images_uri, len(inputs) - len(pending), len(done), len(pending), len(plan))
 

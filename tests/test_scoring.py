@@ -402,3 +402,32 @@ def test_cli_scores_s3_images_with_a_tiny_real_bundle(ray_local, s3_bucket, tmp_
 
     s = merge.merge(out, str(tmp_path / "submission.csv"))
     assert (s["images"], s["rows"], s["errors"]) == (6, 24, 1)
+
+
+def test_cli_flags_override_the_config(tmp_path, monkeypatch, capsys):
+    import contextlib
+
+    from steel import ray_session, scoring
+    from steel.cli import main
+
+    seen = {}
+
+    def fake_score(bundle, images, out, cfg, thresholds=None):
+        seen.update(bundle=bundle, images=images, out=out, cfg=cfg, thresholds=thresholds)
+        return {"images_uri": images, "out": out, "images_listed": 3, "images_already_scored": 0,
+                "images_in": 3, "scored": 0, "errors": 3, "shards_written": 1, "shards_skipped": 0,
+                "error_reasons": {"empty file": 3}, "error_examples": [], "gating": {},
+                "timings": {"total_s": 1.0, "images_per_s": 3.0}}
+
+    monkeypatch.setattr(scoring, "score", fake_score)
+    monkeypatch.setattr(ray_session, "ray_session", lambda address=None: contextlib.nullcontext())
+    config = tmp_path / "c.yaml"
+    config.write_text("bundle: /b\ndata:\n  root: /data\nscore:\n  out: /o\n  actors: 3\n  batch_size: 5\n")
+    rc = main(["score", "--config", str(config), "--batch-size", "2", "--tta", "hv", "--allow-resize",
+               "--image-formats", "jpeg,png", "--gpus-per-actor", "0.5"])
+    assert rc == 1  # nothing could be scored
+    assert "no image could be scored" in capsys.readouterr().err
+    cfg = seen["cfg"]
+    assert (seen["bundle"], seen["images"], seen["out"]) == ("/b", "/data/test_images", "/o")
+    assert (cfg.actors, cfg.batch_size, cfg.tta, cfg.allow_resize, cfg.gpus_per_actor) == (3, 2, "hv", True, 0.5)
+    assert cfg.image_formats == ["JPEG", "PNG"] and cfg.format == "csv"
