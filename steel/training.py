@@ -1,0 +1,591 @@
+"""Data-parallel training of the six cascade models on Ray Train (``TensorflowTrainer``).
+
+Two halves:
+
+- :func:`train_loop` runs on every Ray Train worker (Ray's TensorFlow examples style: a plain
+  function of a config dict): threads -> ``MultiWorkerMirroredStrategy`` -> model in scope ->
+  dataset shard -> epochs -> ``ray.train.report``.
+- :func:`train_models` runs in the driver: labels and split, one ``TensorflowTrainer`` per model,
+  then the best weights into the bundle, the history (CSV + plot) and TensorBoard logs.
+
+Learning rate: Adam with the *linear scaling rule*, ``lr = base_lr * global_batch / base_batch``
+where ``global_batch = per_worker_batch * num_workers``, reached by a linear warm-up over the first
+``warmup_epochs`` epochs (per optimizer step, :class:`WarmupSchedule`), constant afterwards.
+
+Multi-worker pitfalls handled here (each hangs or silently wastes data otherwise):
+
+- Every worker must run the same number of steps per epoch, or the gradient all-reduce waits for
+  ever. Ray splits each dataset with ``streaming_split(equal=True)`` (``DataConfig``'s default), so
+  each worker gets ``rows // num_workers`` rows; the driver computes the steps from that, and
+  ``train.max_steps_per_epoch`` is applied by ``Dataset.limit`` in the driver (never by a worker
+  stopping early).
+- Keras' ``fit`` on a plain ``tf.data.Dataset`` under MWMS treats the batch as *global* and keeps
+  only this worker's ``1/num_workers`` slice of it (``to_tf`` already sets ``AutoShardPolicy.OFF``,
+  which does not stop that re-batching). Ray has already sharded the data, so the loop hands Keras a
+  ``strategy.distribute_datasets_from_function`` dataset: each worker's batch of
+  ``per_worker_batch`` is used whole, with an explicit ``steps_per_epoch``.
+- ``ray.train.report`` is a barrier: every worker reports every epoch (only rank 0 attaches the
+  checkpoint), and every worker calls ``save_weights`` (non-chief into a temp dir).
+- A validation split smaller than the worker count would give workers zero rows: then validation is
+  not split and every worker evaluates all of it (same values on every worker).
+
+Checkpoint (one per epoch, ``CheckpointConfig(num_to_keep=2)``): ``model.weights.h5`` (last epoch),
+``best.weights.h5`` (best epoch by ``val_f1_m`` for classifiers, ``val_dice_coef`` for segmenters)
+and ``state.json`` (epoch, best, history). A retried worker group (``FailureConfig(max_failures)``)
+or a re-run of the same command (same ``RunConfig(storage_path, name)``: Train V2 restores the run)
+reads it with ``ray.train.get_checkpoint()`` and continues at the next epoch; the optimizer step
+counter is restored (so the warm-up does not restart), Adam's moment estimates are not.
+
+Models train one after the other, never side by side: each uses every worker (and GPU) of the
+cluster; running them concurrently would split the cluster into smaller MWMS groups that each
+train slower, contend for the same CPUs for Ray Data, and multiply the failure handling.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.weights.h5"
+BEST_WEIGHTS = "best.weights.h5"
+STATE = "state.json"
+FAULT_ENV = "STEEL_TRAIN_FAIL_AT"  # test hook: "epoch=E,rank=R,marker=PATH" fails once
+
+
+def monitor_metric(name: str) -> str:
+    """Validation metric that picks the best epoch: ``val_dice_coef`` (U-Nets) or ``val_f1_m``."""
+    return "val_dice_coef" if name.startswith("seg") else "val_f1_m"
+
+
+def scaled_lr(base_lr: float, per_worker_batch: int, num_workers: int, base_batch: int) -> float:
+    """Linear scaling rule: ``base_lr * (per_worker_batch * num_workers) / base_batch``."""
+    return float(base_lr) * per_worker_batch * num_workers / base_batch
+
+
+# ---------------------------------------------------------------------------------------------
+#  Worker side
+
+
+def _warmup_schedule_class():
+    from steel.keras_env import keras, tf
+
+    class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+        """``peak_lr * min(1, (step + 1) / warmup_steps)``: linear warm-up, then constant."""
+
+        def __init__(self, peak_lr: float, warmup_steps: int):
+            self.peak_lr = float(peak_lr)
+            self.warmup_steps = int(warmup_steps)
+
+        def __call__(self, step):
+            step = tf.cast(step, tf.float32)
+            if self.warmup_steps <= 0:
+                return tf.constant(self.peak_lr, tf.float32)
+            frac = tf.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
+            return self.peak_lr * frac
+
+        def get_config(self):
+            return {"peak_lr": self.peak_lr, "warmup_steps": self.warmup_steps}
+
+    return WarmupSchedule
+
+
+def warmup_schedule(peak_lr: float, warmup_steps: int):
+    """A Keras ``LearningRateSchedule`` with linear warm-up to ``peak_lr`` over ``warmup_steps``."""
+    return _warmup_schedule_class()(peak_lr, warmup_steps)
+
+
+def _set_threads(cpus: int) -> None:
+    from steel.keras_env import tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(max(1, int(cpus)))
+        tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, int(cpus))))
+    except RuntimeError as e:  # TF already initialised in this process (e.g. a reused worker)
+        log.warning("could not set TensorFlow thread pools: %s", e)
+
+
+def _maybe_fail(fault: dict | None, epoch: int, rank: int) -> None:
+    """Test hook: raise once at the start of ``epoch`` on ``rank`` (a marker file records it)."""
+    if not fault or int(fault["epoch"]) != epoch or int(fault["rank"]) != rank:
+        return
+    marker = fault.get("marker")
+    if marker:
+        if os.path.exists(marker):
+            return
+        with open(marker, "w") as fh:
+            fh.write(f"failed at epoch {epoch} on rank {rank}\n")
+    raise RuntimeError(f"injected failure at epoch {epoch} on rank {rank} ({FAULT_ENV})")
+
+
+def parse_fault(text: str | None) -> dict | None:
+    """``"epoch=2,rank=1,marker=/tmp/x"`` -> dict (the :data:`FAULT_ENV` test hook)."""
+    if not text:
+        return None
+    out: dict[str, Any] = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key not in ("epoch", "rank", "marker", "model") or not value:
+            raise ValueError(f"{FAULT_ENV}: expected epoch=E,rank=R[,marker=PATH][,model=NAME], got {text!r}")
+        out[key] = value
+    if "epoch" not in out or "rank" not in out:
+        raise ValueError(f"{FAULT_ENV}: needs epoch= and rank=, got {text!r}")
+    return out
+
+
+def _type_specs(name: str, input_size):
+    from steel.keras_env import tf
+
+    h, w = int(input_size[0]), int(input_size[1])
+    image = tf.TensorSpec(shape=(None, h, w, 3), dtype=tf.float32, name="image")
+    if name.startswith("seg"):
+        label = tf.TensorSpec(shape=(None, h, w, 1), dtype=tf.float32, name="label")
+    else:
+        label = tf.TensorSpec(shape=(None, 4 if name == "multilabel" else 1), dtype=tf.float32, name="label")
+    return image, label
+
+
+def _distributed(strategy, shard, batch_size: int, specs, shuffle_buffer: int | None):
+    """This worker's shard as a Keras-ready distributed dataset (no re-batching, no auto-shard)."""
+    image_spec, label_spec = specs
+    tf_ds = shard.to_tf(
+        feature_columns="image", label_columns="label", batch_size=batch_size,
+        feature_type_spec=image_spec, label_type_spec=label_spec,
+        local_shuffle_buffer_size=shuffle_buffer,
+    )
+    return strategy.distribute_datasets_from_function(lambda _ctx: tf_ds)
+
+
+def _compile(model, name: str, lr_schedule, seg_loss: str):
+    from steel import keras_metrics as km
+    from steel.keras_env import keras
+
+    if name.startswith("seg"):
+        loss = km.segmenter_loss(seg_loss)
+        metrics = [km.dice_coef]
+    else:
+        loss = "binary_crossentropy"
+        metrics = ["accuracy", km.precision_m, km.recall_m, km.f1_m]
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr_schedule), loss=loss, metrics=metrics)
+
+
+def _is_better(value: float | None, best: float | None) -> bool:
+    if value is None or not math.isfinite(value):
+        return False
+    return best is None or value > best
+
+
+def train_loop(config: dict) -> None:
+    """One Ray Train worker's training of one model (see the module docstring).
+
+    ``config`` keys: ``name`` (model), ``train`` (``TrainConfig`` as a dict), ``epochs``,
+    ``steps_per_epoch``, ``val_steps`` (0: no validation), ``num_workers``, ``fault`` (test hook).
+    """
+    t_start = time.time()
+    import ray.train
+
+    from steel.config import config_from_dict
+
+    train_cfg = config_from_dict({"train": config["train"]}).train
+    _set_threads(train_cfg.cpus_per_worker)
+
+    from ray.train import Checkpoint
+
+    from steel import models
+    from steel.keras_env import keras, tf
+
+    name = config["name"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    epochs = int(config["epochs"])
+    steps = int(config["steps_per_epoch"])
+    val_steps = int(config["val_steps"])
+    batch = int(train_cfg.per_worker_batch)
+    monitor = monitor_metric(name)
+    if not val_steps:
+        monitor = monitor[len("val_"):]
+
+    if train_cfg.use_gpu and train_cfg.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+
+    tf.get_logger().setLevel("ERROR")  # MWMS logs every collective at INFO
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    peak_lr = scaled_lr(train_cfg.base_lr, batch, world, train_cfg.base_batch)
+    with strategy.scope():
+        model = models.build_from_config(name, train_cfg)
+        schedule = warmup_schedule(peak_lr, int(round(train_cfg.warmup_epochs * steps)))
+        _compile(model, name, schedule, train_cfg.seg_loss)
+
+    if rank == 0:
+        print(f"[{name}] {world} workers ready: model built in {time.time() - t_start:.1f}s "
+              f"(peak lr {peak_lr:.2e}, {steps} steps/epoch, {val_steps} val steps)", flush=True)
+
+    start_epoch, best, best_epoch, history = 0, None, None, []
+    work = tempfile.mkdtemp(prefix=f"steel-{name}-r{rank}-")
+    best_local = os.path.join(work, BEST_WEIGHTS)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            with open(os.path.join(d, STATE)) as fh:
+                state = json.load(fh)
+            # Build the optimizer's slots first: the .h5 holds Adam's moments too, which then load.
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(os.path.join(d, WEIGHTS))
+            if os.path.exists(os.path.join(d, BEST_WEIGHTS)):
+                shutil.copyfile(os.path.join(d, BEST_WEIGHTS), best_local)
+        start_epoch = int(state["epoch"])
+        best, best_epoch = state.get("best"), state.get("best_epoch")
+        history = [h for h in state.get("history", []) if h["epoch"] <= start_epoch]
+        model.optimizer.iterations.assign(start_epoch * steps)  # warm-up continues, not restarts
+        if rank == 0:
+            print(f"[{name}] resuming after epoch {start_epoch} (best {monitor}={best} at epoch {best_epoch})",
+                  flush=True)
+
+    specs = _type_specs(name, models.model_config(name, train_cfg).input_size)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if val_steps else None
+    shuffle_buffer = batch * 4 if train_cfg.augment else None
+
+    for epoch in range(start_epoch + 1, epochs + 1):
+        _maybe_fail(config.get("fault"), epoch, rank)
+        t0 = time.time()
+        train_ds = _distributed(strategy, train_shard, batch, specs, shuffle_buffer)
+        kwargs = {}
+        if val_shard is not None:
+            kwargs = dict(validation_data=_distributed(strategy, val_shard, batch, specs, None),
+                          validation_steps=val_steps)
+        fit = model.fit(train_ds, epochs=epoch, initial_epoch=epoch - 1, steps_per_epoch=steps,
+                        verbose=0, **kwargs)
+        seconds = time.time() - t0
+        metrics = {k: float(v[-1]) for k, v in fit.history.items()}
+        metrics.update(epoch=epoch, seconds=round(seconds, 3),
+                       lr=float(schedule(model.optimizer.iterations - 1)),
+                       images_per_s_per_worker=round(steps * batch / seconds, 3))
+        improved = _is_better(metrics.get(monitor), best)
+        if improved:
+            best, best_epoch = metrics[monitor], epoch
+        history.append(metrics)
+        state = {"name": name, "epoch": epoch, "epochs": epochs, "best": best, "best_epoch": best_epoch,
+                 "monitor": monitor, "history": history}
+
+        # Every worker saves (MWMS may run collectives while reading variables); only rank 0 keeps it.
+        with tempfile.TemporaryDirectory(prefix=f"steel-ckpt-r{rank}-") as d:
+            model.save_weights(os.path.join(d, WEIGHTS))
+            if improved:
+                shutil.copyfile(os.path.join(d, WEIGHTS), best_local)
+            if rank == 0:
+                if os.path.exists(best_local):
+                    shutil.copyfile(best_local, os.path.join(d, BEST_WEIGHTS))
+                with open(os.path.join(d, STATE), "w") as fh:
+                    json.dump(state, fh)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
+                                 checkpoint_dir_name=f"epoch_{epoch:04d}")
+                shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                 if k not in ("epoch", "seconds") and isinstance(v, float))
+                print(f"[{name}] epoch {epoch}/{epochs} {seconds:.1f}s {shown}"
+                      f"{' *best*' if improved else ''}", flush=True)
+            else:
+                ray.train.report(metrics, checkpoint=None)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+#  Driver side
+
+
+def _steps(rows: int, workers: int, batch: int) -> int:
+    """Batches each worker gets from an equal split of ``rows`` rows (last batch may be partial)."""
+    return math.ceil((rows // workers) / batch)
+
+
+def plan(name: str, sizes: dict[str, int], train_cfg) -> dict:
+    """Rows used, steps per epoch and validation steps for ``name`` under ``train_cfg``."""
+    workers, batch = train_cfg.num_workers, train_cfg.per_worker_batch
+    train_rows = sizes["train"]
+    if train_rows < workers:
+        raise ValueError(f"model {name}: {train_rows} training images for {workers} workers; "
+                         "need at least one image per worker")
+    if train_cfg.max_steps_per_epoch:
+        train_rows = min(train_rows, train_cfg.max_steps_per_epoch * batch * workers)
+    val_rows = sizes.get("val", 0)
+    split_val = val_rows >= workers
+    val_steps = _steps(val_rows, workers, batch) if split_val else math.ceil(val_rows / batch)
+    return {"train_rows": train_rows, "steps_per_epoch": _steps(train_rows, workers, batch),
+            "val_rows": val_rows, "val_steps": val_steps, "split_val": split_val,
+            "images_per_epoch": (train_rows // workers) * workers}
+
+
+def _storage(uri: str):
+    """``(storage_path, storage_filesystem)`` for ``RunConfig``: explicit pyarrow fs for S3."""
+    from steel import storage
+
+    if storage.is_s3(uri):
+        fs, path = storage.resolve(uri)
+        return path, fs
+    path = os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+    os.makedirs(path, exist_ok=True)
+    return path, None
+
+
+def train_one(cfg, name: str, splits: dict, images_uri: str, fault: dict | None = None) -> dict:
+    """Train ``name`` on the cluster; returns ``{"checkpoint", "state", "plan", "seconds"}``."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from steel import train_data
+    from steel.keras_env import runtime_env
+
+    tc = cfg.train
+    p = plan(name, train_data.split_sizes(splits, name), tc)
+    datasets = train_data.build_datasets(splits, images_uri, name, tc)
+    if p["train_rows"] < train_data.split_sizes(splits, name)["train"]:
+        datasets["train"] = datasets["train"].limit(p["train_rows"])
+    if not p["val_rows"]:
+        datasets.pop("val")
+    for ds in datasets.values():
+        # Per-epoch progress bars of the ingest pipelines would flood the log; the loop prints epochs.
+        ds.context.enable_progress_bars = False
+    storage_path, fs = _storage(tc.output)
+    trainer = TensorflowTrainer(
+        train_loop,
+        train_loop_config={"name": name, "train": cfg.to_dict()["train"], "epochs": tc.epochs,
+                           "steps_per_epoch": p["steps_per_epoch"], "val_steps": p["val_steps"],
+                           "num_workers": tc.num_workers,
+                           "fault": fault if fault and fault.get("model", name) == name else None},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker,
+                                                           **({"GPU": 1} if tc.use_gpu else {})}),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            worker_runtime_env=runtime_env(),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split="all" if p["split_val"] else ["train"]),
+    )
+    print(f"[{name}] training: {p['train_rows']} train images ({p['steps_per_epoch']} steps/epoch x "
+          f"{tc.num_workers} workers x batch {tc.per_worker_batch}), {p['val_rows']} val images, "
+          f"{tc.epochs} epochs, peak lr {scaled_lr(tc.base_lr, tc.per_worker_batch, tc.num_workers, tc.base_batch):.2e}",
+          flush=True)
+    t0 = time.time()
+    result = trainer.fit()
+    seconds = time.time() - t0
+    checkpoint = result.checkpoint
+    if checkpoint is None:
+        raise RuntimeError(f"model {name}: training produced no checkpoint")
+    with checkpoint.as_directory() as d:
+        with open(os.path.join(d, STATE)) as fh:
+            state = json.load(fh)
+    return {"checkpoint": checkpoint, "state": state, "plan": p, "seconds": seconds}
+
+
+def load_trained(name: str, checkpoint, train_cfg, best: bool = True):
+    """Rebuild ``name`` (no pretrained download) and load the checkpoint's best (or last) weights."""
+    from steel import models
+
+    spec = models.model_spec(name, train_cfg)
+    model = models.build_from_spec(name, spec, encoder_weights="none")
+    with checkpoint.as_directory() as d:
+        path = os.path.join(d, BEST_WEIGHTS if best else WEIGHTS)
+        if not os.path.exists(path):
+            path = os.path.join(d, WEIGHTS)
+        model.load_weights(path)
+    return model, spec
+
+
+def history_frame(history: list[dict]):
+    import pandas as pd
+
+    frame = pd.DataFrame(history)
+    cols = ["epoch"] + [c for c in frame.columns if c != "epoch"]
+    return frame[cols].sort_values("epoch").reset_index(drop=True)
+
+
+def plot_history(frame, name: str, path: str) -> None:
+    """Loss and the monitored metric vs epoch, train and val (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    metric = monitor_metric(name)[len("val_"):]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("loss", metric)):
+        for col, style in ((key, "o-"), (f"val_{key}", "s--")):
+            if col in frame:
+                ax.plot(frame["epoch"], frame[col], style, label=col)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{name}: {key}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_tensorboard(frame, logdir: str) -> None:
+    """Per-epoch scalars (train under ``train/``, val under ``val/``) as TensorBoard event files.
+
+    Written with the low-level ``tf.summary.write`` and TensorBoard's ``scalars`` plugin metadata, so
+    the ``tensorboard`` package is needed only to view them, not to train.
+    """
+    from steel.keras_env import tf
+
+    metadata = tf.compat.v1.SummaryMetadata()
+    metadata.plugin_data.plugin_name = "scalars"
+
+    writers = {"train": tf.summary.create_file_writer(os.path.join(logdir, "train")),
+               "val": tf.summary.create_file_writer(os.path.join(logdir, "val"))}
+    for row in frame.to_dict("records"):
+        for col, value in row.items():
+            if col == "epoch" or value is None or not isinstance(value, (int, float)):
+                continue
+            split, key = ("val", col[4:]) if col.startswith("val_") else ("train", col)
+            with writers[split].as_default():
+                tf.summary.write(key, tf.constant(float(value), tf.float32), step=int(row["epoch"]),
+                                 metadata=metadata)
+    for w in writers.values():
+        w.flush()
+        w.close()
+
+
+def write_history(bundle_uri: str, name: str, history: list[dict]) -> dict:
+    """``history/<name>.csv`` + ``.png`` and ``logs/<name>/`` (TensorBoard) under the bundle."""
+    from steel import storage
+
+    frame = history_frame(history)
+    with tempfile.TemporaryDirectory(prefix="steel-hist-") as d:
+        csv_path = os.path.join(d, f"{name}.csv")
+        png_path = os.path.join(d, f"{name}.png")
+        frame.to_csv(csv_path, index=False)
+        plot_history(frame, name, png_path)
+        storage.makedirs(storage.join(bundle_uri, "history"))
+        for path in (csv_path, png_path):
+            with open(path, "rb") as fh:
+                storage.write_bytes(storage.join(bundle_uri, "history", os.path.basename(path)), fh.read())
+        logs_uri = storage.join(bundle_uri, "logs", name)
+        if storage.exists(logs_uri) or storage.list_files(logs_uri, recursive=True):
+            storage.delete(logs_uri, recursive=True, missing_ok=True)  # a re-run replaces, not appends
+        tb = os.path.join(d, "tb")
+        write_tensorboard(frame, tb)
+        storage.copy_local_dir_to(tb, logs_uri)
+    return {"csv": storage.join(bundle_uri, "history", f"{name}.csv"),
+            "png": storage.join(bundle_uri, "history", f"{name}.png"), "logs": logs_uri}
+
+
+def train_key(name: str, cfg, data_fingerprint: str) -> str:
+    """Hash of everything that determines a trained model: spec, training settings, data split."""
+    import hashlib
+
+    from steel import models
+
+    train = cfg.to_dict()["train"]
+    relevant = {k: v for k, v in train.items() if k not in ("output", "models", "max_failures")}
+    payload = json.dumps({"name": name, "spec": models.model_spec(name, cfg.train), "train": relevant,
+                          "data": data_fingerprint}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _completed(bundle_uri: str, name: str, key: str) -> bool:
+    """True when the bundle already holds ``name`` trained with the same ``train_key``."""
+    from steel import bundle, storage
+
+    try:
+        manifest = bundle.read_manifest(bundle_uri)
+    except FileNotFoundError:
+        return False
+    entry = (manifest.get("models") or {}).get(name) or {}
+    metrics = entry.get("metrics") or {}
+    return metrics.get("train_key") == key and storage.exists(storage.join(bundle_uri, f"{name}.weights.h5"))
+
+
+def load_splits(cfg) -> tuple[dict, str]:
+    """Labels of ``cfg.data``, the seed's split, and its fingerprint."""
+    from steel import dataset, storage
+
+    images = cfg.data.path("train_images")
+    wide = dataset.load_labels(cfg.data.path("train_csv"), images=images, skip_bad=cfg.data.skip_bad,
+                               report_uri=storage.join(cfg.train.output, "skipped_labels.csv")
+                               if cfg.data.skip_bad else None)
+    splits = dataset.split(wide, seed=cfg.data.seed)
+    return splits, dataset.fingerprint(splits)
+
+
+def train_models(cfg, models: list[str] | None = None) -> dict[str, dict]:
+    """Train ``models`` (default ``cfg.train.models``) one after the other; returns per-model results.
+
+    Needs a connected Ray (``ray.init`` with ``steel.keras_env.runtime_env()``). Each model:
+    ``TensorflowTrainer`` with ``RunConfig(storage_path=cfg.train.output, name=<model>)`` (re-running
+    after a crash continues from its last checkpoint), then its best weights go into the bundle at
+    ``cfg.bundle`` (``steel.bundle.save_model_to_bundle``) with ``history/<model>.csv|png`` and
+    ``logs/<model>/``. A model already in the bundle with the same spec, training settings and data
+    split is skipped. Result per model: ``{"status": "trained"|"skipped", "best_epoch", "best",
+    "monitor", "epochs", "seconds", "history"}``.
+    """
+    from steel import bundle, storage
+    from steel.config import MODEL_NAMES
+
+    names = list(models or cfg.train.models)
+    unknown = [n for n in names if n not in MODEL_NAMES]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(MODEL_NAMES)}")
+    if cfg.storage_endpoint:
+        storage.set_endpoint(cfg.storage_endpoint)
+    fault = parse_fault(os.environ.get(FAULT_ENV))
+    splits, fp = load_splits(cfg)
+    images_uri = cfg.data.path("train_images")
+    print(f"data: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test images "
+          f"(fingerprint {fp[:12]}); models: {', '.join(names)}", flush=True)
+
+    results: dict[str, dict] = {}
+    for name in names:
+        key = train_key(name, cfg, fp)
+        if _completed(cfg.bundle, name, key):
+            print(f"[{name}] already in bundle {cfg.bundle} with the same config and data: skipped", flush=True)
+            results[name] = {"status": "skipped", "skipped": True, "train_key": key}
+            continue
+        out = train_one(cfg, name, splits, images_uri, fault)
+        state = out["state"]
+        model, spec = load_trained(name, out["checkpoint"], cfg.train)
+        best_row = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]), {})
+        metrics = {"monitor": state["monitor"], "best": state["best"], "best_epoch": state["best_epoch"],
+                   "epochs": state["epoch"], "train_key": key, "data_fingerprint": fp,
+                   **{k: v for k, v in best_row.items() if k not in ("epoch",)}}
+        # History first: the manifest entry written by save_model_to_bundle marks the model complete.
+        files = write_history(cfg.bundle, name, state["history"])
+        bundle.save_model_to_bundle(cfg.bundle, name, model, spec, metrics, out["seconds"],
+                                    config=cfg.to_dict(), fingerprint=fp)
+        results[name] = {"status": "trained", "skipped": False, "best_epoch": state["best_epoch"], "best": state["best"],
+                         "monitor": state["monitor"], "epochs": state["epoch"], "seconds": out["seconds"],
+                         "history": state["history"], "files": files, "train_key": key,
+                         "checkpoint": out["checkpoint"]}
+    _print_summary(results)
+    return results
+
+
+def _print_summary(results: dict[str, dict]) -> None:
+    lines = ["", f"{'model':<11}{'status':<9}{'epochs':>7}{'best epoch':>11}  {'best':<22}{'seconds':>9}"]
+    for name, r in results.items():
+        if r["status"] == "skipped":
+            lines.append(f"{name:<11}{'skipped':<9}")
+            continue
+        best = f"{r['monitor']}={r['best']:.4f}" if r["best"] is not None else "-"
+        lines.append(f"{name:<11}{r['status']:<9}{r['epochs']:>7}{str(r['best_epoch']):>11}  {best:<22}"
+                     f"{r['seconds']:>9.1f}")
+    print("\n".join(lines), file=sys.stdout, flush=True)
+
+
+__all__ = ["train_loop", "train_models", "train_one", "plan", "scaled_lr", "warmup_schedule", "monitor_metric",
+           "load_trained", "write_history", "history_frame", "plot_history", "write_tensorboard", "train_key",
+           "parse_fault", "load_splits", "FAULT_ENV"]
