@@ -70,7 +70,7 @@ _CLASSIFIER_ENCODERS: dict[str, tuple[str | None, dict, float]] = {
 # U-Net encoders (segmentation-models backbones). "mobilenetv2_035" is registered below.
 _SEGMENTER_ENCODERS: tuple[str, ...] = (
     "efficientnetb0", "efficientnetb1", "efficientnetb2", "efficientnetb3",
-    "mobilenetv2", "mobilenetv2_035", "resnet18", "resnet34",
+    "mobilenetv2", "mobilenetv2_035", "resnet18", "resnet34", "simplecnn",
 )
 CLASSIFIER_ENCODERS: tuple[str, ...] = tuple(_CLASSIFIER_ENCODERS)
 SEGMENTER_ENCODERS: tuple[str, ...] = _SEGMENTER_ENCODERS
@@ -273,6 +273,32 @@ def ConvBlock(filters: int, name: str):
     return wrapper
 
 
+def _simplecnn_backbone(input_shape=None, weights=None, include_top=False, input_tensor=None, **_modules):
+    """Tiny U-Net encoder (5 conv blocks, stride 32) in segmentation-models' backbone calling convention.
+
+    Skip connections are the ReLU outputs of blocks 5..2 (strides 16, 8, 4, 2), like the real backbones'.
+    ~35k parameters and ~20 layers: builds, traces and saves in a fraction of a MobileNet's time.
+    """
+    from steel.keras_env import keras
+
+    inputs = keras.layers.Input(shape=input_shape, tensor=input_tensor, name="input_1")
+    x = inputs
+    for i, filters in enumerate(_SIMPLECNN_SEG_FILTERS):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"simplecnn_block{i + 1}_conv")(x)
+        x = keras.layers.BatchNormalization(name=f"simplecnn_block{i + 1}_bn")(x)
+        x = keras.layers.Activation("relu", name=f"simplecnn_block{i + 1}_relu")(x)
+        x = keras.layers.MaxPooling2D(2, name=f"simplecnn_block{i + 1}_pool")(x)
+    x = keras.layers.Conv2D(_SIMPLECNN_SEG_FILTERS[-1], 3, padding="same", activation="relu",
+                            name="simplecnn_top_conv")(x)
+    model = keras.Model(inputs, x, name="simplecnn")
+    if weights not in (None, "imagenet"):
+        model.load_weights(weights)
+    return model
+
+
+_SIMPLECNN_SEG_FILTERS = (8, 16, 32, 32, 64)
+
+
 def _classifier_encoder(encoder: str, inputs, weights: str | None):
     """Encoder feature map (no top) on ``inputs``."""
     from steel.keras_env import keras
@@ -328,11 +354,12 @@ def _build_segmenter(name: str, spec: dict):
 
 @functools.lru_cache(maxsize=1)
 def _sm():
-    """segmentation_models, with the ``mobilenetv2_035`` backbone registered (MobileNetV2 alpha=0.35).
+    """segmentation_models, with two extra backbones registered.
 
-    segmentation-models 1.0.1 (its last release, pinned) passes no ``alpha`` through ``Unet``; its
-    backbone registry (``Backbones``) is the extension point: same layers and skip connections as
-    ``mobilenetv2``, a third of the width.
+    - ``mobilenetv2_035``: MobileNetV2 with alpha=0.35. segmentation-models 1.0.1 (its last release,
+      pinned) passes no ``alpha`` through ``Unet``; its backbone registry (``Backbones``) is the
+      extension point: same layers and skip connections as ``mobilenetv2``, a third of the width.
+    - ``simplecnn``: :func:`_simplecnn_backbone`, for tests and smoke runs.
     """
     from steel.keras_env import segmentation_models
 
@@ -342,6 +369,10 @@ def _sm():
         base_fn, base_pre = backbones.get("mobilenetv2")
         backbones._models_update["mobilenetv2_035"] = [functools.partial(base_fn, alpha=0.35), base_pre]
         backbones._default_feature_layers["mobilenetv2_035"] = backbones._default_feature_layers["mobilenetv2"]
+    if "simplecnn" not in backbones._models_update:
+        backbones._models_update["simplecnn"] = [_simplecnn_backbone, lambda x, **kwargs: x]
+        backbones._default_feature_layers["simplecnn"] = tuple(
+            f"simplecnn_block{i}_relu" for i in range(len(_SIMPLECNN_SEG_FILTERS), 1, -1))
     return sm
 
 
@@ -384,7 +415,7 @@ def build(name: str, encoder: str | None = None, input_size=None, encoder_weight
             ``efficientnetb1``, ``mobilenetv2`` (alpha 1.0), ``mobilenetv2_035`` (alpha 0.35),
             ``simplecnn`` (4 conv blocks, tests only). U-Nets: ``efficientnetb1`` (default, the seed),
             ``efficientnetb0``, ``efficientnetb2``, ``efficientnetb3``, ``mobilenetv2``,
-            ``mobilenetv2_035``, ``resnet18``, ``resnet34``.
+            ``mobilenetv2_035``, ``resnet18``, ``resnet34``, ``simplecnn`` (tests only).
         input_size: ``(H, W)`` of the network input; default ``(256, 512)`` for classifiers and
             ``(256, 1600)`` for U-Nets. U-Net sides must be divisible by 32.
         encoder_weights: ``imagenet`` (default; downloaded by Keras, needs internet), ``none``

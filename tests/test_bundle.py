@@ -12,13 +12,15 @@ from steel.config import MODEL_NAMES, load_config
 from steel.thresholds import default_thresholds
 
 TINY_CLS = dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none", dense_units=(16, 8))
-TINY_SEG = dict(encoder="mobilenetv2_035", input_size=(32, 160), encoder_weights="none",
+TINY_SEG = dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none",
                 decoder_filters=(8, 8, 4, 4, 4))
+MOBILE_SEG = {**TINY_SEG, "encoder": "mobilenetv2_035"}  # seg4: one real segmentation-models backbone
 FINGERPRINT = "f" * 64
 
 
 def _spec(name):
-    return models.resolve_spec(name, **(TINY_SEG if models.is_segmenter(name) else TINY_CLS))
+    kwargs = MOBILE_SEG if name == "seg4" else TINY_SEG if models.is_segmenter(name) else TINY_CLS
+    return models.resolve_spec(name, **kwargs)
 
 
 def _perturb(model, seed):
@@ -84,8 +86,9 @@ def test_roundtrip_local(tmp_path, tiny):
     assert {"tensorflow", "tf_keras", "segmentation_models", "ray", "python"} <= set(on_disk["versions"])
     assert on_disk["versions"]["tf_keras"] and on_disk["versions"]["segmentation_models"] == "1.0.1"
     entry = on_disk["models"]["seg3"]
-    assert entry["spec"] == {"encoder": "mobilenetv2_035", "input_size": [32, 160], "encoder_weights": "none",
+    assert entry["spec"] == {"encoder": "simplecnn", "input_size": [32, 160], "encoder_weights": "none",
                              "decoder_filters": [8, 8, 4, 4, 4], "dense_units": None}
+    assert on_disk["models"]["seg4"]["spec"]["encoder"] == "mobilenetv2_035"
     assert entry["metrics"] == {"val_loss": 0.25, "val_dice_coef": 0.75, "epoch": 3, "bad": None}
     assert entry["training_seconds"] == 1.5 and entry["weights"] == "seg3.weights.h5"
     assert entry["params"] == tiny["seg3"].count_params() and len(entry["sha256"]) == 64

@@ -11,12 +11,14 @@ from steel.keras_env import keras, tf
 from steel import keras_metrics as km
 
 TINY_CLS = dict(encoder="mobilenetv2_035", input_size=(64, 320), encoder_weights="none", dense_units=(32, 16))
-TINY_SEG = dict(encoder="mobilenetv2_035", input_size=(64, 320), encoder_weights="none",
+TINY_SEG = dict(encoder="simplecnn", input_size=(64, 320), encoder_weights="none",
                 decoder_filters=(16, 8, 8, 4, 4))
+MOBILE_SEG = {**TINY_SEG, "encoder": "mobilenetv2_035"}
 
 
 def tiny(name: str) -> dict:
-    return TINY_SEG if models.is_segmenter(name) else TINY_CLS
+    """Tiny settings; seg1 uses the smallest real segmentation-models backbone, seg2..4 simplecnn."""
+    return MOBILE_SEG if name == "seg1" else TINY_SEG if models.is_segmenter(name) else TINY_CLS
 
 
 # ---------------------------------------------------------------- seed architectures
@@ -50,11 +52,24 @@ def test_tiny_models_shapes_and_no_lambda(name):
     assert np.all((out >= 0) & (out <= 1))
 
 
-def test_simplecnn_classifier_is_tiny():
+def test_simplecnn_models_are_tiny(tmp_path):
     model = models.build("multilabel", encoder="simplecnn", input_size=(32, 160), encoder_weights="none",
                          dense_units=(16,))
     assert model.count_params() < 30_000
     assert tuple(model.output_shape) == (None, 4)
+    unet = models.build("seg4", encoder="simplecnn", input_size=(32, 160), encoder_weights="none",
+                        decoder_filters=(16, 8, 8, 4, 4))
+    assert unet.count_params() < 150_000 and tuple(unet.output_shape) == (None, 32, 160, 1)
+    # the U-Net skip connections come from the encoder's blocks 5..2 (strides 16, 8, 4, 2)
+    assert [unet.get_layer(f"simplecnn_block{i}_relu").output.shape[1] for i in (5, 4, 3, 2)] == [2, 4, 8, 16]
+    # encoder weights from a file
+    encoder = models._simplecnn_backbone(input_shape=(32, 160, 3))
+    encoder.set_weights([w + 1.0 for w in encoder.get_weights()])
+    encoder.save_weights(str(tmp_path / "enc.h5"))
+    loaded = models.build("seg4", encoder="simplecnn", input_size=(32, 160), encoder_weights=str(tmp_path / "enc.h5"),
+                          decoder_filters=(16, 8, 8, 4, 4))
+    np.testing.assert_array_equal(loaded.get_layer("simplecnn_top_conv").get_weights()[0],
+                                  encoder.get_layer("simplecnn_top_conv").get_weights()[0])
 
 
 def test_unknown_model_and_encoder_name_allowed_values():
@@ -62,13 +77,15 @@ def test_unknown_model_and_encoder_name_allowed_values():
         models.build("segX")
     with pytest.raises(ValueError, match="xception.*mobilenetv2_035"):
         models.build("binary", encoder="resnet999")
-    with pytest.raises(ValueError, match="efficientnetb1.*mobilenetv2"):
+    with pytest.raises(ValueError, match="efficientnetb1.*mobilenetv2.*simplecnn"):
         models.build("seg2", encoder="xception")  # segmentation-models has no xception U-Net
 
 
 def test_bad_sizes_and_misplaced_options():
     with pytest.raises(ValueError, match="divisible by 32"):
         models.build("seg1", **{**TINY_SEG, "input_size": (64, 300)})
+    with pytest.raises(ValueError, match="xception encoder needs"):
+        models.build("binary", encoder="xception", input_size=(64, 320), encoder_weights="none")
     with pytest.raises(ValueError, match="positive integers"):
         models.build("binary", **{**TINY_CLS, "input_size": (64,)})
     with pytest.raises(ValueError, match="5 values"):
@@ -99,7 +116,7 @@ def test_mixed_precision_output_is_float32():
     old = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        for name in ("binary", "seg1"):
+        for name in ("binary", "seg2"):
             model = models.build(name, **tiny(name))
             assert model.output.dtype == tf.float32
             assert model.layers[-2].compute_dtype == "float16"
@@ -244,7 +261,7 @@ def test_fit_under_distribution_strategy_history_columns():
                            dense_units=(8,))
         cls.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",
                     metrics=list(km.CLASSIFIER_METRICS))
-        seg = models.build("seg1", encoder="mobilenetv2_035", input_size=(32, 160), encoder_weights="none",
+        seg = models.build("seg1", encoder="simplecnn", input_size=(32, 160), encoder_weights="none",
                            decoder_filters=(8, 8, 4, 4, 4))
         seg.compile(optimizer=keras.optimizers.Adam(1e-3), loss=km.bce_dice_loss, metrics=[km.dice_coef])
     h1 = cls.fit(x, np.array([[1], [0], [1], [0]], np.float32), batch_size=2, epochs=1, verbose=0,
