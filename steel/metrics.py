@@ -9,6 +9,8 @@ whole test set (5,506 images x 4 classes) is a handful of numpy calls.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
@@ -141,58 +143,55 @@ def _pair_runs(df: pd.DataFrame, images: pd.Index, n_pairs: int, shape, name: st
         raise rle.RLEError(f"{name} EncodedPixels of {row.ImageId} class {row.ClassId} is invalid")
 
     parsed = _parse_many(strings)
-    if parsed is None:  # a character other than digits and spaces somewhere: find it for the message
+    if parsed is None:  # unusual spacing or characters: one string at a time, naming a bad one
+        parts = []
         for k in range(strings.size):
-            if not _plain(strings[k]):
+            try:
+                parts.append(rle._parse(strings[k]))
+            except rle.RLEError:
                 fail(k)
-    values, counts = parsed
+        values = np.concatenate(parts) if parts else np.empty(0, np.int64)
+        counts = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+    else:
+        values, counts = parsed
     odd = np.flatnonzero(counts % 2)
     if odd.size:
         fail(int(odd[0]))
     starts, lengths = values[0::2], values[1::2]
-    string_of_run = np.repeat(np.arange(strings.size), counts // 2)
-    run_pair = pair_of_string[string_of_run]
+    run_pair = np.repeat(pair_of_string, counts // 2)  # one string per pair: duplicates were refused
     # Written so that no sum can overflow (numpy's parser saturates values too big for int64).
     bad = (starts < 1) | (lengths < 1) | (lengths > n_pixels + 1 - starts)
-    bad[1:] |= (string_of_run[1:] == string_of_run[:-1]) & (starts[1:] - starts[:-1] < lengths[:-1])
+    bad[1:] |= (run_pair[1:] == run_pair[:-1]) & (starts[1:] - starts[:-1] < lengths[:-1])
     if bad.any():
-        fail(int(string_of_run[np.argmax(bad)]))
+        fail(int(np.searchsorted(np.cumsum(counts // 2), np.argmax(bad), side="right")))
     begin = run_pair * n_pixels + starts - 1
     area = np.bincount(run_pair, weights=lengths, minlength=n_pairs)
     return begin, begin + lengths, run_pair, area
 
 
-def _plain(s) -> bool:
-    return isinstance(s, str) and s.isascii() and all(ch.isdigit() or ch.isspace() for ch in s)
-
-
 def _parse_many(strings: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Every integer of many encodings in one pass: (values, number of tokens per string).
 
-    None if a string holds anything but ASCII digits and whitespace (the caller then finds it).
+    For encodings written the usual way (tokens separated by single spaces); None for anything else,
+    and the caller parses those one at a time.
     """
     if strings.size == 0:
         return np.empty(0, np.int64), np.empty(0, np.int64)
     if not all(isinstance(s, str) for s in strings):
         return None
     big = " ".join(strings)
-    try:
-        raw = np.frombuffer(big.encode("ascii"), dtype=np.uint8)
-    except UnicodeEncodeError:
+    if any(ch in big for ch in "\t\n\r\x0b\x0c"):
         return None
-    space = (raw == 32) | ((raw >= 9) & (raw <= 13))
-    digit = (raw >= 48) & (raw <= 57)
-    if not (space | digit).all():
-        return None
-    token_start = np.flatnonzero(digit & np.concatenate(([True], space[:-1])))
-    sizes = np.fromiter(map(len, strings), dtype=np.int64, count=strings.size)
-    offsets = np.cumsum(sizes + 1) - (sizes + 1)
-    owner = np.searchsorted(offsets, token_start, side="right") - 1
-    counts = np.bincount(owner, minlength=strings.size)
-    # Only digits and whitespace are left, which numpy's text parser reads exactly (values too big
-    # for int64 saturate, then fail the bounds check, and rle.validate names them).
-    values = np.fromstring(big, dtype=np.int64, sep=" ")
-    if values.size != token_start.size:  # pragma: no cover - defensive
+    # With single spaces only, a string has count(" ") + 1 tokens; extra spaces can only make that
+    # count bigger, so if the counts add up to the number of values parsed, every count is right.
+    counts = np.fromiter((s.count(" ") + 1 for s in strings), dtype=np.int64, count=strings.size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy warns (and stops) at anything it cannot parse
+        try:
+            values = np.fromstring(big, dtype=np.int64, sep=" ")
+        except (ValueError, DeprecationWarning):
+            return None
+    if values.size != counts.sum():
         return None
     return values, counts
 

@@ -60,10 +60,13 @@ def _parse(rle: str | float | None) -> np.ndarray:
     if not rle.strip():
         return np.empty(0, dtype=np.int64)
     if rle.isascii() and not rle.translate(_DIGITS_AND_SPACE):
-        # Only digits and whitespace: numpy's text parser reads it in one call, ~5x faster than split.
-        values = np.fromstring(rle, dtype=np.int64, sep=" ")
-        if not values.size or values.max() < _INT64_MAX:  # saturated: too big, say so below
-            return values
+        # Only digits and whitespace: numpy's text parser reads it in one call, ~5x faster than
+        # split. A number too big for int64 comes out saturated, and _runs rejects it.
+        return np.fromstring(rle, dtype=np.int64, sep=" ")
+    return _parse_tokens(rle)
+
+
+def _parse_tokens(rle: str) -> np.ndarray:
     tokens = rle.split()
     if not tokens:
         return np.empty(0, dtype=np.int64)
@@ -87,18 +90,22 @@ def _runs(rle, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     if values.size % 2:
         raise RLEError(f"RLE has an odd number of tokens ({values.size}); it must be 'start length' pairs")
     starts, lengths = values[0::2], values[1::2]
-    if starts.size == 0:
+    if not values.size:
         return starts, lengths
     n = int(shape[0]) * int(shape[1])
-    # One cheap test for the valid case (written so that no sum can overflow); the precise reason is
-    # worked out only on failure.
-    if (min(starts.min(), lengths.min()) < 1 or (lengths > n + 1 - starts).any()
-            or (starts[1:] - starts[:-1] < lengths[:-1]).any()):
-        _explain(starts, lengths, n, shape)
+    # A few cheap tests for the valid case; the precise reason is worked out only on failure. Once
+    # every number is at most n, no sum below can overflow.
+    if values.min() < 1 or values.max() > n:
+        _explain(rle, starts, lengths, n, shape)
+    ends = starts + lengths  # exclusive, 1-indexed
+    if int(ends[-1]) - 1 > n or (starts[1:] < ends[:-1]).any():
+        _explain(rle, starts, lengths, n, shape)
     return starts - 1, lengths
 
 
-def _explain(starts, lengths, n, shape) -> None:
+def _explain(rle, starts, lengths, n, shape) -> None:
+    if isinstance(rle, str) and max(starts.max(), lengths.max()) == _INT64_MAX:
+        _parse_tokens(rle)  # saturated by the fast parser: this names the token that is too large
     if (starts < 1).any():
         raise RLEError(f"RLE start {int(starts[starts < 1][0])} is not positive (pixels are 1-indexed)")
     if (lengths < 1).any():
@@ -136,20 +143,23 @@ def decode(rle, shape: tuple[int, int] = SHAPE) -> np.ndarray:
     mask = np.zeros((h, w), dtype=np.uint8)
     if not starts.size:
         return mask
-    ends = starts + lengths
-    first, last = int(starts[0]) // h, (int(ends[-1]) - 1) // h + 1  # columns the runs touch
+    first = int(starts[0]) // h
+    last = (int(starts[-1]) + int(lengths[-1]) - 1) // h + 1  # columns first..last-1 are touched
     n_set = int(lengths.sum())
     if n_set * _SCATTER_RATIO < (last - first) * h:
-        offsets = np.cumsum(lengths) - lengths  # where each run's pixels begin in the list of all
-        rows, cols = np.divmod(starts, h)[::-1]
-        if (rows + lengths <= h).all():  # no run wraps into the next column (the usual case)
-            base = rows * w + cols - offsets * w
-            index = np.repeat(base, lengths) + np.arange(n_set) * w
+        # Sparse (pits, thin cracks): pixel j of a run at (row, col) goes to (row + j) * w + col.
+        cols, rows = np.divmod(starts, h)
+        if int((rows + lengths).max()) <= h:  # no run wraps into the next column (the usual case)
+            offsets = np.cumsum(lengths) - lengths  # where each run's pixels begin among all
+            index = np.repeat((rows - offsets) * w + cols, lengths)
+            index += np.arange(0, n_set * w, w)
         else:
+            offsets = np.cumsum(lengths) - lengths
             flat = np.repeat(starts - offsets, lengths) + np.arange(n_set)  # column-major numbers
             index = (flat % h) * w + flat // h
         mask.reshape(-1)[index] = 1
         return mask
+    ends = starts + lengths
     fast = h % 8 == 0 and w % 8 == 0
     if fast:  # whole 8-column groups, so the block can be written as uint64 words below
         first, last = first // 8 * 8, -(-last // 8) * 8

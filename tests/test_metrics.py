@@ -169,6 +169,16 @@ def test_mean_dice_all_empty_and_flexible_input():
     assert metrics.mean_dice(pred, empty_truth, shape=SMALL)["mean_dice"] == 1.0
 
 
+def test_mean_dice_unusual_spacing_parses_the_same():
+    cols = ["ImageId", "ClassId", "EncodedPixels"]
+    truth = pd.DataFrame([("a", 1, "1 3 10 2"), ("b", 2, "5 5")], columns=cols)
+    plain = pd.DataFrame([("a", 1, "2 3 10 1"), ("b", 2, "4 2")], columns=cols)
+    expected = metrics.mean_dice(plain, truth, shape=SMALL)["per_pair"]["dice"].tolist()
+    for a, b in [("2  3 10 1", "4 2"), (" 2 3 10 1 ", "4\t2"), ("2 3\n10 1", "+4 2")]:
+        spaced = pd.DataFrame([("a", 1, a), ("b", 2, b)], columns=cols)
+        assert metrics.mean_dice(spaced, truth, shape=SMALL)["per_pair"]["dice"].tolist() == expected
+
+
 def test_mean_dice_errors():
     cols = ["ImageId", "ClassId", "EncodedPixels"]
     pred = pd.DataFrame([("a", 1, "1 2"), ("b", 2, "")], columns=cols)
