@@ -164,16 +164,55 @@ def _distributed(strategy, shard, batch_size: int, specs, shuffle_buffer: int | 
     return strategy.distribute_datasets_from_function(lambda _ctx: tf_ds)
 
 
+def _images_metric():
+    """Keras metric ``images``: samples seen this epoch, summed over all workers (checks the sharding)."""
+    from steel.keras_env import keras, tf
+
+    class Images(keras.metrics.Metric):
+        def __init__(self, name="images", **kwargs):
+            super().__init__(name=name, **kwargs)
+            self.count = self.add_weight(name="count", initializer="zeros", dtype=tf.float32)
+
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            self.count.assign_add(tf.cast(tf.shape(y_true)[0], tf.float32))
+
+        def result(self):
+            return tf.identity(self.count)
+
+    return Images()
+
+
+def _train_timer():
+    """Keras callback measuring the training part of an epoch (validation excluded)."""
+    from steel.keras_env import keras
+
+    class TrainTimer(keras.callbacks.Callback):
+        seconds = 0.0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._t0, self.seconds = time.time(), 0.0
+
+        def on_test_begin(self, logs=None):
+            if not self.seconds:
+                self.seconds = time.time() - self._t0
+
+        def on_epoch_end(self, epoch, logs=None):
+            if not self.seconds:
+                self.seconds = time.time() - self._t0
+
+    return TrainTimer()
+
+
 def _compile(model, name: str, lr_schedule, seg_loss: str):
     from steel import keras_metrics as km
     from steel.keras_env import keras
 
     if name.startswith("seg"):
         loss = km.segmenter_loss(seg_loss)
-        metrics = [km.dice_coef]
+        metrics = [km.dice_coef, _images_metric()]
     else:
         loss = "binary_crossentropy"
-        metrics = ["accuracy", km.precision_m, km.recall_m, km.f1_m]
+        metrics = ["accuracy", km.precision_m, km.recall_m, km.f1_m, _images_metric()]
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr_schedule), loss=loss, metrics=metrics)
 
 
@@ -262,13 +301,16 @@ def train_loop(config: dict) -> None:
         if val_shard is not None:
             kwargs = dict(validation_data=_distributed(strategy, val_shard, batch, specs, None),
                           validation_steps=val_steps)
+        timer = _train_timer()
         fit = model.fit(train_ds, epochs=epoch, initial_epoch=epoch - 1, steps_per_epoch=steps,
-                        verbose=0, **kwargs)
+                        verbose=0, callbacks=[timer], **kwargs)
         seconds = time.time() - t0
         metrics = {k: float(v[-1]) for k, v in fit.history.items()}
         metrics.update(epoch=epoch, seconds=round(seconds, 3),
                        lr=float(schedule(model.optimizer.iterations - 1)),
-                       images_per_s_per_worker=round(steps * batch / seconds, 3))
+                       train_seconds=round(timer.seconds, 3),
+                       images_per_s_per_worker=round(metrics.get("images", steps * batch * world) / world
+                                                     / max(timer.seconds, 1e-9), 3))
         improved = _is_better(metrics.get(monitor), best)
         if improved:
             best, best_epoch = metrics[monitor], epoch

@@ -1,0 +1,194 @@
+"""steel.training: unit pieces (no Ray) and tiny end-to-end Ray Train runs (2 CPU workers)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from steel.config import config_from_dict
+from tests.test_train_data import make_tiny_dataset
+
+TINY_CLASSIFIER = {"encoder": "simplecnn", "input_size": [32, 160], "encoder_weights": "none",
+                   "dense_units": [16, 8, 8]}
+TINY_SEGMENTER = {"encoder": "mobilenetv2", "input_size": [64, 320], "encoder_weights": "none",
+                  "decoder_filters": [16, 8, 8, 4, 4]}
+
+
+def tiny_config(root, out, **train) -> "object":
+    """Config for the tiny dataset at ``root``; checkpoints and bundle under ``out`` (path or s3:// URI)."""
+    base = {"output": f"{out}/ckpt", "epochs": 1, "per_worker_batch": 4, "num_workers": 2,
+            "cpus_per_worker": 1, "max_failures": 0, "classifier": TINY_CLASSIFIER,
+            "segmenter": TINY_SEGMENTER}
+    base.update(train)
+    return config_from_dict({"name": "tiny", "data": {"root": str(root)}, "bundle": f"{out}/bundle",
+                             "train": base})
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+# ---------------------------------------------------------------------------------------------
+#  Unit tests
+
+
+def test_linear_scaling_and_warmup():
+    from steel.training import scaled_lr, warmup_schedule
+
+    assert scaled_lr(1e-4, per_worker_batch=16, num_workers=4, base_batch=8) == pytest.approx(8e-4)
+    sched = warmup_schedule(8e-4, warmup_steps=4)
+    assert [round(float(sched(s)), 8) for s in range(6)] == [2e-4, 4e-4, 6e-4, 8e-4, 8e-4, 8e-4]
+    assert float(warmup_schedule(1e-3, 0)(0)) == pytest.approx(1e-3)
+
+
+def test_plan_gives_equal_steps_per_worker(tiny_root):
+    from steel.training import plan
+
+    cfg = tiny_config(tiny_root, "/tmp/unused", per_worker_batch=4, num_workers=2)
+    p = plan("binary", {"train": 17, "val": 5}, cfg.train)
+    # streaming_split(equal=True): 8 rows per worker -> 2 batches of 4; val 2 rows each -> 1 step.
+    assert (p["steps_per_epoch"], p["val_steps"], p["split_val"], p["images_per_epoch"]) == (2, 1, True, 16)
+    p = plan("seg2", {"train": 9, "val": 1}, cfg.train)  # one val image for two workers: not split
+    assert (p["steps_per_epoch"], p["val_steps"], p["split_val"]) == (1, 1, False)
+    capped = tiny_config(tiny_root, "/tmp/unused", max_steps_per_epoch=1)
+    assert plan("binary", {"train": 100, "val": 10}, capped.train)["train_rows"] == 8
+    with pytest.raises(ValueError, match="at least one image per worker"):
+        plan("seg4", {"train": 1, "val": 0}, cfg.train)
+
+
+def test_parse_fault():
+    from steel.training import parse_fault
+
+    assert parse_fault(None) is None
+    assert parse_fault("epoch=2,rank=1,marker=/tmp/m") == {"epoch": "2", "rank": "1", "marker": "/tmp/m"}
+    with pytest.raises(ValueError, match="needs epoch"):
+        parse_fault("rank=1")
+    with pytest.raises(ValueError, match="expected"):
+        parse_fault("epoch=1,rank=0,when=now")
+
+
+def test_write_history_csv_png_tensorboard(tmp_path):
+    import pandas as pd
+
+    from steel.training import write_history
+
+    history = [{"epoch": e, "loss": 1.0 / e, "f1_m": 0.2 * e, "val_loss": 1.2 / e, "val_f1_m": 0.15 * e,
+                "seconds": 1.0} for e in (2, 1, 3)]
+    files = write_history(str(tmp_path / "bundle"), "binary", history)
+    frame = pd.read_csv(files["csv"])
+    assert frame["epoch"].tolist() == [1, 2, 3] and "val_f1_m" in frame
+    assert (tmp_path / "bundle/history/binary.png").read_bytes()[:4] == b"\x89PNG"
+    events = list((tmp_path / "bundle/logs/binary").rglob("events.out.tfevents.*"))
+    assert {p.parent.name for p in events} == {"train", "val"}
+    # A second write replaces the logs instead of adding a second set of event files.
+    write_history(str(tmp_path / "bundle"), "binary", history)
+    assert len(list((tmp_path / "bundle/logs/binary").rglob("events.out.tfevents.*"))) == 2
+
+
+def test_train_key_tracks_config_and_data(tiny_root):
+    from steel.training import train_key
+
+    cfg = tiny_config(tiny_root, "/tmp/unused")
+    key = train_key("binary", cfg, "fp1")
+    assert key == train_key("binary", tiny_config(tiny_root, "/tmp/other"), "fp1")  # output path irrelevant
+    assert key != train_key("binary", cfg, "fp2")
+    assert key != train_key("binary", tiny_config(tiny_root, "/tmp/unused", epochs=3), "fp1")
+    assert key != train_key("multilabel", cfg, "fp1")
+
+
+# ---------------------------------------------------------------------------------------------
+#  Ray Train runs
+
+
+def _epochs(result) -> list[int]:
+    return [h["epoch"] for h in result["history"]]
+
+
+@pytest.mark.slow
+def test_trains_all_six_into_a_loadable_bundle(tiny_root, tmp_path, ray_local):
+    from steel import bundle
+    from steel.training import load_trained, train_models
+
+    cfg = tiny_config(tiny_root, tmp_path, epochs=1)
+    results = train_models(cfg)
+    assert set(results) == {"binary", "multilabel", "seg1", "seg2", "seg3", "seg4"}
+    loaded = bundle.load_bundle(cfg.bundle)
+    assert set(loaded.models) == set(results)
+    rng = np.random.default_rng(0)
+    for name, r in results.items():
+        assert r["status"] == "trained" and _epochs(r) == [1] and r["best_epoch"] == 1
+        row = r["history"][0]
+        monitor = "val_dice_coef" if name.startswith("seg") else "val_f1_m"
+        assert r["monitor"] == monitor and np.isfinite(row["loss"]) and monitor in row
+        # Every worker used its whole batch: images seen = rows per worker x workers.
+        n_train = int(row["images"])
+        assert n_train >= 2 and n_train % 2 == 0
+        manifest_entry = loaded.manifest["models"][name]
+        assert manifest_entry["metrics"]["best_epoch"] == 1
+        assert (tmp_path / "bundle" / "history" / f"{name}.csv").exists()
+        assert (tmp_path / "bundle" / "history" / f"{name}.png").exists()
+        assert list((tmp_path / "bundle" / "logs" / name).rglob("events.out.tfevents.*"))
+        # The bundle's model predicts exactly what the checkpoint's best weights predict.
+        trained, _ = load_trained(name, r["checkpoint"], cfg.train)
+        h, w = loaded.input_sizes[name]
+        x = rng.random((2, h, w, 3), dtype=np.float32)
+        np.testing.assert_allclose(loaded.models[name].predict(x, verbose=0), trained.predict(x, verbose=0),
+                                   rtol=1e-5, atol=1e-6)
+    # binary trains on all 16-17 training images: both workers' full batches are used.
+    from steel.train_data import split_sizes
+    from steel.training import load_splits
+
+    splits, _ = load_splits(cfg)
+    n = split_sizes(splits, "binary")["train"]
+    assert results["binary"]["history"][0]["images"] == (n // 2) * 2
+
+    # Same command again: every model is already in the bundle with the same config and data.
+    again = train_models(cfg, ["binary", "seg3"])
+    assert {r["status"] for r in again.values()} == {"skipped"}
+
+
+@pytest.mark.slow
+def test_worker_failure_recovers_from_checkpoint(tiny_root, tmp_path, ray_local, monkeypatch):
+    from steel.training import FAULT_ENV, train_models
+
+    marker = tmp_path / "failed-once"
+    monkeypatch.setenv(FAULT_ENV, f"epoch=2,rank=1,marker={marker}")
+    cfg = tiny_config(tiny_root, tmp_path, epochs=3, max_failures=2)
+    r = train_models(cfg, ["binary"])["binary"]
+    assert marker.exists()  # the failure did happen
+    assert _epochs(r) == [1, 2, 3]  # resumed after epoch 1: no epoch lost or repeated
+    ckpts = sorted(p.name for p in (tmp_path / "ckpt" / "binary").glob("epoch_*"))
+    assert ckpts == ["epoch_0002", "epoch_0003"]  # num_to_keep=2
+
+
+@pytest.mark.slow
+def test_crash_then_rerun_continues_on_s3(tiny_root, tmp_path, ray_local, s3_bucket, monkeypatch):
+    """max_failures=0: the first run dies after epoch 1; the same command again starts at epoch 2."""
+    import boto3
+
+    from steel import bundle, storage
+    from steel.training import FAULT_ENV, train_models
+
+    out = f"s3://{s3_bucket}/run"
+    cfg = tiny_config(tiny_root, out, epochs=2, max_failures=0)
+    monkeypatch.setenv(FAULT_ENV, f"epoch=2,rank=0,marker={tmp_path / 'crashed'}")
+    with pytest.raises(Exception, match="injected failure"):
+        train_models(cfg, ["multilabel"])
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert any(k.startswith("run/ckpt/multilabel/epoch_0001/") for k in keys)
+    first = json.loads(storage.read_text(f"{out}/ckpt/multilabel/epoch_0001/state.json"))
+    assert first["epoch"] == 1 and not storage.exists(f"{out}/bundle/manifest.json")
+
+    r = train_models(cfg, ["multilabel"])["multilabel"]  # the marker exists: no failure this time
+    assert _epochs(r) == [1, 2]
+    assert r["history"][0] == first["history"][0]  # epoch 1 came from the checkpoint, not re-trained
+    loaded = bundle.load_bundle(f"{out}/bundle")
+    assert set(loaded.models) == {"multilabel"}
+    assert storage.exists(f"{out}/bundle/history/multilabel.csv")
+    assert any(k.startswith("run/bundle/logs/multilabel/") for k in
+               (o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]))
+    assert os.path.exists(tmp_path / "crashed")
