@@ -1,0 +1,199 @@
+"""The whole product in one command: data -> split -> train -> tune -> score -> evaluate -> report.
+
+Each stage checks whether its outputs already exist and are valid for this config, and skips its work
+if so; a pipeline killed at any point and run again continues where it stopped (training resumes
+from Ray Train checkpoints, scoring from finished shards). Every stage prints one summary line naming
+where its outputs are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+from steel import storage
+from steel.config import Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    name: str
+    skipped: bool
+    seconds: float
+    summary: str
+    outputs: dict = field(default_factory=dict)
+
+
+def _say(result: StageResult) -> None:
+    state = "skipped (already done)" if result.skipped else f"done in {result.seconds:.0f}s"
+    print(f"[{result.name:>8}] {state}: {result.summary}", flush=True)
+
+
+class Pipeline:
+    """Runs the stages of one config; ``run()`` returns the final summary dict."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.results: list[StageResult] = []
+        self.state: dict = {}
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _stage(self, name, fn):
+        t0 = time.time()
+        skipped, summary, outputs = fn()
+        result = StageResult(name, skipped, time.time() - t0, summary, outputs)
+        self.results.append(result)
+        _say(result)
+        return result
+
+    @property
+    def truth_uri(self) -> str | None:
+        uri = self.cfg.data.path("test_truth")
+        return uri if storage.exists(uri) else None
+
+    # -- stages -------------------------------------------------------------------------------
+    def data(self):
+        cfg = self.cfg.data
+        csv, images = cfg.path("train_csv"), cfg.path("train_images")
+        if storage.exists(csv) and storage.list_files(images)[:1]:
+            n = len(storage.list_files(images))
+            return True, f"{n} training images in {cfg.root}", {"root": cfg.root}
+        if cfg.synth is None:
+            raise FileNotFoundError(
+                f"no dataset at {cfg.root} (need {csv} and {images}/); point data.root at the Kaggle "
+                "files, or set data.synth to generate a synthetic set"
+            )
+        from steel import synth
+
+        summary = synth.generate(cfg.root, images=cfg.synth.images, test_images=cfg.synth.test_images,
+                                 seed=cfg.synth.seed)
+        return False, f"synthesised {cfg.synth.images} train + {cfg.synth.test_images} test images into {cfg.root}", {
+            "root": cfg.root, "synth": summary}
+
+    def split(self):
+        from steel import dataset
+
+        cfg = self.cfg.data
+        report = storage.join(self.cfg.report, "skipped_labels.csv") if cfg.skip_bad else None
+        wide = dataset.load_labels(cfg.path("train_csv"), images=cfg.path("train_images"),
+                                   skip_bad=cfg.skip_bad, report_uri=report)
+        splits = dataset.split(wide, seed=cfg.seed)
+        fp = dataset.fingerprint(splits)
+        self.state["splits"] = splits
+        counts = {k: len(v) for k, v in splits.items()}
+        return False, (f"train {counts['train']} / val {counts['val']} / test {counts['test']} images "
+                       f"(fingerprint {fp[:12]})"), {"counts": counts, "fingerprint": fp}
+
+    def train(self):
+        from steel import training
+
+        results = training.train_models(self.cfg)
+        trained = [m for m, r in results.items() if not _was_skipped(r)]
+        skipped = len(trained) == 0
+        summary = (f"{len(results)} models in bundle {self.cfg.bundle}"
+                   + (f" (trained: {', '.join(trained)})" if trained else ""))
+        return skipped, summary, {"bundle": self.cfg.bundle, "models": list(results)}
+
+    def tune(self):
+        from steel import bundle as bundle_lib
+
+        existing = bundle_lib.read_thresholds(self.cfg.bundle)
+        if not self.cfg.tune.enabled:
+            return True, "disabled in config (default thresholds)", {}
+        if existing and existing.get("validation", {}).get("fingerprint") == self._bundle_stamp():
+            v = existing["validation"]
+            return True, (f"validation mean Dice {v.get('before', float('nan')):.4f} -> "
+                          f"{v.get('after', float('nan')):.4f}; {storage.join(self.cfg.bundle, 'thresholds.json')}"), {}
+        from steel import tuning
+
+        result = tuning.tune(self.cfg, bundle_uri=self.cfg.bundle, stamp=self._bundle_stamp())
+        return False, (f"validation mean Dice {result['before']:.4f} -> {result['after']:.4f}; "
+                       f"{storage.join(self.cfg.bundle, 'thresholds.json')}"), result
+
+    def score(self):
+        from steel import scoring
+
+        images = self.cfg.score.images or self.cfg.data.path("test_images")
+        summary = scoring.score(self.cfg.bundle, images, self.cfg.score.out, self.cfg.score)
+        new = summary.get("shards_written", 0)
+        return new == 0, (f"{summary['images_in']} images: {summary['scored']} scored, {summary['errors']} errors "
+                          f"-> {self.cfg.score.out}"), summary
+
+    def evaluate(self):
+        truth = self.truth_uri
+        if truth is None:
+            return True, "no truth for the scored images: evaluation skipped", {}
+        from steel import eval_report, merge
+        from steel.evaluate import evaluate
+
+        submission = storage.join(self.cfg.report, "submission.csv")
+        merge.merge(self.cfg.score.out, submission)
+        result = evaluate(submission, truth)
+        baseline, baseline_per_class = _all_empty_baseline(result)
+        report = eval_report.write_report(result["pred"], result["truth"],
+                                          self.cfg.score.images or self.cfg.data.path("test_images"),
+                                          storage.join(self.cfg.report, "evaluation"))
+        out = {"mean_dice": result["mean_dice"], "per_class": result["per_class"],
+               "baseline_all_empty": baseline,
+               "baseline_per_class": baseline_per_class, "n_images": result["n_images"], "report": report}
+        self.state["evaluation"] = out
+        return False, (f"held-out mean Dice {result['mean_dice']:.4f} vs all-empty baseline {baseline:.4f} "
+                       f"on {result['n_images']} images"), out
+
+    def _bundle_stamp(self) -> str:
+        """Identifies the trained bundle, so thresholds tuned for an older bundle are redone."""
+        manifest = json.loads(storage.read_text(storage.join(self.cfg.bundle, "manifest.json")))
+        models = manifest.get("models", {})
+        return json.dumps({m: models[m].get("created_at", models[m].get("trained_at")) for m in sorted(models)},
+                          sort_keys=True)
+
+    # -- driver -------------------------------------------------------------------------------
+    def run(self) -> dict:
+        t0 = time.time()
+        self._stage("data", self.data)
+        self._stage("split", self.split)
+        self._stage("train", self.train)
+        self._stage("tune", self.tune)
+        self._stage("score", self.score)
+        self._stage("evaluate", self.evaluate)
+        from steel import pipeline_report
+
+        path = pipeline_report.write(self.cfg, self.results, self.state)
+        total = time.time() - t0
+        print(f"[  report] {path}", flush=True)
+        ev = self.state.get("evaluation")
+        if ev:
+            print(f"\nmean Dice on {ev['n_images']} held-out images: model {ev['mean_dice']:.4f}, "
+                  f"all-empty baseline {ev['baseline_all_empty']:.4f}  ({total / 60:.1f} min)", flush=True)
+        return {"stages": [r.__dict__ for r in self.results], "evaluation": ev, "report": path,
+                "seconds": total}
+
+
+def _was_skipped(result) -> bool:
+    if isinstance(result, dict):
+        return bool(result.get("skipped"))
+    return bool(getattr(result, "skipped", False))
+
+
+def _all_empty_baseline(result: dict) -> tuple[float, dict]:
+    """Mean Dice (overall, per class) of predicting no defect anywhere, for the same pairs.
+
+    An empty prediction scores 1 on a pair whose truth is empty and 0 otherwise.
+    """
+    pairs = result["per_pair"][["ImageId", "ClassId"]]
+    truth = result["truth"]
+    defect = truth[truth["EncodedPixels"] != ""][["ImageId", "ClassId"]].assign(_defect=1)
+    merged = pairs.merge(defect, on=["ImageId", "ClassId"], how="left")
+    empty = merged["_defect"].isna()
+    per_class = {str(k): float(empty[merged["ClassId"] == k].mean()) for k in (1, 2, 3, 4)}
+    return float(empty.mean()), per_class
+
+
+def run_pipeline(cfg: Config) -> dict:
+    if cfg.storage_endpoint:
+        storage.set_endpoint(cfg.storage_endpoint)
+    return Pipeline(cfg).run()

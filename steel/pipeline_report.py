@@ -1,0 +1,115 @@
+"""The pipeline's final report: one Markdown page tying together every stage's outputs.
+
+Plots made by the stages (training curves in the bundle, threshold curves from tuning, confusion
+matrices and overlays from the evaluation) are copied next to ``report.md`` so the folder is
+self-contained, plus a per-class Dice chart of the model against the all-empty baseline.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+from steel import storage
+from steel.config import Config
+
+
+def _copy_pngs(src_dir: str, dst_dir: str, prefix: str) -> list[str]:
+    """Copy the PNGs of a folder (if any) into the report; returns their names in the report."""
+    names = []
+    try:
+        files = storage.list_files(src_dir, suffixes=[".png"])
+    except FileNotFoundError:
+        return names
+    for uri in files:
+        name = f"{prefix}{storage.basename(uri)}"
+        if storage.join(src_dir, storage.basename(uri)) != storage.join(dst_dir, name):
+            storage.write_bytes(storage.join(dst_dir, name), storage.read_bytes(uri))
+        names.append(name)
+    return names
+
+
+def _dice_chart(evaluation: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    classes = ["1", "2", "3", "4"]
+    model = [evaluation["per_class"][k] for k in classes]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = np.arange(len(classes))
+    ax.bar(x - 0.2, model, 0.4, label="model", color="#1f77b4")
+    base = evaluation.get("baseline_per_class")
+    if base:
+        ax.bar(x + 0.2, [base[k] for k in classes], 0.4, label="all-empty", color="#bbbbbb")
+    ax.axhline(evaluation["mean_dice"], color="#1f77b4", ls="--", lw=1,
+               label=f"model mean {evaluation['mean_dice']:.3f}")
+    ax.axhline(evaluation["baseline_all_empty"], color="#777777", ls=":", lw=1,
+               label=f"all-empty mean {evaluation['baseline_all_empty']:.3f}")
+    ax.set_xticks(x, [f"class {k}" for k in classes])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("mean Dice")
+    ax.set_title("Held-out mean Dice per class")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write(cfg: Config, results: list, state: dict) -> str:
+    out = cfg.report
+    storage.makedirs(out)
+    lines = [f"# Pipeline report: {cfg.name}", ""]
+    lines += ["| stage | status | seconds | summary |", "|---|---|---:|---|"]
+    for r in results:
+        lines.append(f"| {r.name} | {'skipped' if r.skipped else 'ran'} | {r.seconds:.0f} | {r.summary} |")
+    lines.append("")
+
+    ev = state.get("evaluation")
+    if ev:
+        lines += ["## Held-out evaluation", "",
+                  f"Mean Dice **{ev['mean_dice']:.4f}** on {ev['n_images']} images "
+                  f"(all-empty baseline {ev['baseline_all_empty']:.4f}).", "",
+                  "| class | Dice |", "|---|---:|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in ev["per_class"].items()]
+        storage.write_bytes(storage.join(out, "dice_per_class.png"), _dice_chart(ev))
+        lines += ["", "![Dice per class](dice_per_class.png)", ""]
+        eval_dir = storage.join(out, "evaluation")
+        if storage.exists(storage.join(eval_dir, "report.md")):
+            lines += ["Confusion matrices, classification report and best/worst overlays: "
+                      "[evaluation/report.md](evaluation/report.md)", ""]
+            for name in _copy_pngs(eval_dir, eval_dir, ""):
+                lines.append(f"![{name}](evaluation/{name})")
+            lines.append("")
+
+    thresholds = None
+    try:
+        thresholds = json.loads(storage.read_text(storage.join(cfg.bundle, "thresholds.json")))
+    except FileNotFoundError:
+        pass
+    if thresholds:
+        lines += ["## Thresholds", "", "```json", json.dumps(thresholds, indent=2), "```", ""]
+        for sub in ("tuning", "thresholds"):
+            for name in _copy_pngs(storage.join(cfg.bundle, sub), out, "tuning_"):
+                lines.append(f"![{name}]({name})")
+        lines.append("")
+
+    curves = _copy_pngs(storage.join(cfg.bundle, "history"), out, "training_")
+    if curves:
+        lines += ["## Training curves", ""]
+        lines += [f"![{name}]({name})" for name in curves]
+        lines.append("")
+    try:
+        manifest = json.loads(storage.read_text(storage.join(cfg.bundle, "manifest.json")))
+        lines += ["## Bundle", "", f"`{cfg.bundle}`", "", "```json",
+                  json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=2, default=str)[:6000],
+                  "```", ""]
+    except FileNotFoundError:
+        pass
+    path = storage.join(out, "report.md")
+    storage.write_text(path, "\n".join(lines))
+    return path
