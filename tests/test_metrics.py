@@ -124,8 +124,9 @@ def test_dice_rle_matches_decoded_dice(shape, data):
 # mean_dice
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_mean_dice_matches_decode_reference(seed):
+@pytest.mark.parametrize("seed, block", [(0, 2048), (1, 2048), (2, 4), (3, 7)])
+def test_mean_dice_matches_decode_reference(seed, block, monkeypatch):
+    monkeypatch.setattr(metrics, "_BLOCK_PAIRS", block)  # pairs scored a block at a time
     pred, truth = random_frames(seed, n_images=25, shape=SMALL)
     result = metrics.mean_dice(pred, truth, shape=SMALL)
     ref = ref_mean_dice(pred, truth, SMALL)
@@ -179,7 +180,7 @@ def test_mean_dice_unusual_spacing_parses_the_same():
         assert metrics.mean_dice(spaced, truth, shape=SMALL)["per_pair"]["dice"].tolist() == expected
 
 
-def test_mean_dice_errors():
+def test_mean_dice_errors(monkeypatch):
     cols = ["ImageId", "ClassId", "EncodedPixels"]
     pred = pd.DataFrame([("a", 1, "1 2"), ("b", 2, "")], columns=cols)
     truth = pd.DataFrame([("a", 1, "1 3")], columns=cols)
@@ -203,6 +204,7 @@ def test_mean_dice_errors():
         "1 x": "not an integer", "380 10": "past the image", "-1 3": "not positive", "1 ²": "not an integer",
         "1 99999999999999999999999": "too large", "9223372036854775806 9223372036854775806": "past",
     }
+    monkeypatch.setattr(metrics, "_BLOCK_PAIRS", 4)  # the bad row is in the second block
     for encoded, reason in bad_rles.items():
         bad = pd.DataFrame([("a", 1, "1 2"), ("b", 3, encoded)], columns=cols)
         with pytest.raises(rle.RLEError, match=f"pred EncodedPixels of b class 3: .*{reason}"):
