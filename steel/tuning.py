@@ -16,9 +16,10 @@ few vector operations over images:
                = 1 if |Y| == 0 else 0     otherwise (empty prediction)
 
 averaged over **all** (image, class) pairs (empty/empty = 1), as the competition metric.
-Coordinate ascent over grids of t_bin, then per class t_k, p_k, min_area_k, for several rounds; a
-value only changes when a candidate scores strictly higher, so the result never scores below the
-starting thresholds on the cached predictions. :func:`tune` wires it to a config and a bundle:
+Coordinate ascent over grids, for several rounds: t_bin (each candidate scored with every class's
+(t_k, p_k) re-chosen for it), then per class (t_k, p_k) jointly and min_area_k. A value only changes
+when a candidate scores strictly higher, so the result never scores below the starting thresholds
+on the cached predictions. :func:`tune` wires it to a config and a bundle:
 writes ``thresholds.json`` (with before/after scores) and ``tuning/*.png`` plots of Dice against each
 threshold, and (optionally) the full-resolution Dice of the tuned cascade on the same images.
 """
@@ -285,6 +286,29 @@ class Evaluator:
         denom = np.where(keep, area + truth, 1.0)
         return np.where(keep, 2.0 * inter / denom, (truth == 0).astype(np.float64))
 
+    def prob_curve(self, k: int, t_bin: float, pixel: float, min_area: float, max_area: float,
+                   probs: Sequence[float]) -> np.ndarray:
+        """Mean class-k Dice for every multilabel threshold in ``probs`` at once (others fixed).
+
+        An image's Dice is ``pos`` if it passes every gate and ``neg`` (empty prediction) if not; the
+        multilabel gate passes the images with ``p_k >= prob``, so the mean for each ``prob`` is
+        ``mean(neg) + sum(pos - neg over passing images) / N``: one sort and a cumulative sum.
+        """
+        c = self.cache
+        j = k - 1
+        row = self._row(k, pixel)
+        area, inter = self._count[k][row], self._inter[k][row]
+        truth = c.truth_area[:, j].astype(np.float64)
+        neg = (truth == 0).astype(np.float64)
+        other = (c.p_defect >= t_bin) & (area > 0) & (area >= min_area) & (area <= max_area)
+        pos = 2.0 * inter / np.where(other, area + truth, 1.0)
+        gain = np.where(other, pos - neg, 0.0)
+        p = c.p_class[:, j]  # float32: thresholds compare in float32, as class_dice does
+        order = np.argsort(p, kind="stable")
+        tail = np.concatenate([np.cumsum(gain[order][::-1])[::-1], [0.0]])  # tail[i] = sum of gain[order[i:]]
+        first = np.searchsorted(p[order], np.asarray(probs, dtype=np.float32), side="left")
+        return (neg.sum() + tail[first]) / max(self.n, 1)
+
     def per_class(self, th: dict) -> dict[int, float]:
         out = {}
         for k in CLASSES:
@@ -321,6 +345,11 @@ def search(cache: PredictionCache, start: dict, grids: Grids | None = None, roun
            evaluator: Evaluator | None = None) -> dict:
     """Coordinate ascent from ``start`` thresholds; never returns a lower cached score than ``start``.
 
+    Each round: (1) t_bin, scoring every candidate with each class's (t_k, p_k) re-chosen jointly
+    for it (a gate threshold is only useful together with the thresholds behind it); (2) per class,
+    (t_k, p_k) jointly, then min_area_k. A value changes only if the score rises strictly.
+    Stops after ``rounds`` or a round without change.
+
     Returns ``{"thresholds", "before", "after", "per_class_before", "per_class_after", "rounds",
     "steps", "evaluator"}``; ``steps`` lists every accepted change (param, old, new, score).
     """
@@ -329,52 +358,90 @@ def search(cache: PredictionCache, start: dict, grids: Grids | None = None, roun
     ev = evaluator or Evaluator(cache, sorted(set(grids.pixel) | {th["classes"][str(k)]["pixel"] for k in CLASSES}))
     before_per_class = ev.per_class(th)
     per_class = dict(before_per_class)
-    best = float(np.mean(list(per_class.values())))
-    before = best
+    before = float(np.mean(list(per_class.values())))
+    best = before
     steps: list[dict] = []
+
+    def joint(k: int, t_bin: float, ck: dict) -> tuple[float, float, float]:
+        """Best (score, prob, pixel) of class k at ``t_bin``; the current pair unless one is strictly better."""
+        probs = _candidates(grids.prob, ck["prob"])
+        here = ev.prob_curve(k, t_bin, ck["pixel"], ck["min_area"], ck["max_area"], [ck["prob"]])[0]
+        top = (float(here), ck["prob"], ck["pixel"])
+        for pixel in _candidates(grids.pixel, ck["pixel"]):
+            curve = ev.prob_curve(k, t_bin, pixel, ck["min_area"], ck["max_area"], probs)
+            i = int(np.argmax(curve))
+            if curve[i] > top[0] + 1e-12:
+                top = (float(curve[i]), probs[i], pixel)
+        return top
+
+    def set_class(th: dict, k: int, **values) -> dict:
+        return {**th, "classes": {**th["classes"], str(k): {**th["classes"][str(k)], **values}}}
+
     done_rounds = 0
     for r in range(rounds):
         done_rounds = r + 1
         changed = False
-        # t_bin affects every class.
+        # (1) t_bin, with each class's (prob, pixel) re-chosen for every candidate.
+        choice = None
         for value in _candidates(grids.binary, th["binary"]):
             if value == th["binary"]:
                 continue
-            trial = {**th, "binary": value}
-            pc = ev.per_class(trial)
-            s = float(np.mean(list(pc.values())))
-            if s > best + 1e-12:
-                steps.append({"round": r + 1, "param": "binary", "old": th["binary"], "new": value, "score": s})
-                th, best, per_class, changed = trial, s, pc, True
+            picks = {k: joint(k, value, th["classes"][str(k)]) for k in CLASSES}
+            s = float(np.mean([picks[k][0] for k in CLASSES]))
+            if s > best + 1e-12 and (choice is None or s > choice[1] + 1e-12):
+                choice = (value, s, picks)
+        if choice is not None:
+            value, s, picks = choice
+            steps.append({"round": r + 1, "param": "binary", "old": th["binary"], "new": value, "score": s})
+            th = {**th, "binary": value}
+            for k in CLASSES:
+                _, prob, pixel = picks[k]
+                old = th["classes"][str(k)]
+                for name, v in (("prob", prob), ("pixel", pixel)):
+                    if v != old[name]:
+                        steps.append({"round": r + 1, "param": f"classes.{k}.{name}", "old": old[name], "new": v,
+                                      "score": s})
+                th = set_class(th, k, prob=prob, pixel=pixel)
+                per_class[k] = picks[k][0]
+            best, changed = s, True
+        # (2) per class: (prob, pixel) jointly, then min_area.
         for k in CLASSES:
             ck = th["classes"][str(k)]
-            for param, grid in (("prob", grids.prob), ("pixel", grids.pixel), ("min_area", grids.min_area)):
-                values = _candidates(grid, ck[param])
-                if param == "min_area":
-                    values = [int(v) for v in values if v <= ck["max_area"]]
-                best_v, best_k = ck[param], per_class[k]
-                for value in values:
-                    if value == ck[param]:
-                        continue
-                    trial = {**ck, param: value}
-                    d = float(ev.class_dice(k, th["binary"], trial["prob"], trial["pixel"], trial["min_area"],
-                                            trial["max_area"]).mean())
-                    if d > best_k + 1e-12:
-                        best_v, best_k = value, d
-                if best_v != ck[param]:
-                    old = ck[param]
-                    ck = {**ck, param: best_v}
-                    th = {**th, "classes": {**th["classes"], str(k): ck}}
-                    per_class = {**per_class, k: best_k}
-                    best = float(np.mean(list(per_class.values())))
-                    steps.append({"round": r + 1, "param": f"classes.{k}.{param}", "old": old, "new": best_v,
-                                  "score": best})
-                    changed = True
+            score_k, prob, pixel = joint(k, th["binary"], ck)
+            if score_k > per_class[k] + 1e-12:
+                for name, v in (("prob", prob), ("pixel", pixel)):
+                    if v != ck[name]:
+                        steps.append({"round": r + 1, "param": f"classes.{k}.{name}", "old": ck[name], "new": v,
+                                      "score": best + (score_k - per_class[k]) / len(CLASSES)})
+                th = set_class(th, k, prob=prob, pixel=pixel)
+                per_class[k] = score_k
+                best = float(np.mean(list(per_class.values())))
+                changed = True
+            ck = th["classes"][str(k)]
+            best_v, best_k = ck["min_area"], per_class[k]
+            for value in _candidates(grids.min_area, ck["min_area"]):
+                value = int(value)
+                if value == ck["min_area"] or value > ck["max_area"]:
+                    continue
+                d = float(ev.class_dice(k, th["binary"], ck["prob"], ck["pixel"], value, ck["max_area"]).mean())
+                if d > best_k + 1e-12:
+                    best_v, best_k = value, d
+            if best_v != ck["min_area"]:
+                th = set_class(th, k, min_area=best_v)
+                per_class[k] = best_k
+                best = float(np.mean(list(per_class.values())))
+                steps.append({"round": r + 1, "param": f"classes.{k}.min_area", "old": ck["min_area"],
+                              "new": best_v, "score": best})
+                changed = True
         if not changed:
             break
     th = validate_thresholds(th)
-    return {"thresholds": th, "before": before, "after": best,
-            "per_class_before": before_per_class, "per_class_after": per_class,
+    after_per_class = ev.per_class(th)  # recomputed directly: the reported score is the real one
+    after = float(np.mean(list(after_per_class.values())))
+    if after < before:  # cannot happen (strict improvements only); guard against rounding anyway
+        th, after, after_per_class, steps = validate_thresholds(start), before, before_per_class, []
+    return {"thresholds": th, "before": before, "after": after,
+            "per_class_before": before_per_class, "per_class_after": after_per_class,
             "rounds": done_rounds, "steps": steps, "evaluator": ev}
 
 

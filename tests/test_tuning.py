@@ -47,7 +47,7 @@ def gate_set(n=80, seed=0) -> PredictionCache:
     seg = {k: np.zeros((n, *CS), np.float32) for k in (1, 2, 3, 4)}
     truth = [["", "", "", ""] for _ in range(n)]
     for i in range(n):
-        k = i % 4 + 1
+        k = (i // 2) % 4 + 1  # every class has defective and clean images
         r0, c0 = rng.integers(0, 8), rng.integers(0, 80)
         if defective[i]:
             truth[i][k - 1] = block_rle(slice(r0, r0 + 6), slice(c0, c0 + 15))  # 90 cells = 23,040 px
@@ -108,6 +108,35 @@ def test_search_finds_the_binary_threshold_and_raises_dice():
     assert result["after"] == pytest.approx(1.0)  # the set is separable: every pair right
     assert result["after"] == pytest.approx(Evaluator(cache).score(result["thresholds"]))
     assert any(s["param"] == "binary" for s in result["steps"])
+
+
+def test_search_moves_gates_that_only_help_together():
+    # An under-confident model: p_defect is 0.17 everywhere and the segmenter's maps peak at 0.45 on
+    # the true defects. Lowering t_bin alone (pixel 0.5: no masks) or the pixel threshold alone
+    # (binary gate shut) changes nothing; the t_bin step re-chooses (t_k, p_k) for each candidate.
+    cache = gate_set()
+    n = len(cache)
+    truth_on = {k: cache.truth_frac[k].astype(np.float32) > 0.5 for k in (1, 2, 3, 4)}
+    seg = {k: np.where(truth_on[k], 0.45, 0.02).astype(np.float16) for k in (1, 2, 3, 4)}
+    under = PredictionCache(cache.image_ids, np.full(n, 0.17, np.float32), np.full((n, 4), 0.9, np.float32),
+                            seg, cache.truth_frac, cache.truth_area)
+    result = search(under, wide_open(), rounds=3)
+    th = result["thresholds"]
+    assert th["binary"] <= 0.17 and all(th["classes"][str(k)]["pixel"] <= 0.45 for k in range(1, 5))
+    assert result["before"] == pytest.approx(0.875)  # all-empty: 10 of 80 images per class have it
+    assert result["after"] == pytest.approx(1.0)
+
+
+def test_prob_curve_matches_class_dice():
+    cache = gate_set(seed=2)
+    rng = np.random.default_rng(2)
+    cache.p_class[:] = rng.random(cache.p_class.shape).astype(np.float32)
+    ev = Evaluator(cache)
+    probs = [0.0, 0.1, float(cache.p_class[3, 1]), 0.5, 0.77, 1.0]
+    for t_bin, pixel, lo, hi in ((0.0, 0.5, 0, H * W), (0.8, 0.3, 20000, 30000), (0.9, 0.85, 0, 10)):
+        curve = ev.prob_curve(2, t_bin, pixel, lo, hi, probs)
+        direct = [ev.class_dice(2, t_bin, q, pixel, lo, hi).mean() for q in probs]
+        np.testing.assert_allclose(curve, direct, atol=1e-12)
 
 
 def test_search_tunes_min_area_against_small_false_positives():
