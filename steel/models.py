@@ -23,11 +23,12 @@ TensorFlow is imported lazily (inside the builders), so ``import steel.models`` 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -155,29 +156,35 @@ def _check_size(size, what: str) -> tuple[int, int]:
     return h, w
 
 
-def _weights_arg(encoder_weights: str | None) -> str | None:
-    """``imagenet`` | ``none``/None | path or URI of an .h5 file -> what Keras' ``weights=`` takes."""
+@contextlib.contextmanager
+def _local_weights(encoder_weights: str | None) -> Iterator[str | None]:
+    """``imagenet`` | ``none``/None | path or URI of an .h5 file -> what Keras' ``weights=`` takes.
+
+    A URI that is not local (``s3://...``) is downloaded to a temporary file for the duration of the
+    build (Keras reads local paths only); a missing local file is a ValueError naming it.
+    """
     if encoder_weights is None or str(encoder_weights).lower() == "none":
-        return None
+        yield None
+        return
     if str(encoder_weights).lower() == "imagenet":
-        return "imagenet"
+        yield "imagenet"
+        return
     path = str(encoder_weights)
     if path.startswith("file://"):
         path = path[len("file://"):]
-    if "://" in path:  # s3://... : fetch once to a local cache file (Keras reads local paths only)
+    if "://" in path:
         from steel import storage
 
-        local = os.path.join(tempfile.gettempdir(), "steel-encoder-weights",
-                             storage.basename(path) or "weights.h5")
-        if not os.path.exists(local):
-            os.makedirs(os.path.dirname(local), exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="steel-encoder-") as tmp:
+            local = os.path.join(tmp, storage.basename(path) or "weights.h5")
             storage.download_to(path, local)
-        return local
+            yield local
+        return
     if not os.path.isfile(path):
         raise ValueError(
             f"encoder_weights: expected 'imagenet', 'none' or the path of an .h5 file; "
             f"no such file: {encoder_weights!r}")
-    return path
+    yield path
 
 
 def _norm_tuple(value, what: str) -> tuple[int, ...] | None:
@@ -320,12 +327,12 @@ def _classifier_encoder(encoder: str, inputs, weights: str | None):
 #  Model builders
 # ---------------------------------------------------------------------
 
-def _build_classifier(name: str, spec: dict):
+def _build_classifier(name: str, spec: dict, weights: str | None):
     from steel.keras_env import keras
 
     h, w = spec["input_size"]
     inputs = keras.layers.Input(shape=(h, w, 3), name="image")
-    x = _classifier_encoder(spec["encoder"], inputs, _weights_arg(spec["encoder_weights"]))
+    x = _classifier_encoder(spec["encoder"], inputs, weights)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     units = spec["dense_units"]
     for i, u in enumerate(units):
@@ -336,14 +343,14 @@ def _build_classifier(name: str, spec: dict):
     return keras.Model(inputs, outputs, name=name)
 
 
-def _build_segmenter(name: str, spec: dict):
+def _build_segmenter(name: str, spec: dict, weights: str | None):
     from steel.keras_env import keras
 
     sm = _sm()
     h, w = spec["input_size"]
     unet = sm.Unet(
         spec["encoder"], classes=1, activation="sigmoid", input_shape=(h, w, 3),
-        encoder_weights=_weights_arg(spec["encoder_weights"]),
+        encoder_weights=weights,
         decoder_filters=tuple(spec["decoder_filters"]),
     )
     # Same network, but the final sigmoid computes in float32 (matters under mixed_float16 only).
@@ -385,7 +392,7 @@ class ModelEntry:
     name: str
     kind: str  # "classifier" | "segmenter"
     outputs: int
-    builder: Callable[[str, dict], Any]
+    builder: Callable[[str, dict, str | None], Any]  # (name, resolved spec, Keras weights arg) -> Model
     description: str
 
 
@@ -420,7 +427,7 @@ def build(name: str, encoder: str | None = None, input_size=None, encoder_weight
             ``(256, 1600)`` for U-Nets. U-Net sides must be divisible by 32.
         encoder_weights: ``imagenet`` (default; downloaded by Keras, needs internet), ``none``
             (random init; tests, quickstart, and every bundle reload) or the path/URI of an ``.h5``
-            file with encoder weights (fetched to a local cache first when it is on S3).
+            file with encoder weights (downloaded to a temporary file first when it is on S3).
         decoder_filters: U-Nets only: 5 filter counts of the decoder blocks, default
             ``(256, 128, 64, 32, 16)``; tiny test setting ``(16, 8, 8, 4, 4)``.
         dense_units: classifiers only: widths of the relu Dense layers of the head, default
@@ -436,7 +443,8 @@ def build(name: str, encoder: str | None = None, input_size=None, encoder_weight
             a missing weights file, or a setting that does not apply to the model kind.
     """
     spec = resolve_spec(name, encoder, input_size, encoder_weights, decoder_filters, dense_units)
-    return REGISTRY[name].builder(name, spec)
+    with _local_weights(spec["encoder_weights"]) as weights:
+        return REGISTRY[name].builder(name, spec, weights)
 
 
 def model_config(name: str, train_cfg):

@@ -272,3 +272,17 @@ def test_fit_under_distribution_strategy_history_columns():
     h2 = seg.fit(x, masks, batch_size=2, epochs=1, verbose=0)
     assert set(h2.history) == {"loss", "dice_coef"}
     assert all(np.isfinite(v[0]) for h in (h1, h2) for v in h.history.values())
+
+
+def test_encoder_weights_from_s3(tmp_path, s3_bucket):
+    from steel import storage
+
+    encoder = models._simplecnn_backbone(input_shape=(32, 160, 3))
+    encoder.set_weights([w - 0.5 for w in encoder.get_weights()])
+    encoder.save_weights(str(tmp_path / "enc.h5"))
+    uri = f"s3://{s3_bucket}/weights/enc.h5"
+    storage.write_bytes(uri, (tmp_path / "enc.h5").read_bytes())
+    unet = models.build("seg1", encoder="simplecnn", input_size=(32, 160), encoder_weights=uri,
+                        decoder_filters=(8, 8, 4, 4, 4))
+    np.testing.assert_array_equal(unet.get_layer("simplecnn_block3_conv").get_weights()[0],
+                                  encoder.get_layer("simplecnn_block3_conv").get_weights()[0])
