@@ -3,7 +3,7 @@
 A synthetic truth shaped like Severstal's test set (5,506 images, 47% without defects; class 3 the
 most common, as blobs or cracks; class 1 pits; class 2 thin cracks; class 4 big blobs) and a
 prediction that finds most defects a few pixels off, misses some and adds a few false positives.
-The baseline decodes both masks of every pair with the seed notebook's rle2mask and counts pixels;
+Masks are drawn from a pool of 150 per kind (see bench.bench_rle). The baseline decodes both masks of every pair with the seed notebook's rle2mask and counts pixels;
 it is timed on a random sample of images (it is slow) and scaled to the whole set, and
 mean_dice is timed on that same sample too.
 
@@ -26,7 +26,18 @@ CLASS_RATE = {1: 0.13, 2: 0.04, 3: 0.77, 4: 0.12}
 CLASS_KINDS = {1: ["pits"], 2: ["crack"], 3: ["blobs", "blobs", "crack"], 4: ["blobs"]}
 
 
-def synthetic_submission(n_images: int, rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame]:
+def synthetic_submission(n_images: int, rng: np.random.Generator, pool: int = 150) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Truth and prediction frames; masks come from a pool of ``pool`` per kind (drawing 256x1600
+    masks is slow), each with a few predictions shifted by a few pixels."""
+    masks = {}
+    for kind in ("pits", "crack", "blobs"):
+        masks[kind] = []
+        for _ in range(pool):
+            truth = make_mask(kind, rng)
+            preds = [rle.encode(np.roll(truth, (int(rng.integers(-5, 6)), int(rng.integers(-20, 21))), axis=(0, 1)))
+                     for _ in range(3)]
+            masks[kind].append((rle.encode(truth), preds))
+
     truth_rows, pred_rows = [], []
     for i in range(n_images):
         image = f"{i:08x}.jpg"
@@ -35,14 +46,13 @@ def synthetic_submission(n_images: int, rng: np.random.Generator) -> tuple[pd.Da
             classes = [c for c, p in CLASS_RATE.items() if rng.random() < p] or [3]
         for c in (1, 2, 3, 4):
             if c in classes:
-                truth = make_mask(str(rng.choice(CLASS_KINDS[c])), rng)
-                truth_rows.append((image, c, rle.encode(truth)))
+                truth, preds = masks[str(rng.choice(CLASS_KINDS[c]))][int(rng.integers(pool))]
+                truth_rows.append((image, c, truth))
                 if rng.random() < 0.85:  # found, a few pixels off
-                    pred = np.roll(truth, (int(rng.integers(-5, 6)), int(rng.integers(-20, 21))), axis=(0, 1))
-                    pred_rows.append((image, c, rle.encode(pred)))
+                    pred_rows.append((image, c, preds[int(rng.integers(len(preds)))]))
                     continue
             elif rng.random() < 0.04:  # a false positive
-                pred_rows.append((image, c, rle.encode(make_mask("pits" if c < 3 else "blobs", rng))))
+                pred_rows.append((image, c, masks["pits" if c < 3 else "blobs"][int(rng.integers(pool))][0]))
                 continue
             pred_rows.append((image, c, ""))
     cols = ["ImageId", "ClassId", "EncodedPixels"]
