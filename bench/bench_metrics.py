@@ -3,11 +3,12 @@
 A synthetic truth shaped like Severstal's test set (5,506 images, 47% without defects; class 3 the
 most common, as blobs or cracks; class 1 pits; class 2 thin cracks; class 4 big blobs) and a
 prediction that finds most defects a few pixels off, misses some and adds a few false positives.
-Masks are drawn from a pool of 150 per kind (see bench.bench_rle). The baseline decodes both masks of every pair with the seed notebook's rle2mask and counts pixels;
-it is timed on a random sample of images (it is slow) and scaled to the whole set, and
-mean_dice is timed on that same sample too.
+Masks are drawn from a pool of 150 per kind (see bench.bench_rle). The baseline decodes both masks
+of every pair with the seed notebook's rle2mask and counts pixels; it is timed on a random sample
+of images (it is slow) and scaled to the whole set, and mean_dice is timed on that same sample too.
+Times are CPU seconds of this process (steadier than wall time on a busy machine).
 
-    .venv/bin/python -m bench.bench_metrics [--images 5506] [--sample 500] [--seed 0]
+    .venv/bin/python -m bench.bench_metrics [--images 5506] [--sample 500] [--repeat 3] [--seed 0]
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ CLASS_RATE = {1: 0.13, 2: 0.04, 3: 0.77, 4: 0.12}
 CLASS_KINDS = {1: ["pits"], 2: ["crack"], 3: ["blobs", "blobs", "crack"], 4: ["blobs"]}
 
 
-def synthetic_submission(n_images: int, rng: np.random.Generator, pool: int = 150) -> tuple[pd.DataFrame, pd.DataFrame]:
+def synthetic_submission(n_images: int, rng: np.random.Generator,
+                         pool: int = 150) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Truth and prediction frames; masks come from a pool of ``pool`` per kind (drawing 256x1600
     masks is slow), each with a few predictions shifted by a few pixels."""
     masks = {}
@@ -34,8 +36,8 @@ def synthetic_submission(n_images: int, rng: np.random.Generator, pool: int = 15
         masks[kind] = []
         for _ in range(pool):
             truth = make_mask(kind, rng)
-            preds = [rle.encode(np.roll(truth, (int(rng.integers(-5, 6)), int(rng.integers(-20, 21))), axis=(0, 1)))
-                     for _ in range(3)]
+            shifts = [(int(rng.integers(-5, 6)), int(rng.integers(-20, 21))) for _ in range(3)]
+            preds = [rle.encode(np.roll(truth, shift, axis=(0, 1))) for shift in shifts]
             masks[kind].append((rle.encode(truth), preds))
 
     truth_rows, pred_rows = [], []
