@@ -67,6 +67,8 @@ def list_inputs(images_uri: str, exclude: str | None = None) -> dict[str, str]:
     """
     root = str(images_uri).rstrip("/")
     files = storage.list_files(root, recursive=True)
+    if not files and not storage.exists(root):
+        raise FileNotFoundError(f"{images_uri}: no such folder (or S3 prefix)")
     skip = str(exclude).rstrip("/") + "/" if exclude else None
     out: dict[str, str] = {}
     for uri in files:
