@@ -117,7 +117,7 @@ def test_concurrent_reader_sees_old_or_new_never_partial(root):
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        for _ in range(40):
+        for _ in range(25):
             data = storage.read_bytes(uri)
             assert data in versions, f"partial read: {len(data)} bytes"
             with storage.open_input(uri) as fh:
