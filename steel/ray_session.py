@@ -1,8 +1,8 @@
 """Connect to Ray once per process, with the Keras environment for every worker.
 
-Jobs call ``with ray_session(address): ...``. If Ray is already initialised (a test, or a pipeline
-calling several stages), it is reused and left running; otherwise it is started or joined here and
-shut down at the end. Inside ``ray job submit`` RAY_ADDRESS points at the job's cluster, so
+Jobs call ``with ray_session(address, num_cpus=...): ...``. If Ray is already initialised (a test, or
+a pipeline running several stages), it is reused and left running; otherwise it is started or joined
+here and shut down at the end. Inside ``ray job submit`` RAY_ADDRESS points at the job's cluster, so
 ``address=None`` joins it; on a laptop ``None`` starts a local Ray.
 """
 
@@ -10,11 +10,27 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
 
-def ensure_ray(address: str | None = None) -> bool:
+def local_cpus(cfg=None) -> int:
+    """Logical CPUs for a Ray started on this machine.
+
+    Ray Train workers each hold their CPUs for the whole run, and Ray Data needs at least one more to
+    read and augment the images they consume: with 2 workers on a 2-core laptop, a Ray that
+    advertises only the 2 physical cores never schedules a read task and training waits forever.
+    So a local Ray advertises at least workers x cpus_per_worker + 2 logical CPUs (the OS shares the
+    physical cores among them; TensorFlow's thread pools are sized per worker, see steel.training).
+    """
+    need = 4
+    if cfg is not None:
+        need = max(need, cfg.train.num_workers * cfg.train.cpus_per_worker + 2, cfg.score.actors + 2)
+    return max(os.cpu_count() or 1, need)
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Initialise Ray if needed; returns True if this call started the session."""
     import ray
 
@@ -22,17 +38,18 @@ def ensure_ray(address: str | None = None) -> bool:
 
     if ray.is_initialized():
         return False
-    ray.init(address=address, runtime_env=runtime_env(), log_to_driver=True,
-             logging_level=logging.WARNING)
+    joining = bool(address) or bool(os.environ.get("RAY_ADDRESS"))
+    kwargs = {} if joining else {"num_cpus": num_cpus or local_cpus(), "include_dashboard": False}
+    ray.init(address=address, runtime_env=runtime_env(), logging_level=logging.WARNING, **kwargs)
     log.info("Ray resources: %s", ray.cluster_resources())
     return True
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None):
+def ray_session(address: str | None = None, num_cpus: int | None = None):
     import ray
 
-    started = ensure_ray(address)
+    started = ensure_ray(address, num_cpus)
     try:
         yield ray
     finally:
