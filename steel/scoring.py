@@ -307,6 +307,10 @@ def score(bundle_uri: str, images_uri: str, out_uri: str, score_cfg: ScoreConfig
     used_thresholds = _resolve_thresholds(bundle_uri, thresholds) if predictor_factory is None else (
         thresholds if isinstance(thresholds, dict) else None)
     formats = tuple(getattr(cfg, "image_formats", None) or score_io.DEFAULT_IMAGE_FORMATS)
+    tuned_tta = (used_thresholds or {}).get("tta", "none")
+    if tuned_tta != cfg.tta:
+        log.warning("scoring with tta=%s but the thresholds were tuned with tta=%s (set score.tta / --tta %s "
+                    "to match)", cfg.tta, tuned_tta, tuned_tta)
 
     inputs = score_io.list_inputs(images_uri, exclude=out_uri)
     previous = score_io.read_manifest(out_uri)
