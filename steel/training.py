@@ -275,8 +275,13 @@ def train_loop(config: dict) -> None:
         with checkpoint.as_directory() as d:
             with open(os.path.join(d, STATE)) as fh:
                 state = json.load(fh)
-            # Build the optimizer's slots first: the .h5 holds Adam's moments too, which then load.
-            model.optimizer.build(model.trainable_variables)
+            if config.get("resume_key") and state.get("resume_key") not in (None, config["resume_key"]):
+                raise ValueError(
+                    f"model {name}: the checkpoint in this run folder was trained with another architecture "
+                    f"or data split; use a new train.output (or delete the old run) to start afresh")
+            with strategy.scope():
+                # Build the optimizer's slots first: the .h5 holds Adam's moments too, which then load.
+                model.optimizer.build(model.trainable_variables)
             model.load_weights(os.path.join(d, WEIGHTS))
             if os.path.exists(os.path.join(d, BEST_WEIGHTS)):
                 shutil.copyfile(os.path.join(d, BEST_WEIGHTS), best_local)
@@ -315,8 +320,8 @@ def train_loop(config: dict) -> None:
         if improved:
             best, best_epoch = metrics[monitor], epoch
         history.append(metrics)
-        state = {"name": name, "epoch": epoch, "epochs": epochs, "best": best, "best_epoch": best_epoch,
-                 "monitor": monitor, "history": history}
+        state = {"name": name, "resume_key": config.get("resume_key"), "epoch": epoch, "epochs": epochs,
+                 "best": best, "best_epoch": best_epoch, "monitor": monitor, "history": history}
 
         # Every worker saves (MWMS may run collectives while reading variables); only rank 0 keeps it.
         with tempfile.TemporaryDirectory(prefix=f"steel-ckpt-r{rank}-") as d:
@@ -377,6 +382,17 @@ def _storage(uri: str):
     return path, None
 
 
+def resume_key(name: str, train_cfg, splits: dict) -> str:
+    """What a checkpoint must match to be resumed: model, architecture spec and data split."""
+    import hashlib
+
+    from steel import dataset, models
+
+    payload = json.dumps({"name": name, "spec": models.model_spec(name, train_cfg),
+                          "data": dataset.fingerprint(splits)}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def train_one(cfg, name: str, splits: dict, images_uri: str, fault: dict | None = None) -> dict:
     """Train ``name`` on the cluster; returns ``{"checkpoint", "state", "plan", "seconds"}``."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -400,7 +416,7 @@ def train_one(cfg, name: str, splits: dict, images_uri: str, fault: dict | None 
         train_loop,
         train_loop_config={"name": name, "train": cfg.to_dict()["train"], "epochs": tc.epochs,
                            "steps_per_epoch": p["steps_per_epoch"], "val_steps": p["val_steps"],
-                           "num_workers": tc.num_workers,
+                           "num_workers": tc.num_workers, "resume_key": resume_key(name, tc, splits),
                            "fault": fault if fault and fault.get("model", name) == name else None},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker,

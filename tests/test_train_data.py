@@ -25,10 +25,16 @@ def make_tiny_dataset(root: Path, n: int = 24, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     (root / "train_images").mkdir(parents=True, exist_ok=True)
     rows = []
+    defect_images = 0
     for i in range(n):
         image_id = f"{i:04x}tiny.jpg"
         img = rng.integers(40, 80, size=(H, W), dtype=np.uint8)
-        classes = [] if i % 4 == 3 else [1 + i % 4] + ([3] if i % 5 == 0 and i % 4 != 2 else [])
+        classes = []
+        if i % 4 != 3:  # classes cycle over the defect images; some also get class 3
+            classes = [1 + defect_images % 4]
+            if defect_images % 5 == 0 and classes[0] != 3:
+                classes.append(3)
+            defect_images += 1
         used = np.zeros((H, W), bool)
         for k in classes:
             mask = np.zeros((H, W), np.uint8)
