@@ -43,6 +43,17 @@ def test_bad_model_is_a_clear_cli_error(tmp_path):
     assert proc.returncode == 2 and "seg7" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def _auth_headers() -> dict:
+    """Ray 2.60 enables token auth on a head when a token exists (~/.ray/auth_token): send it."""
+    import os
+
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if not token and path.exists():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 @pytest.mark.slow
 def test_job_submission_trains_into_a_bundle(tmp_path, ray_head):
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -55,12 +66,19 @@ def test_job_submission_trains_into_a_bundle(tmp_path, ray_head):
               "train": {"output": str(tmp_path / "ckpt"), "epochs": 1, "num_workers": 2, "per_worker_batch": 4,
                         "classifier": TINY_CLASSIFIER, "segmenter": TINY_SEGMENTER}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
-    client = JobSubmissionClient(ray_head)
-    job = client.submit_job(
-        entrypoint=f"python -m ray_jobs.train --config {tmp_path / 'job.yaml'} --model binary",
-        runtime_env={"working_dir": str(REPO), **runtime_env(),
-                     "excludes": [".venv", "runs", ".git", "**/__pycache__", "*.egg-info"]},
-    )
+    client = JobSubmissionClient(ray_head, headers=_auth_headers())
+    for attempt in range(60):  # the head's job agent needs a while after the dashboard port opens
+        try:
+            job = client.submit_job(
+                entrypoint=f"python -m ray_jobs.train --config {tmp_path / 'job.yaml'} --model binary",
+                runtime_env={"working_dir": str(REPO), **runtime_env(),
+                             "excludes": [".venv", "runs", ".git", "**/__pycache__", "*.egg-info"]},
+            )
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or attempt == 59:
+                raise
+            time.sleep(2)
     deadline = time.time() + 400
     while time.time() < deadline:
         status = client.get_job_status(job)
