@@ -137,6 +137,9 @@ def ray_head(tmp_path_factory):
             [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs_port}",
              "--node-ip-address=127.0.0.1", "--num-cpus=4", "--include-dashboard=true",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--temp-dir={temp_dir}",
+             # Own agent port: the default 52365 is taken by any other Ray on the machine (ray_local),
+             # and without its agent the head answers job submissions "No available agent".
+             f"--dashboard-agent-listen-port={free_port()}",
              "--disable-usage-stats"],
             stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(REPO), start_new_session=True,
         )
