@@ -59,24 +59,25 @@ def test_job_submission_trains_into_a_bundle(tmp_path, ray_head):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from steel.bundle import read_manifest
-    from steel.keras_env import runtime_env
-
     root = make_tiny_dataset(tmp_path / "data")
     config = {"name": "job", "data": {"root": str(root)}, "bundle": str(tmp_path / "bundle"),
               "train": {"output": str(tmp_path / "ckpt"), "epochs": 1, "num_workers": 2, "per_worker_batch": 4,
                         "classifier": TINY_CLASSIFIER, "segmenter": TINY_SEGMENTER}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
     client = JobSubmissionClient(ray_head, headers=_auth_headers())
-    for attempt in range(60):  # the head's job agent needs a while after the dashboard port opens
+    agent_deadline = time.time() + 120  # the head's job agent needs a while after the dashboard opens
+    while True:
         try:
             job = client.submit_job(
                 entrypoint=f"python -m ray_jobs.train --config {tmp_path / 'job.yaml'} --model binary",
-                runtime_env={"working_dir": str(REPO), **runtime_env(),
+                # No env_vars here: the job's driver calls ray.init(runtime_env=steel.keras_env.runtime_env())
+                # and Ray refuses to merge two runtime envs that both set env_vars.
+                runtime_env={"working_dir": str(REPO),
                              "excludes": [".venv", "runs", ".git", "**/__pycache__", "*.egg-info"]},
             )
             break
         except RuntimeError as e:
-            if "No available agent" not in str(e) or attempt == 59:
+            if "No available agent" not in str(e) or time.time() > agent_deadline:
                 raise
             time.sleep(2)
     deadline = time.time() + 400
