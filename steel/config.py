@@ -108,7 +108,7 @@ class ScoreConfig:
     batch_size: int = 8
     gpus_per_actor: float = 0.0
     format: str = "csv"  # csv | parquet
-    tta: str = "none"
+    tta: str | None = None  # none | h | v | hv; default: the TTA the bundle's thresholds were tuned with
     allow_resize: bool = False  # resize wrong-size images instead of rejecting them
     images_per_shard: int = 64
     image_formats: list[str] = field(default_factory=lambda: ["JPEG"])  # other formats (PNG...) are error rows
@@ -218,7 +218,7 @@ def _check(obj, prefix: str) -> None:
                 raise ConfigError(f"{p}{name}: must be at least 1, got {getattr(obj, name)}")
         if obj.seg_loss not in ("dice", "bce_dice"):
             raise ConfigError(f"{p}seg_loss: must be 'dice' or 'bce_dice', got {obj.seg_loss!r}")
-    if isinstance(obj, (TuneConfig, ScoreConfig)) and obj.tta not in ("none", "h", "v", "hv"):
+    if isinstance(obj, (TuneConfig, ScoreConfig)) and obj.tta not in (None, "none", "h", "v", "hv"):
         raise ConfigError(f"{p}tta: must be one of none, h, v, hv; got {obj.tta!r}")
     if isinstance(obj, ScoreConfig) and obj.format not in ("csv", "parquet"):
         raise ConfigError(f"{p}format: must be 'csv' or 'parquet', got {obj.format!r}")

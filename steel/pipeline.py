@@ -115,13 +115,28 @@ class Pipeline:
                        f"{storage.join(self.cfg.bundle, 'thresholds.json')}"), result
 
     def score(self):
-        from steel import scoring
+        from steel import scoring, score_io
+        from steel import thresholds as th
 
         images = self.cfg.score.images or self.cfg.data.path("test_images")
-        summary = scoring.score(self.cfg.bundle, images, self.cfg.score.out, self.cfg.score)
-        new = summary.get("shards_written", 0)
-        return new == 0, (f"{summary['images_in']} images: {summary['scored']} scored, {summary['errors']} errors "
-                          f"-> {self.cfg.score.out}"), summary
+        out = self.cfg.score.out
+        previous = score_io.read_manifest(out)
+        if previous is not None:
+            bundle = scoring._bundle_info(self.cfg.bundle)
+            current = th.load_thresholds(self.cfg.bundle) if storage.exists(
+                storage.join(self.cfg.bundle, "thresholds.json")) else th.default_thresholds()
+            same_models = previous.get("bundle", {}).get("models") == bundle.get("models")
+            same_thresholds = _core(previous.get("thresholds")) == _core(current)
+            if not (same_models and same_thresholds):
+                what = "models" if not same_models else "thresholds"
+                print(f"[   score] the bundle's {what} changed since {out} was scored: scoring again", flush=True)
+                storage.delete(out, recursive=True, missing_ok=True)
+        summary = scoring.score(self.cfg.bundle, images, out, self.cfg.score)
+        total = score_io.read_manifest(out)["totals"]
+        self.state["score"] = summary
+        return summary["shards_written"] == 0, (
+            f"{total['images']} images: {total['scored']} scored, {total['errors']} errors "
+            f"({summary['images_in']} new this run) -> {out}"), summary
 
     def evaluate(self):
         truth = self.truth_uri
@@ -171,6 +186,13 @@ class Pipeline:
                   f"all-empty baseline {ev['baseline_all_empty']:.4f}  ({total / 60:.1f} min)", flush=True)
         return {"stages": [r.__dict__ for r in self.results], "evaluation": ev, "report": path,
                 "seconds": total}
+
+
+def _core(thresholds: dict | None) -> dict | None:
+    """The thresholds that decide the output (not the tuning notes beside them)."""
+    if not thresholds:
+        return None
+    return {k: thresholds.get(k) for k in ("binary", "classes", "tta")}
 
 
 def _was_skipped(result) -> bool:

@@ -40,9 +40,29 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         return False
     joining = bool(address) or bool(os.environ.get("RAY_ADDRESS"))
     kwargs = {} if joining else {"num_cpus": num_cpus or local_cpus(), "include_dashboard": False}
-    ray.init(address=address, runtime_env=runtime_env(), logging_level=logging.WARNING, **kwargs)
+    ray.init(address=address, runtime_env=_driver_runtime_env(runtime_env()), logging_level=logging.WARNING,
+             **kwargs)
     log.info("Ray resources: %s", ray.cluster_resources())
     return True
+
+
+def _driver_runtime_env(wanted: dict) -> dict | None:
+    """The part of ``wanted`` a job's own runtime_env lacks.
+
+    Inside ``ray job submit`` Ray merges the job's runtime_env with the one given to ``ray.init``
+    and refuses any key set by both (even to the same value), so only missing variables are added.
+    """
+    import json
+
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not job:
+        return wanted
+    try:
+        have = (json.loads(job).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        have = {}
+    missing = {k: v for k, v in wanted["env_vars"].items() if k not in have}
+    return {"env_vars": missing} if missing else None
 
 
 @contextlib.contextmanager

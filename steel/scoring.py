@@ -25,6 +25,8 @@ writing N shards (simulates a crash between shards; used by the resume tests).
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import math
@@ -236,7 +238,7 @@ class CascadeActor:
 def _check_cfg(cfg: ScoreConfig) -> None:
     if cfg.format not in score_io.FORMATS:
         raise ValueError(f"format must be one of {', '.join(score_io.FORMATS)}, got {cfg.format!r}")
-    if cfg.tta not in ("none", "h", "v", "hv"):
+    if cfg.tta not in (None, "none", "h", "v", "hv"):
         raise ValueError(f"tta must be one of none, h, v, hv; got {cfg.tta!r}")
     for name in ("actors", "batch_size", "images_per_shard"):
         if getattr(cfg, name) < 1:
@@ -308,6 +310,8 @@ def score(bundle_uri: str, images_uri: str, out_uri: str, score_cfg: ScoreConfig
         thresholds if isinstance(thresholds, dict) else None)
     formats = tuple(getattr(cfg, "image_formats", None) or score_io.DEFAULT_IMAGE_FORMATS)
     tuned_tta = (used_thresholds or {}).get("tta", "none")
+    if cfg.tta is None:  # not chosen: score with the TTA the thresholds were tuned for
+        cfg = dataclasses.replace(cfg, tta=tuned_tta)
     if tuned_tta != cfg.tta:
         log.warning("scoring with tta=%s but the thresholds were tuned with tta=%s (set score.tta / --tta %s "
                     "to match)", cfg.tta, tuned_tta, tuned_tta)
