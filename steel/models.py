@@ -54,6 +54,7 @@ SEGMENTER_DEFAULTS: dict[str, Any] = {
 }
 SPEC_KEYS: tuple[str, ...] = ("encoder", "input_size", "encoder_weights", "decoder_filters", "dense_units")
 DROPOUT = 0.3
+FROM_SCRATCH_BN_MOMENTUM = 0.9  # see set_bn_momentum
 UNET_DIVISOR = 32  # a U-Net downsamples 5 times: H and W must be multiples of 32
 MIN_CLASSIFIER_SIDE = 32
 
@@ -444,7 +445,29 @@ def build(name: str, encoder: str | None = None, input_size=None, encoder_weight
     """
     spec = resolve_spec(name, encoder, input_size, encoder_weights, decoder_filters, dense_units)
     with _local_weights(spec["encoder_weights"]) as weights:
-        return REGISTRY[name].builder(name, spec, weights)
+        model = REGISTRY[name].builder(name, spec, weights)
+    if spec["encoder_weights"] == "none":
+        set_bn_momentum(model, FROM_SCRATCH_BN_MOMENTUM)
+    return model
+
+
+def set_bn_momentum(model, momentum: float) -> int:
+    """Set the moving-average momentum of every BatchNormalization layer; returns how many.
+
+    Keras' encoders use 0.99 (MobileNetV2, EfficientNet: 0.999 in places) because they expect
+    ImageNet statistics to start from. Trained from scratch for a few hundred steps, such moving
+    averages are still mostly their initial values (mean 0, variance 1) at validation time, and the
+    network predicts one class for everything; 0.9 lets them follow the data within ~20 steps.
+    It only changes training dynamics: no weights, parameter counts or inference results.
+    """
+    from steel.keras_env import keras
+
+    count = 0
+    for layer in model.submodules:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
+            count += 1
+    return count
 
 
 def model_config(name: str, train_cfg):
