@@ -286,3 +286,16 @@ def test_encoder_weights_from_s3(tmp_path, s3_bucket):
                         decoder_filters=(8, 8, 4, 4, 4))
     np.testing.assert_array_equal(unet.get_layer("simplecnn_block3_conv").get_weights()[0],
                                   encoder.get_layer("simplecnn_block3_conv").get_weights()[0])
+
+
+def test_from_scratch_models_use_fast_batchnorm_statistics():
+    """Random-init encoders get BN momentum 0.9 so validation statistics follow the data quickly."""
+    from steel.keras_env import keras
+
+    model = models.build("seg3", encoder="simplecnn", input_size=(32, 160), encoder_weights="none",
+                         decoder_filters=(16, 8, 8, 4, 4))
+    momenta = {layer.momentum for layer in model.submodules
+               if isinstance(layer, keras.layers.BatchNormalization)}
+    assert momenta == {models.FROM_SCRATCH_BN_MOMENTUM}
+    before = model.count_params()
+    assert models.set_bn_momentum(model, 0.99) > 0 and model.count_params() == before
