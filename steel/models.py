@@ -67,7 +67,7 @@ _CLASSIFIER_ENCODERS: dict[str, tuple[str | None, dict, float]] = {
     "mobilenetv2_035": ("MobileNetV2", {"alpha": 0.35}, 1.0),
     "efficientnetb0": ("EfficientNetB0", {}, 255.0),
     "efficientnetb1": ("EfficientNetB1", {}, 255.0),
-    "simplecnn": (None, {}, 1.0),  # 4 conv blocks, ~25k parameters: for tests and smoke runs only
+    "simplecnn": (None, {}, 1.0),  # 4 conv blocks, ~25k parameters: tests and the CPU quickstart
 }
 # U-Net encoders (segmentation-models backbones). "mobilenetv2_035" is registered below.
 _SEGMENTER_ENCODERS: tuple[str, ...] = (
@@ -421,9 +421,9 @@ def build(name: str, encoder: str | None = None, input_size=None, encoder_weight
         name: one of ``binary``, ``multilabel``, ``seg1``, ``seg2``, ``seg3``, ``seg4``.
         encoder: backbone name. Classifiers: ``xception`` (default, the seed), ``efficientnetb0``,
             ``efficientnetb1``, ``mobilenetv2`` (alpha 1.0), ``mobilenetv2_035`` (alpha 0.35),
-            ``simplecnn`` (4 conv blocks, tests only). U-Nets: ``efficientnetb1`` (default, the seed),
+            ``simplecnn`` (4 conv blocks: tests and the CPU quickstart). U-Nets: ``efficientnetb1`` (default, the seed),
             ``efficientnetb0``, ``efficientnetb2``, ``efficientnetb3``, ``mobilenetv2``,
-            ``mobilenetv2_035``, ``resnet18``, ``resnet34``, ``simplecnn`` (tests only).
+            ``mobilenetv2_035``, ``resnet18``, ``resnet34``, ``simplecnn`` (tests, CPU quickstart).
         input_size: ``(H, W)`` of the network input; default ``(256, 512)`` for classifiers and
             ``(256, 1600)`` for U-Nets. U-Net sides must be divisible by 32.
         encoder_weights: ``imagenet`` (default; downloaded by Keras, needs internet), ``none``

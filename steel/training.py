@@ -393,6 +393,29 @@ def resume_key(name: str, train_cfg, splits: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def oversample_rare(splits: dict, name: str, workers: int) -> dict:
+    """Repeat ``name``'s training rows when there are fewer than workers.
+
+    Every worker must get at least one image per epoch (MWMS steps in lockstep). A rare class on a
+    small dataset (class 2 is ~3% of defect images) can have a single training image; repeating it
+    lets the model train (and says so) instead of failing the whole run. No rows at all is an error.
+    """
+    import pandas as pd
+
+    from steel import train_data
+
+    rows = train_data.model_rows(splits["train"], name)
+    if len(rows) == 0:
+        raise ValueError(f"model {name}: no training images for it in the train split; add labelled "
+                         "images of that class or leave the model out of train.models")
+    if len(rows) >= workers:
+        return splits
+    repeats = math.ceil(workers / len(rows))
+    print(f"[{name}] only {len(rows)} training image(s) for {workers} workers: repeating them {repeats}x",
+          flush=True)
+    return {**splits, "train": pd.concat([splits["train"], *[rows] * (repeats - 1)], ignore_index=True)}
+
+
 def train_one(cfg, name: str, splits: dict, images_uri: str, fault: dict | None = None) -> dict:
     """Train ``name`` on the cluster; returns ``{"checkpoint", "state", "plan", "seconds"}``."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -402,6 +425,7 @@ def train_one(cfg, name: str, splits: dict, images_uri: str, fault: dict | None 
     from steel.keras_env import runtime_env
 
     tc = cfg.train
+    splits = oversample_rare(splits, name, tc.num_workers)
     p = plan(name, train_data.split_sizes(splits, name), tc)
     datasets = train_data.build_datasets(splits, images_uri, name, tc)
     if p["train_rows"] < train_data.split_sizes(splits, name)["train"]:

@@ -192,3 +192,19 @@ def test_crash_then_rerun_continues_on_s3(tiny_root, tmp_path, ray_local, s3_buc
     assert any(k.startswith("run/bundle/logs/multilabel/") for k in
                (o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]))
     assert os.path.exists(tmp_path / "crashed")
+
+
+def test_rare_class_rows_are_repeated_for_every_worker():
+    import pandas as pd
+
+    from steel.training import oversample_rare
+
+    train = pd.DataFrame({"ImageId": ["a.jpg", "b.jpg", "c.jpg"], "hasDefect": [1, 1, 0],
+                          **{f"hasDefect_{k}": [int(k == 3), int(k == 2), 0] for k in (1, 2, 3, 4)},
+                          **{f"Defect_{k}": ["1 5" if k == 3 else "", "1 5" if k == 2 else "", ""] for k in (1, 2, 3, 4)}})
+    splits = {"train": train, "val": train.iloc[:0]}
+    out = oversample_rare(splits, "seg2", workers=3)
+    assert (out["train"]["hasDefect_2"] == 1).sum() == 3 and len(out["train"]) == 5
+    assert oversample_rare(splits, "binary", workers=3) is splits  # enough rows: unchanged
+    with pytest.raises(ValueError, match="seg1: no training images"):
+        oversample_rare(splits, "seg1", workers=2)
