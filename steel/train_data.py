@@ -193,16 +193,20 @@ def build_dataset(table: pd.DataFrame, images_uri: str, name: str, input_size: t
 
 
 def build_datasets(splits: dict[str, pd.DataFrame], images_uri: str, name: str, train_cfg) -> dict:
-    """``{"train": ds, "val": ds}`` for ``name`` under a ``TrainConfig`` (augmentation on train only)."""
+    """``{"train": ds, "val": ds}`` for ``name`` under a ``TrainConfig`` (augmentation on train only).
+
+    ``val`` is left out when the validation split has no image for ``name``; training then keeps
+    the best epoch by the training metric.
+    """
     from steel.models import model_config
 
     size = tuple(model_config(name, train_cfg).input_size)
     blackout = train_cfg.blackout_prob if is_segmenter(name) else 0.0
-    return {
-        "train": build_dataset(splits["train"], images_uri, name, size, augment=train_cfg.augment,
-                               blackout_prob=blackout, shuffle=True),
-        "val": build_dataset(splits["val"], images_uri, name, size),
-    }
+    datasets = {"train": build_dataset(splits["train"], images_uri, name, size, augment=train_cfg.augment,
+                                       blackout_prob=blackout, shuffle=True)}
+    if not model_rows(splits["val"], name).empty:  # a rare class may have no validation image
+        datasets["val"] = build_dataset(splits["val"], images_uri, name, size)
+    return datasets
 
 
 def split_sizes(splits: dict[str, pd.DataFrame], name: str) -> dict[str, int]:

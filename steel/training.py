@@ -431,7 +431,7 @@ def train_one(cfg, name: str, splits: dict, images_uri: str, fault: dict | None 
     if p["train_rows"] < train_data.split_sizes(splits, name)["train"]:
         datasets["train"] = datasets["train"].limit(p["train_rows"])
     if not p["val_rows"]:
-        datasets.pop("val")
+        datasets.pop("val", None)
     for ds in datasets.values():
         # Per-epoch progress bars of the ingest pipelines would flood the log; the loop prints epochs.
         ds.context.enable_progress_bars = False
