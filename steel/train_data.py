@@ -180,7 +180,8 @@ def build_dataset(table: pd.DataFrame, images_uri: str, name: str, input_size: t
         raise ValueError(f"no images for model {name!r} in this split: it needs "
                          f"{'defect images' if name == 'multilabel' else 'images with class ' + name[3:] if name.startswith('seg') else 'images'}")
     labels = label_lookup(rows, name)
-    paths, fs = image_paths(images_uri, list(labels))
+    # One path per row, not per label: rows repeated on purpose (steel.training.oversample_rare) stay.
+    paths, fs = image_paths(images_uri, rows["ImageId"].astype(str).tolist())
     ds = ray.data.read_binary_files(
         paths, filesystem=fs, include_paths=True, shuffle="files" if shuffle else None,
         override_num_blocks=num_blocks,
