@@ -38,7 +38,7 @@ def _dice_chart(evaluation: dict) -> bytes:
 
     classes = ["1", "2", "3", "4"]
     model = [evaluation["per_class"][k] for k in classes]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 4.2))
     x = np.arange(len(classes))
     ax.bar(x - 0.2, model, 0.4, label="model", color="#1f77b4")
     base = evaluation.get("baseline_per_class")
@@ -52,7 +52,7 @@ def _dice_chart(evaluation: dict) -> bytes:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("mean Dice")
     ax.set_title("Held-out mean Dice per class")
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
