@@ -79,10 +79,13 @@ class TrainConfig:
     cpus_per_worker: int = 1
     mixed_precision: bool = False  # float16 compute on GPU
     epochs: int = 20
+    # Epochs of particular models, e.g. {seg3: 30}; the others train for ``epochs``.
+    epochs_by_model: dict[str, int] = field(default_factory=dict)
     per_worker_batch: int = 8
     base_lr: float = 1e-4  # learning rate at base_batch; scaled linearly with the global batch
     base_batch: int = 8
     warmup_epochs: int = 1
+    lr_schedule: str = "constant"  # after warm-up: constant | cosine (decays to 0 at the last epoch)
     seg_loss: str = "bce_dice"  # dice | bce_dice
     max_failures: int = 2
     max_steps_per_epoch: int | None = None  # cap for quick runs; None = one pass over the data
@@ -92,6 +95,10 @@ class TrainConfig:
     )
     augment: bool = True
     blackout_prob: float = 0.2  # segmenters: chance to paint the defect out and relabel as clean
+
+    def epochs_for(self, name: str) -> int:
+        """Epochs model ``name`` trains for: ``epochs_by_model[name]``, else ``epochs``."""
+        return int(self.epochs_by_model.get(name, self.epochs))
 
 
 @dataclass
@@ -159,6 +166,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
         return _build(tp, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        key_type, value_type = args or (Any, Any)
+        return {_convert(k, key_type, key): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
@@ -216,6 +228,15 @@ def _check(obj, prefix: str) -> None:
         for name in ("num_workers", "epochs", "per_worker_batch", "base_batch", "cpus_per_worker"):
             if getattr(obj, name) < 1:
                 raise ConfigError(f"{p}{name}: must be at least 1, got {getattr(obj, name)}")
+        unknown = [m for m in obj.epochs_by_model if m not in MODEL_NAMES]
+        if unknown:
+            raise ConfigError(f"{p}epochs_by_model: unknown model {unknown[0]!r}; choose from "
+                              f"{', '.join(MODEL_NAMES)}")
+        for m, n in obj.epochs_by_model.items():
+            if n < 1:
+                raise ConfigError(f"{p}epochs_by_model.{m}: must be at least 1, got {n}")
+        if obj.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"{p}lr_schedule: must be 'constant' or 'cosine', got {obj.lr_schedule!r}")
         if obj.seg_loss not in ("dice", "bce_dice"):
             raise ConfigError(f"{p}seg_loss: must be 'dice' or 'bce_dice', got {obj.seg_loss!r}")
     if isinstance(obj, (TuneConfig, ScoreConfig)) and obj.tta not in (None, "none", "h", "v", "hv"):

@@ -10,7 +10,8 @@ Two halves:
 
 Learning rate: Adam with the *linear scaling rule*, ``lr = base_lr * global_batch / base_batch``
 where ``global_batch = per_worker_batch * num_workers``, reached by a linear warm-up over the first
-``warmup_epochs`` epochs (per optimizer step, :class:`WarmupSchedule`), constant afterwards.
+``warmup_epochs`` epochs (per optimizer step, :class:`WarmupSchedule`), then constant or, with
+``train.lr_schedule: cosine``, decaying along half a cosine to 0 at the last epoch.
 
 Multi-worker pitfalls handled here (each hangs or silently wastes data otherwise):
 
@@ -79,28 +80,39 @@ def _warmup_schedule_class():
     from steel.keras_env import keras, tf
 
     class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-        """``peak_lr * min(1, (step + 1) / warmup_steps)``: linear warm-up, then constant."""
+        """Linear warm-up to ``peak_lr`` over ``warmup_steps``, then constant or cosine decay.
 
-        def __init__(self, peak_lr: float, warmup_steps: int):
+        Warm-up: ``peak_lr * min(1, (step + 1) / warmup_steps)``. With ``decay_steps`` (the total
+        number of steps), the rate after warm-up follows half a cosine from ``peak_lr`` down to 0 at
+        step ``decay_steps``: large steps early, small ones that settle the weights at the end.
+        """
+
+        def __init__(self, peak_lr: float, warmup_steps: int, decay_steps: int | None = None):
             self.peak_lr = float(peak_lr)
             self.warmup_steps = int(warmup_steps)
+            self.decay_steps = int(decay_steps) if decay_steps else None
 
         def __call__(self, step):
             step = tf.cast(step, tf.float32)
-            if self.warmup_steps <= 0:
-                return tf.constant(self.peak_lr, tf.float32)
-            frac = tf.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
-            return self.peak_lr * frac
+            lr = tf.constant(self.peak_lr, tf.float32)
+            if self.warmup_steps > 0:
+                lr = lr * tf.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
+            if self.decay_steps and self.decay_steps > self.warmup_steps:
+                done = (step - float(self.warmup_steps)) / float(self.decay_steps - self.warmup_steps)
+                done = tf.clip_by_value(done, 0.0, 1.0)
+                lr = lr * 0.5 * (1.0 + tf.cos(math.pi * done))
+            return lr
 
         def get_config(self):
-            return {"peak_lr": self.peak_lr, "warmup_steps": self.warmup_steps}
+            return {"peak_lr": self.peak_lr, "warmup_steps": self.warmup_steps, "decay_steps": self.decay_steps}
 
     return WarmupSchedule
 
 
-def warmup_schedule(peak_lr: float, warmup_steps: int):
-    """A Keras ``LearningRateSchedule`` with linear warm-up to ``peak_lr`` over ``warmup_steps``."""
-    return _warmup_schedule_class()(peak_lr, warmup_steps)
+def warmup_schedule(peak_lr: float, warmup_steps: int, decay_steps: int | None = None):
+    """A Keras ``LearningRateSchedule``: linear warm-up to ``peak_lr`` over ``warmup_steps``, then
+    constant, or cosine decay to 0 at step ``decay_steps`` when it is given."""
+    return _warmup_schedule_class()(peak_lr, warmup_steps, decay_steps)
 
 
 def _set_threads(cpus: int) -> None:
@@ -153,14 +165,20 @@ def _type_specs(name: str, input_size):
     return image, label
 
 
-def _distributed(strategy, shard, batch_size: int, specs, shuffle_buffer: int | None):
-    """This worker's shard as a Keras-ready distributed dataset (no re-batching, no auto-shard)."""
+def _distributed(strategy, shard, batch_size: int, specs, shuffle_buffer: int | None, repeat: bool = False):
+    """This worker's shard as a Keras-ready distributed dataset (no re-batching, no auto-shard).
+
+    ``repeat``: every pass of the repeat calls the generator again, which starts the next epoch of
+    the Ray Data shard (a fresh shuffle and augmentation).
+    """
     image_spec, label_spec = specs
     tf_ds = shard.to_tf(
         feature_columns="image", label_columns="label", batch_size=batch_size,
         feature_type_spec=image_spec, label_type_spec=label_spec,
         local_shuffle_buffer_size=shuffle_buffer,
     )
+    if repeat:
+        tf_ds = tf_ds.repeat()
     return strategy.distribute_datasets_from_function(lambda _ctx: tf_ds)
 
 
@@ -182,25 +200,25 @@ def _images_metric():
     return Images()
 
 
-def _train_timer():
-    """Keras callback measuring the training part of an epoch (validation excluded)."""
+def _epoch_reporter(on_end, on_begin, validate=None):
+    """Keras callback: ``on_begin(epoch)`` before each epoch; after it, ``validate()`` (a dict of
+    validation metrics, or None) and ``on_end(epoch, logs, seconds, train_seconds)`` (1-based epochs;
+    ``train_seconds`` excludes validation)."""
     from steel.keras_env import keras
 
-    class TrainTimer(keras.callbacks.Callback):
-        seconds = 0.0
-
+    class EpochReporter(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
-            self._t0, self.seconds = time.time(), 0.0
-
-        def on_test_begin(self, logs=None):
-            if not self.seconds:
-                self.seconds = time.time() - self._t0
+            on_begin(epoch + 1)
+            self._t0 = time.time()
 
         def on_epoch_end(self, epoch, logs=None):
-            if not self.seconds:
-                self.seconds = time.time() - self._t0
+            logs = dict(logs or {})
+            train_seconds = time.time() - self._t0
+            if validate is not None:
+                logs.update({f"val_{k}": v for k, v in validate().items()})
+            on_end(epoch + 1, logs, time.time() - self._t0, train_seconds)
 
-    return TrainTimer()
+    return EpochReporter()
 
 
 def _compile(model, name: str, lr_schedule, seg_loss: str):
@@ -260,7 +278,8 @@ def train_loop(config: dict) -> None:
     peak_lr = scaled_lr(train_cfg.base_lr, batch, world, train_cfg.base_batch)
     with strategy.scope():
         model = models.build_from_config(name, train_cfg)
-        schedule = warmup_schedule(peak_lr, int(round(train_cfg.warmup_epochs * steps)))
+        decay = epochs * steps if train_cfg.lr_schedule == "cosine" else None
+        schedule = warmup_schedule(peak_lr, int(round(train_cfg.warmup_epochs * steps)), decay)
         _compile(model, name, schedule, train_cfg.seg_loss)
 
     if rank == 0:
@@ -297,25 +316,27 @@ def train_loop(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if val_steps else None
     shuffle_buffer = batch * 4 if train_cfg.augment else None
+    # One fit() for all epochs over the repeated training shard: each pass of its generator is one
+    # epoch of the Ray Data shard, and steps_per_epoch (= the shard's batches per pass) keeps Keras'
+    # epochs on those boundaries. A fit() per epoch tears the MWMS input iterators down every epoch,
+    # which cost 4-10 s per epoch on the quickstart. Validation runs from the epoch callback on a
+    # fresh pass of the validation shard (a repeated one lets workers' prefetching reach different
+    # epochs of it, and streaming_split then waits for ever at its epoch barrier).
+    train_ds = _distributed(strategy, train_shard, batch, specs, shuffle_buffer, repeat=True)
+    validate = None
+    if val_shard is not None:
+        def validate():
+            val_ds = _distributed(strategy, val_shard, batch, specs, None)
+            return model.evaluate(val_ds, steps=val_steps, verbose=0, return_dict=True)
 
-    for epoch in range(start_epoch + 1, epochs + 1):
-        _maybe_fail(config.get("fault"), epoch, rank)
-        t0 = time.time()
-        train_ds = _distributed(strategy, train_shard, batch, specs, shuffle_buffer)
-        kwargs = {}
-        if val_shard is not None:
-            kwargs = dict(validation_data=_distributed(strategy, val_shard, batch, specs, None),
-                          validation_steps=val_steps)
-        timer = _train_timer()
-        fit = model.fit(train_ds, epochs=epoch, initial_epoch=epoch - 1, steps_per_epoch=steps,
-                        verbose=0, callbacks=[timer], **kwargs)
-        seconds = time.time() - t0
-        metrics = {k: float(v[-1]) for k, v in fit.history.items()}
+    def end_of_epoch(epoch: int, logs: dict, seconds: float, train_seconds: float) -> None:
+        nonlocal best, best_epoch
+        metrics = {k: float(v) for k, v in logs.items()}
         metrics.update(epoch=epoch, seconds=round(seconds, 3),
                        lr=float(schedule(model.optimizer.iterations - 1)),
-                       train_seconds=round(timer.seconds, 3),
+                       train_seconds=round(train_seconds, 3),
                        images_per_s_per_worker=round(metrics.get("images", steps * batch * world) / world
-                                                     / max(timer.seconds, 1e-9), 3))
+                                                     / max(train_seconds, 1e-9), 3))
         improved = _is_better(metrics.get(monitor), best)
         if improved:
             best, best_epoch = metrics[monitor], epoch
@@ -341,6 +362,12 @@ def train_loop(config: dict) -> None:
                       f"{' *best*' if improved else ''}", flush=True)
             else:
                 ray.train.report(metrics, checkpoint=None)
+
+    if start_epoch < epochs:
+        reporter = _epoch_reporter(end_of_epoch, lambda epoch: _maybe_fail(config.get("fault"), epoch, rank),
+                                   validate)
+        model.fit(train_ds, epochs=epochs, initial_epoch=start_epoch, steps_per_epoch=steps, verbose=0,
+                  callbacks=[reporter])
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -438,7 +465,7 @@ def train_one(cfg, name: str, splits: dict, images_uri: str, fault: dict | None 
     storage_path, fs = _storage(tc.output)
     trainer = TensorflowTrainer(
         train_loop,
-        train_loop_config={"name": name, "train": cfg.to_dict()["train"], "epochs": tc.epochs,
+        train_loop_config={"name": name, "train": cfg.to_dict()["train"], "epochs": tc.epochs_for(name),
                            "steps_per_epoch": p["steps_per_epoch"], "val_steps": p["val_steps"],
                            "num_workers": tc.num_workers, "resume_key": resume_key(name, tc, splits),
                            "fault": fault if fault and fault.get("model", name) == name else None},
@@ -456,7 +483,7 @@ def train_one(cfg, name: str, splits: dict, images_uri: str, fault: dict | None 
     )
     print(f"[{name}] training: {p['train_rows']} train images ({p['steps_per_epoch']} steps/epoch x "
           f"{tc.num_workers} workers x batch {tc.per_worker_batch}), {p['val_rows']} val images, "
-          f"{tc.epochs} epochs, peak lr {scaled_lr(tc.base_lr, tc.per_worker_batch, tc.num_workers, tc.base_batch):.2e}",
+          f"{tc.epochs_for(name)} epochs, peak lr {scaled_lr(tc.base_lr, tc.per_worker_batch, tc.num_workers, tc.base_batch):.2e}",
           flush=True)
     t0 = time.time()
     result = trainer.fit()
@@ -573,7 +600,10 @@ def train_key(name: str, cfg, data_fingerprint: str) -> str:
     from steel import models
 
     train = cfg.to_dict()["train"]
-    relevant = {k: v for k, v in train.items() if k not in ("output", "models", "max_failures")}
+    # Only what shapes this model: its own epochs count, not the other models' (epochs_by_model).
+    relevant = {k: v for k, v in train.items()
+                if k not in ("output", "models", "max_failures", "epochs", "epochs_by_model")}
+    relevant["epochs"] = cfg.train.epochs_for(name)
     payload = json.dumps({"name": name, "spec": models.model_spec(name, cfg.train), "train": relevant,
                           "data": data_fingerprint}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -42,12 +42,23 @@ def test_defaults_are_the_seed_architecture():
         ({"score": {"format": "json"}}, "score.format"),
         ({"data": {"synth": {"images": 1.5}}}, "data.synth.images"),
         ({"data": "here"}, "data"),
+        ({"train": {"epochs_by_model": {"seg5": 3}}}, "train.epochs_by_model"),
+        ({"train": {"epochs_by_model": {"seg3": 0}}}, "train.epochs_by_model.seg3"),
+        ({"train": {"epochs_by_model": {"seg3": "many"}}}, "train.epochs_by_model.seg3"),
+        ({"train": {"epochs_by_model": [3]}}, "train.epochs_by_model"),
+        ({"train": {"lr_schedule": "linear"}}, "train.lr_schedule"),
     ],
 )
 def test_errors_name_the_key(data, key):
     with pytest.raises(ConfigError) as err:
         config_from_dict(data)
     assert str(err.value).startswith(key + ":"), str(err.value)
+
+
+def test_epochs_by_model_overrides_epochs_per_model():
+    cfg = config_from_dict({"train": {"epochs": 5, "epochs_by_model": {"seg3": 9}, "lr_schedule": "cosine"}})
+    assert cfg.train.epochs_for("seg3") == 9 and cfg.train.epochs_for("binary") == 5
+    assert cfg.train.lr_schedule == "cosine" and config_from_dict({}).train.lr_schedule == "constant"
 
 
 def test_typo_suggests_the_right_key():

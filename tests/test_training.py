@@ -45,6 +45,18 @@ def test_linear_scaling_and_warmup():
     assert float(warmup_schedule(1e-3, 0)(0)) == pytest.approx(1e-3)
 
 
+def test_cosine_schedule_decays_to_zero_after_warmup():
+    from steel.training import warmup_schedule
+
+    sched = warmup_schedule(1e-3, warmup_steps=2, decay_steps=10)
+    lrs = [float(sched(s)) for s in range(12)]
+    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3) and lrs[2] == pytest.approx(1e-3)
+    assert lrs[6] == pytest.approx(5e-4, rel=1e-5)  # half-way through the decay: half the peak
+    assert all(a > b for a, b in zip(lrs[2:10], lrs[3:11]))  # strictly decreasing after warm-up
+    assert lrs[10] == pytest.approx(0.0, abs=1e-9) and lrs[11] == pytest.approx(0.0, abs=1e-9)
+    assert sched.get_config() == {"peak_lr": 1e-3, "warmup_steps": 2, "decay_steps": 10}
+
+
 def test_plan_gives_equal_steps_per_worker(tiny_root):
     from steel.training import plan
 
@@ -98,6 +110,11 @@ def test_train_key_tracks_config_and_data(tiny_root):
     assert key != train_key("binary", cfg, "fp2")
     assert key != train_key("binary", tiny_config(tiny_root, "/tmp/unused", epochs=3), "fp1")
     assert key != train_key("multilabel", cfg, "fp1")
+    # A per-model epoch count changes only that model's key.
+    other = tiny_config(tiny_root, "/tmp/unused", epochs_by_model={"seg3": 4})
+    assert train_key("binary", other, "fp1") == key
+    assert train_key("seg3", other, "fp1") != train_key("seg3", cfg, "fp1")
+    assert train_key("seg3", other, "fp1") == train_key("seg3", tiny_config(tiny_root, "/tmp/unused", epochs=4), "fp1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,14 +130,16 @@ def test_trains_all_six_into_a_loadable_bundle(tiny_root, tmp_path, ray_local):
     from steel import bundle
     from steel.training import load_trained, train_models
 
-    cfg = tiny_config(tiny_root, tmp_path, epochs=1)
+    cfg = tiny_config(tiny_root, tmp_path, epochs=1, epochs_by_model={"seg2": 2}, lr_schedule="cosine")
     results = train_models(cfg)
     assert set(results) == {"binary", "multilabel", "seg1", "seg2", "seg3", "seg4"}
+    assert _epochs(results["seg2"]) == [1, 2]  # epochs_by_model overrides epochs for that model only
     loaded = bundle.load_bundle(cfg.bundle)
     assert set(loaded.models) == set(results)
     rng = np.random.default_rng(0)
     for name, r in results.items():
-        assert r["status"] == "trained" and _epochs(r) == [1] and r["best_epoch"] == 1
+        expected = [1, 2] if name == "seg2" else [1]
+        assert r["status"] == "trained" and _epochs(r) == expected and r["best_epoch"] in expected
         row = r["history"][0]
         monitor = "val_dice_coef" if name.startswith("seg") else "val_f1_m"
         assert r["monitor"] == monitor and np.isfinite(row["loss"]) and monitor in row
@@ -128,7 +147,7 @@ def test_trains_all_six_into_a_loadable_bundle(tiny_root, tmp_path, ray_local):
         n_train = int(row["images"])
         assert n_train >= 2 and n_train % 2 == 0
         manifest_entry = loaded.manifest["models"][name]
-        assert manifest_entry["metrics"]["best_epoch"] == 1
+        assert manifest_entry["metrics"]["best_epoch"] == r["best_epoch"]
         assert (tmp_path / "bundle" / "history" / f"{name}.csv").exists()
         assert (tmp_path / "bundle" / "history" / f"{name}.png").exists()
         assert list((tmp_path / "bundle" / "logs" / name).rglob("events.out.tfevents.*"))
