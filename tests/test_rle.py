@@ -83,7 +83,7 @@ def test_roundtrip_and_reference(mask):
     assert encoded == encode_ref(mask.tolist())
     rle.validate(encoded, shape)
     decoded = rle.decode(encoded, shape)
-    assert decoded.dtype == np.uint8 and decoded.shape == shape and decoded.flags.c_contiguous
+    assert decoded.dtype == np.uint8 and decoded.shape == shape and decoded.flags.f_contiguous
     assert np.array_equal(decoded, mask)
     assert decoded.tolist() == decode_ref(encoded, shape)
     assert rle.area(encoded, shape) == int(mask.sum())
