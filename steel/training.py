@@ -165,11 +165,14 @@ def _type_specs(name: str, input_size):
     return image, label
 
 
-def _distributed(strategy, shard, batch_size: int, specs, shuffle_buffer: int | None, repeat: bool = False):
+def _distributed(strategy, shard, batch_size: int, specs, shuffle_buffer: int | None, passes: int = 1):
     """This worker's shard as a Keras-ready distributed dataset (no re-batching, no auto-shard).
 
-    ``repeat``: every pass of the repeat calls the generator again, which starts the next epoch of
-    the Ray Data shard (a fresh shuffle and augmentation).
+    ``passes``: the shard is read that many times in a row; every pass calls the generator again,
+    which starts the next epoch of the Ray Data shard (a fresh shuffle and augmentation). The count
+    must be finite and exact: after the last step the input pipeline prefetches one more element,
+    and a pass started by one worker's prefetch alone waits for ever at ``streaming_split``'s epoch
+    barrier (every worker must start every epoch).
     """
     image_spec, label_spec = specs
     tf_ds = shard.to_tf(
@@ -177,8 +180,8 @@ def _distributed(strategy, shard, batch_size: int, specs, shuffle_buffer: int | 
         feature_type_spec=image_spec, label_type_spec=label_spec,
         local_shuffle_buffer_size=shuffle_buffer,
     )
-    if repeat:
-        tf_ds = tf_ds.repeat()
+    if passes > 1:
+        tf_ds = tf_ds.repeat(passes)
     return strategy.distribute_datasets_from_function(lambda _ctx: tf_ds)
 
 
@@ -316,13 +319,13 @@ def train_loop(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if val_steps else None
     shuffle_buffer = batch * 4 if train_cfg.augment else None
-    # One fit() for all epochs over the repeated training shard: each pass of its generator is one
-    # epoch of the Ray Data shard, and steps_per_epoch (= the shard's batches per pass) keeps Keras'
-    # epochs on those boundaries. A fit() per epoch tears the MWMS input iterators down every epoch,
+    # One fit() for the remaining epochs over that many passes of the training shard: each pass of
+    # its generator is one epoch of the Ray Data shard, and steps_per_epoch (= the shard's batches
+    # per pass) keeps Keras' epochs on those boundaries. A fit() per epoch tears the MWMS input iterators down every epoch,
     # which cost 4-10 s per epoch on the quickstart. Validation runs from the epoch callback on a
     # fresh pass of the validation shard (a repeated one lets workers' prefetching reach different
     # epochs of it, and streaming_split then waits for ever at its epoch barrier).
-    train_ds = _distributed(strategy, train_shard, batch, specs, shuffle_buffer, repeat=True)
+    train_ds = _distributed(strategy, train_shard, batch, specs, shuffle_buffer, passes=max(1, epochs - start_epoch))
     validate = None
     if val_shard is not None:
         def validate():

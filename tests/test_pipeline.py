@@ -145,3 +145,24 @@ def test_pipeline_as_a_ray_job(first_run, tmp_path, ray_head):
     assert "[   train] skipped" in logs and "[   score] done" in logs
     assert (tmp_path / "scores" / "_SUCCESS").exists()
     assert (tmp_path / "report" / "report.md").exists()
+
+
+def test_data_stage_regenerates_a_synthetic_set_of_other_sizes_only(tmp_path, capsys):
+    from steel import synth
+    from steel.config import config_from_dict
+    from steel.pipeline import Pipeline
+
+    root = tmp_path / "data"
+    synth.generate(str(root), images=6, test_images=2, seed=1)
+    cfg = config_from_dict({"data": {"root": str(root), "synth": {"images": 6, "test_images": 2, "seed": 1}}})
+    assert Pipeline(cfg).data()[0] is True  # the same set: skipped
+    cfg = config_from_dict({"data": {"root": str(root), "synth": {"images": 8, "test_images": 2, "seed": 1}}})
+    skipped, summary, _ = Pipeline(cfg).data()
+    assert not skipped and "synthesised 8 train + 2 test" in summary
+    assert "holds a synthetic set of 6 + 2 images (seed 1), data.synth asks for 8 + 2 (seed 1)" in capsys.readouterr().out
+    assert len(list((root / "train_images").glob("*.jpg"))) == 8
+    assert json.loads((root / "synth.json").read_text())["train"]["images"] == 8
+    # A real dataset (no synth.json) is never regenerated, whatever data.synth says.
+    (root / "synth.json").unlink()
+    cfg = config_from_dict({"data": {"root": str(root), "synth": {"images": 4, "test_images": 1, "seed": 1}}})
+    assert Pipeline(cfg).data()[0] is True
