@@ -39,11 +39,27 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     joining = bool(address) or bool(os.environ.get("RAY_ADDRESS"))
-    kwargs = {} if joining else {"num_cpus": num_cpus or local_cpus(), "include_dashboard": False}
-    ray.init(address=address, runtime_env=_driver_runtime_env(runtime_env()), logging_level=logging.WARNING,
-             **kwargs)
+    env = _driver_runtime_env(runtime_env())
+    kwargs = {}
+    if not joining:
+        kwargs = {"num_cpus": num_cpus or local_cpus(), "include_dashboard": False}
+        env = {**(env or {}), "worker_process_setup_hook": "steel.ray_session.quiet_worker_logs"}
+    ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, **kwargs)
     log.info("Ray resources: %s", ray.cluster_resources())
     return True
+
+
+# Loggers that flood a local run's console with nothing to act on. Ray Train's placement-group
+# cleaner asks the state API (served by the dashboard, which a local session here does not start)
+# whether the train controller is alive, every second, and warns each time it cannot: ~800 lines
+# in one quickstart.
+_QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_worker_logs() -> None:
+    """``worker_process_setup_hook`` of a local session: silences :data:`_QUIET_LOGGERS`."""
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _driver_runtime_env(wanted: dict) -> dict | None:

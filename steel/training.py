@@ -4,7 +4,8 @@ Two halves:
 
 - :func:`train_loop` runs on every Ray Train worker (Ray's TensorFlow examples style: a plain
   function of a config dict): threads -> ``MultiWorkerMirroredStrategy`` -> model in scope ->
-  dataset shard -> epochs -> ``ray.train.report``.
+  dataset shard -> one ``fit`` over the remaining epochs, whose epoch-end callback validates,
+  checkpoints and calls ``ray.train.report``.
 - :func:`train_models` runs in the driver: labels and split, one ``TensorflowTrainer`` per model,
   then the best weights into the bundle, the history (CSV + plot) and TensorBoard logs.
 
