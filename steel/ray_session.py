@@ -49,17 +49,29 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     return True
 
 
-# Loggers that flood a local run's console with nothing to act on. Ray Train's placement-group
-# cleaner asks the state API (served by the dashboard, which a local session here does not start)
-# whether the train controller is alive, every second, and warns each time it cannot: ~800 lines
-# in one quickstart.
-_QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+# Loggers that flood a local run's console with nothing to act on (a quickstart printed ~700 lines):
+# - Ray Train's placement-group cleaner asks the state API (served by the dashboard, which a local
+#   session here does not start) whether the train controller is alive, every second, and warns
+#   each time it cannot: ~800 lines in one quickstart before this;
+# - Ray Data's executor logs three INFO lines per dataset pass, i.e. per epoch per split.
+# Warnings and errors of the executor still show; the training loop prints its own epoch lines.
+_QUIET_LOGGERS = {
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    "ray.data._internal.execution.streaming_executor": logging.WARNING,
+}
+# Ray Train V2 logs "Reporting training result N: <every metric>" per worker per epoch (the loop's own
+# epoch line says the same) through a logger named after its file, not its module.
+_RAY_TRAIN_REPORT_LOGGER = ("train", "v2", "_internal", "execution", "context.py")
 
 
 def quiet_worker_logs() -> None:
-    """``worker_process_setup_hook`` of a local session: silences :data:`_QUIET_LOGGERS`."""
-    for name in _QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    """``worker_process_setup_hook`` of a local session: lowers the loggers above to warnings."""
+    import ray
+
+    levels = dict(_QUIET_LOGGERS)
+    levels[os.path.join(os.path.dirname(ray.__file__), *_RAY_TRAIN_REPORT_LOGGER)] = logging.WARNING
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def _driver_runtime_env(wanted: dict) -> dict | None:
