@@ -1,0 +1,190 @@
+"""IAM (infra/iam/): every URI a job writes or reads is allowed for the role that runs it, the scoring
+role cannot touch bundles, no action wildcards, listing only under named prefixes, and the autoscaler's
+rights (with iam:PassRole for the worker role only) only on the launcher head's role.
+
+Policies are evaluated by a small evaluator of IAM's own rules for what these files use: explicit Deny
+wins, else any matching Allow; ``*``/``?`` wildcards in resources; ``StringLike`` on ``s3:prefix``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+IAM = REPO / "infra" / "iam"
+ROLES = {k: v for k, v in json.loads((IAM / "roles.json").read_text()).items() if not k.startswith("_")}
+ACCOUNT = "123456789012"
+
+
+def _policy(name: str) -> dict:
+    return json.loads((IAM / f"{name}.json").read_text())
+
+
+def _statements(role: str) -> list[dict]:
+    return [s for name in ROLES[role]["policies"] for s in _policy(name)["Statement"]]
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _matches(statement: dict, action: str, resource: str, context: dict) -> bool:
+    if not any(fnmatch.fnmatchcase(action, a) for a in _as_list(statement["Action"])):
+        return False
+    if not any(fnmatch.fnmatchcase(resource, r) for r in _as_list(statement["Resource"])):
+        return False
+    for op, conditions in statement.get("Condition", {}).items():
+        assert op == "StringLike", f"evaluator knows only StringLike, got {op}"
+        for key, patterns in conditions.items():
+            if key not in context or not any(fnmatch.fnmatchcase(context[key], p) for p in _as_list(patterns)):
+                return False
+    return True
+
+
+def allowed(role: str, action: str, resource: str, **context) -> bool:
+    context = {k.replace("s3_", "s3:"): v for k, v in context.items()}
+    statements = _statements(role)
+    if any(s["Effect"] == "Deny" and _matches(s, action, resource, context) for s in statements):
+        return False
+    return any(s["Effect"] == "Allow" and _matches(s, action, resource, context) for s in statements)
+
+
+def _split(uri: str) -> tuple[str, str]:
+    assert uri.startswith("s3://"), uri
+    bucket, _, key = uri[5:].partition("/")
+    return bucket, key.rstrip("/")
+
+
+def can_write(role: str, uri: str) -> bool:
+    bucket, key = _split(uri)
+    obj = f"arn:aws:s3:::{bucket}/{key}/part-0.parquet"
+    return (allowed(role, "s3:PutObject", obj) and allowed(role, "s3:DeleteObject", obj)
+            and allowed(role, "s3:ListBucket", f"arn:aws:s3:::{bucket}", s3_prefix=f"{key}/"))
+
+
+def can_read(role: str, uri: str) -> bool:
+    bucket, key = _split(uri)
+    return (allowed(role, "s3:GetObject", f"arn:aws:s3:::{bucket}/{key}/x.jpg")
+            and allowed(role, "s3:ListBucket", f"arn:aws:s3:::{bucket}", s3_prefix=f"{key}/"))
+
+
+def _config(name: str) -> dict:
+    return yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+
+
+def _nightly_args() -> dict:
+    """--images / --out of the nightly scoring command in the CronJob."""
+    text = (REPO / "infra" / "kuberay" / "nightly-score.yaml").read_text()
+    argv = shlex.split(" ".join(str(a) for d in yaml.safe_load_all(text) if d and d["kind"] == "CronJob"
+                                for c in d["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+                                for a in c.get("args", [])))
+    return {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i] in ("--images", "--out")}
+
+
+# --- the evaluator itself ----------------------------------------------------------------------------
+
+def test_evaluator_follows_iam_rules():
+    assert allowed("steel-train", "s3:GetObject", "arn:aws:s3:::steel-data/severstal/train.csv")
+    assert not allowed("steel-train", "s3:GetObject", "arn:aws:s3:::steel-data/other/train.csv")
+    assert not allowed("steel-train", "s3:ListBucket", "arn:aws:s3:::steel-data")  # no prefix: denied
+    assert not allowed("steel-train", "s3:ListBucket", "arn:aws:s3:::steel-data", s3_prefix="other/")
+    assert allowed("steel-train", "s3:ListBucket", "arn:aws:s3:::steel-data", s3_prefix="severstal/x/")
+
+
+# --- each role may do what its jobs do ---------------------------------------------------------------
+
+def test_training_role_writes_every_output_of_training():
+    c = _config("severstal-gpu")
+    for uri in (c["train"]["output"], c["bundle"], c["report"]):
+        assert can_write("steel-train", uri), f"steel-train cannot write {uri}"
+    assert can_read("steel-train", c["data"]["root"])
+
+
+def test_scoring_role_reads_bundle_and_images_and_writes_scores():
+    c = _config("severstal-gpu")
+    nightly = _nightly_args()
+    assert nightly.get("--images") and nightly.get("--out"), "nightly CronJob has no --images/--out"
+    for uri in (c["score"]["out"], nightly["--out"]):
+        assert can_write("steel-score", uri), f"steel-score cannot write {uri}"
+    for uri in (c["bundle"], c["score"]["images"], nightly["--images"]):
+        assert can_read("steel-score", uri), f"steel-score cannot read {uri}"
+
+
+def test_launcher_nodes_can_run_every_stage():
+    c = _config("severstal-gpu")
+    for role in ("steel-ray-head", "steel-ray-worker"):
+        for uri in (c["train"]["output"], c["bundle"], c["report"], c["score"]["out"]):
+            assert can_write(role, uri), f"{role} cannot write {uri}"
+
+
+# --- and no more ---------------------------------------------------------------------------------------
+
+def test_scoring_role_cannot_write_or_delete_bundles_or_training_data():
+    bundle = "arn:aws:s3:::steel-models/bundles/severstal-gpu/manifest.json"
+    for action in ("s3:PutObject", "s3:DeleteObject"):
+        assert not allowed("steel-score", action, bundle)
+        assert not allowed("steel-score", action, "arn:aws:s3:::steel-models/checkpoints/x/ckpt")
+        assert not allowed("steel-score", action, "arn:aws:s3:::steel-data/plant/archive/a.jpg")
+    assert not allowed("steel-score", "s3:GetObject", "arn:aws:s3:::steel-models/checkpoints/x/ckpt")
+
+
+def test_no_role_writes_the_images_bucket():
+    for role in ROLES:
+        for action in ("s3:PutObject", "s3:DeleteObject"):
+            assert not allowed(role, action, "arn:aws:s3:::steel-data/severstal/train_images/a.jpg"), role
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in IAM.glob("steel-*.json")))
+def test_no_wildcard_actions_and_listing_only_under_prefixes(name):
+    for s in _policy(name)["Statement"]:
+        for action in _as_list(s["Action"]):
+            service, _, verb = action.partition(":")
+            assert verb and "*" not in action and "?" not in action, f"{name}: wildcard action {action}"
+        if "s3:ListBucket" in _as_list(s["Action"]):
+            prefixes = s.get("Condition", {}).get("StringLike", {}).get("s3:prefix")
+            assert prefixes, f"{name}: s3:ListBucket without an s3:prefix condition"
+        if any(a.startswith("s3:") for a in _as_list(s["Action"])):
+            assert all(r.startswith("arn:aws:s3:::") for r in _as_list(s["Resource"])), s
+
+
+def test_autoscaler_rights_only_on_the_launcher_head():
+    worker_role = f"arn:aws:iam::{ACCOUNT}:role/steel-ray-worker"
+    for role in ROLES:
+        can_launch = allowed(role, "ec2:RunInstances", "arn:aws:ec2:us-east-1:1:instance/*")
+        assert can_launch == (role == "steel-ray-head"), role
+        assert allowed(role, "iam:PassRole", worker_role) == (role == "steel-ray-head"), role
+        assert not allowed(role, "iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/steel-ray-head"), role
+        assert not allowed(role, "iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/admin"), role
+    for action in ("ec2:TerminateInstances", "ec2:DescribeInstances", "ec2:CreateTags"):
+        assert allowed("steel-ray-head", action, "*"), action
+
+
+def test_launcher_nodes_can_pull_the_image_from_ecr():
+    image = yaml.safe_load((REPO / "cluster.yaml").read_text())["docker"]["image"]
+    registry, _, rest = image.partition("/")
+    account, _, _, region = registry.split(".")[:4]
+    repo = rest.split(":")[0]
+    for role in ("steel-ray-head", "steel-ray-worker"):
+        assert allowed(role, "ecr:GetAuthorizationToken", "*"), role
+        for action in ("ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"):
+            assert allowed(role, action, f"arn:aws:ecr:{region}:{account}:repository/{repo}"), (role, action)
+
+
+def test_cluster_yaml_and_service_accounts_use_these_roles():
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    for name, node in cluster["available_node_types"].items():
+        want = "steel-ray-head" if name == cluster["head_node_type"] else "steel-ray-worker"
+        assert node["node_config"]["IamInstanceProfile"]["Arn"].endswith(f"instance-profile/{want}"), name
+    accounts = {}
+    for path in (REPO / "infra" / "kuberay").glob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc["kind"] == "ServiceAccount":
+                accounts[doc["metadata"]["name"]] = doc["metadata"].get("annotations", {})
+    assert accounts["steel-train"]["eks.amazonaws.com/role-arn"].endswith(":role/steel-train")
+    assert accounts["steel-score"]["eks.amazonaws.com/role-arn"].endswith(":role/steel-score")
