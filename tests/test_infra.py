@@ -1,13 +1,21 @@
-"""cluster.yaml passes Ray's own schema check; every manifest in infra/ parses and its entry points
-name real ``ray_jobs`` modules with arguments those modules accept."""
+"""cluster.yaml passes Ray's own schema check and our checks for what it misses (ECR login, pinned AMI,
+pinned image, head profile); infra/kuberay follows this project's deployment rules (pinned images from
+their owners' registries, deadlines, token auth, network policy, metrics) and its entry points name real
+``ray_jobs`` modules; the nightly CronJob's script fails when scoring fails (run against a real Ray head);
+the Dockerfile has one CUDA stack and installs with the project's constraints."""
 
 from __future__ import annotations
 
 import argparse
 import copy
 import importlib
-import json
+import os
+import re
 import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,29 +65,31 @@ def test_cluster_has_gpu_workers_iam_profile_and_install():
     workers = {k: v for k, v in c["available_node_types"].items() if k != c["head_node_type"]}
     assert any(v["node_config"]["InstanceType"].startswith(("g", "p")) for v in workers.values())
     for node in c["available_node_types"].values():
-        assert "steel-ray-node" in node["node_config"]["IamInstanceProfile"]["Arn"]
+        assert node["node_config"]["IamInstanceProfile"]["Arn"]
     assert any("pip install" in cmd for cmd in c["setup_commands"])
     assert c["docker"]["image"]
 
 
 def _documents() -> list[tuple[Path, dict]]:
-    docs = []
-    for path in MANIFESTS:
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc:
-                docs.append((path, doc))
-                # Manifests carried inside ConfigMaps (the nightly RayJob template) count too.
-                if doc.get("kind") == "ConfigMap":
-                    for text in doc.get("data", {}).values():
-                        inner = yaml.safe_load(text)
-                        if isinstance(inner, dict) and "kind" in inner:
-                            docs.append((path, inner))
-    return docs
+    from tests.test_kuberay import documents
+
+    return [(REPO / "infra" / "kuberay" / f, d) for f, d in documents()]
+
+
+def _cron() -> dict:
+    return next(d for _, d in _documents() if d["kind"] == "CronJob")
+
+
+def _cron_container(cron: dict | None = None) -> dict:
+    return (cron or _cron())["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
 
 
 def _entrypoints(node) -> list[str]:
+    """RayJob entrypoints, and the command the nightly CronJob hands to `ray job submit`."""
     found = []
     if isinstance(node, dict):
+        if node.get("kind") == "CronJob":
+            found.append(shlex.join(_cron_container(node)["args"]))
         for key, value in node.items():
             if key == "entrypoint":
                 found.append(value)
@@ -98,7 +108,7 @@ def test_every_manifest_parses_and_is_kubernetes_shaped():
     assert {"RayCluster", "RayJob", "CronJob"} <= kinds
     for path, doc in docs:
         assert doc.get("apiVersion") and doc.get("kind") and doc.get("metadata"), path
-        if doc["kind"] in ("RayCluster", "RayJob"):
+        if doc["kind"] in ("RayCluster", "RayJob", "RayService"):
             assert doc["apiVersion"] == "ray.io/v1", path
 
 
@@ -135,27 +145,306 @@ def test_a_bad_entrypoint_is_caught():
         _check_entrypoint("python -m ray_jobs.train --confg configs/severstal-gpu.yaml")
 
 
-def test_cronjob_creates_scoring_rayjob_nightly():
-    docs = [d for _, d in _documents()]
-    cron = next(d for d in docs if d["kind"] == "CronJob")
+
+
+# ---- cluster.yaml: what Ray's validator does not check ---------------------------------------------
+
+def _ecr_registry(image: str) -> str | None:
+    m = re.match(r"^(\d{12})\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com/", image)
+    return m.group(0).rstrip("/") if m else None
+
+
+def test_cluster_logs_in_to_ecr_before_pulling():
+    c = _cluster()
+    registry = _ecr_registry(c["docker"]["image"])
+    if registry is None:
+        pytest.skip("image is not on ECR")
+    region = registry.split(".")[3]
+    logins = [cmd for cmd in c.get("initialization_commands", [])
+              if "aws ecr get-login-password" in cmd and "docker login" in cmd]
+    assert logins, "image on ECR but no `aws ecr get-login-password | docker login` in initialization_commands"
+    assert any(f"--region {region}" in cmd and cmd.rstrip().endswith(registry) for cmd in logins), logins
+
+
+def test_cluster_image_tag_is_pinned_and_the_same_as_kuberay():
+    image = _cluster()["docker"]["image"]
+    name, _, tag = image.rpartition(":")
+    assert "/" in name and tag and tag != "latest", f"{image}: pin a version tag"
+    for _, doc in _documents():
+        for img in _images(doc):
+            if img.split(":")[0] == name:
+                assert img == image, f"{img} differs from cluster.yaml's {image}"
+
+
+def test_cluster_pins_an_ami_on_every_node_type():
+    for name, node in _cluster()["available_node_types"].items():
+        ami = node["node_config"].get("ImageId")
+        assert ami and re.fullmatch(r"ami-[0-9a-f]{8,17}", ami), f"{name}: no pinned ImageId (Ray falls back to Ubuntu 18.04)"
+    assert "base-oss-nvidia-driver-gpu-ubuntu-22.04" in (REPO / "cluster.yaml").read_text()
+
+
+def test_cluster_head_and_workers_have_separate_profiles():
+    c = _cluster()
+    head = c["available_node_types"][c["head_node_type"]]["node_config"]["IamInstanceProfile"]["Arn"]
+    workers = {v["node_config"]["IamInstanceProfile"]["Arn"]
+               for k, v in c["available_node_types"].items() if k != c["head_node_type"]}
+    assert head.endswith("/steel-ray-head") and workers == {head.replace("steel-ray-head", "steel-ray-worker")}
+
+
+# ---- infra/kuberay: this project's deployment rules -----------------------------------------------
+
+def _pod_specs(doc: dict) -> list[dict]:
+    from tests.test_kuberay import pod_templates
+
+    if doc["kind"] in ("RayCluster", "RayJob", "RayService"):
+        return [t["spec"] for _, t in pod_templates(doc)]
+    if doc["kind"] == "CronJob":
+        return [doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]]
+    if doc["kind"] in ("Job", "Deployment", "StatefulSet", "DaemonSet"):
+        return [doc["spec"]["template"]["spec"]]
+    if doc["kind"] == "Pod":
+        return [doc["spec"]]
+    return []
+
+
+def _images(doc: dict) -> list[str]:
+    return [c["image"] for spec in _pod_specs(doc)
+            for c in spec.get("containers", []) + spec.get("initContainers", [])]
+
+
+TRUSTED_REGISTRIES = (r"^\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com/", r"^registry\.k8s\.io/", r"^rayproject/")
+
+
+def test_every_image_is_pinned_and_from_its_owners_registry():
+    images = [(p.name, i) for p, d in _documents() for i in _images(d)]
+    assert images
+    for path, image in images:
+        ref = image.split("@")[0]
+        assert "@sha256:" in image or (":" in ref.rsplit("/", 1)[-1] and not ref.endswith(":latest")), \
+            f"{path}: {image} is not pinned to a version"
+        assert any(re.match(r, image) for r in TRUSTED_REGISTRIES), f"{path}: {image} is from an untrusted registry"
+        assert "bitnami/" not in image, f"{path}: versioned bitnami tags were withdrawn in 2025"
+
+
+def test_no_hand_written_dev_shm_volume():
+    for path, doc in _documents():
+        for spec in _pod_specs(doc):
+            for c in spec.get("containers", []):
+                assert all(m["mountPath"] != "/dev/shm" for m in c.get("volumeMounts", [])), \
+                    f"{path}: KubeRay sizes /dev/shm to the pod's memory; do not override it"
+
+
+def test_gpu_workers_pin_one_gpu_type():
+    for path, doc in _documents():
+        for spec in _pod_specs(doc):
+            gpus = [c for c in spec.get("containers", []) if "nvidia.com/gpu" in c.get("resources", {}).get("limits", {})]
+            if gpus:
+                selector = spec.get("nodeSelector", {})
+                assert selector.get("node.kubernetes.io/instance-type") or selector.get("nvidia.com/gpu.product"), \
+                    f"{path}: GPU pods must pin a GPU type (nodeSelector)"
+
+
+def test_rayjobs_have_deadlines_and_release_gpus_quickly():
+    jobs = [(p, d) for p, d in _documents() if d["kind"] == "RayJob"]
+    assert jobs
+    for path, job in jobs:
+        s = job["spec"]
+        assert s.get("activeDeadlineSeconds", 0) > 0, f"{path}: RayJob without activeDeadlineSeconds"
+        if s.get("rayClusterSpec"):
+            assert s.get("shutdownAfterJobFinishes") is True, path
+            assert s.get("ttlSecondsAfterFinished", 0) <= 600, f"{path}: GPU nodes idle after the job for too long"
+
+
+def _env_names(container: dict) -> dict:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _uses_token(container: dict) -> bool:
+    env = _env_names(container)
+    token = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {})
+    return env.get("RAY_AUTH_MODE", {}).get("value") == "token" and token.get("name") and token.get("key")
+
+
+def test_long_lived_cluster_and_its_clients_use_token_auth():
+    cluster = next(d for _, d in _documents() if d["kind"] == "RayCluster")
+    assert cluster["spec"]["rayVersion"] >= "2.52", "Ray token auth needs Ray >= 2.52"
+    for spec in _pod_specs(cluster):
+        for c in spec["containers"]:
+            assert _uses_token(c), f"{c['name']}: no RAY_AUTH_MODE=token with the token from a Secret"
+    assert _uses_token(_cron_container())
+
+
+def test_only_labelled_client_pods_reach_the_job_api():
+    policies = [d for _, d in _documents() if d["kind"] == "NetworkPolicy"]
+    api = [p for p in policies if any(port.get("port") == 8265 for rule in p["spec"].get("ingress", [])
+                                      for port in rule.get("ports", []))]
+    assert api, "no NetworkPolicy guards the dashboard/job API (8265)"
+    client_labels = {}
+    for rule in (r for p in api for r in p["spec"]["ingress"]):
+        for peer in rule["from"]:
+            assert set(peer) == {"podSelector"} and peer["podSelector"].get("matchLabels"), \
+                f"8265 open to more than labelled pods: {peer}"
+            client_labels.update(peer["podSelector"]["matchLabels"])
+    pod_labels = _cron()["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    assert client_labels.items() <= pod_labels.items(), "the nightly CronJob's pods could not reach the job API"
+    # Every other ingress to the cluster's pods: its own pods, or Prometheus on the metrics port only.
+    for p in policies:
+        for rule in p["spec"].get("ingress", []):
+            ports = {port.get("port") for port in rule.get("ports", [])}
+            for peer in rule["from"]:
+                if "namespaceSelector" in peer:
+                    assert ports == {8080}, f"{p['metadata']['name']}: other namespaces reach {ports or 'every port'}"
+
+
+def test_podmonitor_scrapes_the_ray_metrics_port():
+    monitors = [d for _, d in _documents() if d["kind"] == "PodMonitor"]
+    assert monitors and monitors[0]["apiVersion"] == "monitoring.coreos.com/v1"
+    spec = monitors[0]["spec"]
+    assert set(spec) <= {"selector", "namespaceSelector", "podMetricsEndpoints", "jobLabel", "podTargetLabels"}
+    ports = {e["port"] for e in spec["podMetricsEndpoints"]}
+    for _, doc in _documents():
+        if doc["kind"] in ("RayCluster", "RayJob"):
+            for pod in _pod_specs(doc):
+                names = {p["name"] for c in pod["containers"] for p in c.get("ports", [])}
+                assert ports & names, f"{doc['metadata']['name']}: no container port named {ports}"
+
+
+def test_service_accounts_exist_and_match_the_job():
+    accounts = {d["metadata"]["name"] for _, d in _documents() if d["kind"] == "ServiceAccount"}
+    for path, doc in _documents():
+        for spec in _pod_specs(doc):
+            assert spec.get("serviceAccountName") in accounts, f"{path}: service account {spec.get('serviceAccountName')}"
+    train = next(d for _, d in _documents() if d["kind"] == "RayJob" and "ray_jobs.train" in d["spec"]["entrypoint"])
+    assert {s["serviceAccountName"] for s in _pod_specs(train)} == {"steel-train"}
+    cluster = next(d for _, d in _documents() if d["kind"] == "RayCluster")
+    assert {s["serviceAccountName"] for s in _pod_specs(cluster)} == {"steel-score"}
+
+
+def test_nightly_cronjob_waits_for_the_scoring_job():
+    cron = _cron()
     assert len(cron["spec"]["schedule"].split()) == 5
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
-    job = next(d for d in docs if d["kind"] == "RayJob" and "ray_jobs.score" in d["spec"]["entrypoint"])
-    assert job["spec"]["clusterSelector"]
+    job = cron["spec"]["jobTemplate"]["spec"]
+    assert job.get("activeDeadlineSeconds", 0) > 0
+    assert job["template"]["spec"]["restartPolicy"] == "Never"
+    c = _cron_container(cron)
+    script = c["command"][2]
+    assert c["command"][:2] == ["bash", "-c"] and "ray job submit" in script and "--no-wait" not in script
+    assert c["args"][:3] == ["python", "-m", "ray_jobs.score"]
+    assert "RAY_ADDRESS" in _env_names(c)
 
 
-def test_iam_policy_is_least_privilege():
-    policy = json.loads((REPO / "infra" / "iam-policy.json").read_text())
-    actions = {a for s in policy["Statement"] for a in s["Action"]}
-    assert "s3:*" not in actions and "*" not in actions
-    for s in policy["Statement"]:
-        assert all(r.startswith("arn:aws:s3:::") for r in s["Resource"]), s
-        if "s3:PutObject" in s["Action"]:
-            assert not any("steel-data" in r for r in s["Resource"]), "images bucket must stay read-only"
+def _head_token() -> str | None:
+    """Ray 2.60 turns token auth on for a head started where a token exists (~/.ray/auth_token)."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    return os.environ.get("RAY_AUTH_TOKEN") or (path.read_text().strip() if path.exists() else None)
 
 
-def test_dockerfile_base_image_and_keras_env():
-    text = (REPO / "infra" / "Dockerfile").read_text()
-    assert "FROM rayproject/ray:2.60." in text and "-py311-gpu" in text
-    assert "ray-ml" not in text.split("FROM", 1)[1].split("\n", 1)[0]
+def _run_nightly(address: str, workdir: Path, entrypoint: list[str], token: str | None = None,
+                 **popen) -> subprocess.Popen:
+    """The CronJob's own script (from the manifest), with the test's Ray head and entrypoint, and the
+    token passed the way the manifest passes it (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN)."""
+    c = _cron_container()
+    env = dict(os.environ, RAY_ADDRESS=address, STEEL_WORKDIR=str(workdir))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
+    if token:
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    return subprocess.Popen(c["command"] + entrypoint, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, **popen)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_nightly_script_fails_when_scoring_fails_and_stops_the_job_on_deadline(ray_head, tmp_path):
+    (tmp_path / "job.py").write_text("import sys, time\nif sys.argv[1] == 'sleep':\n    time.sleep(600)\n"
+                                     "sys.exit(int(sys.argv[1]))\n")
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    token = _head_token()
+    client = JobSubmissionClient(ray_head, headers={"Authorization": f"Bearer {token}"} if token else None)
+    before = {j.submission_id for j in client.list_jobs()}
+    # All three at once (the slow part is each job's start): succeeding, failing, and one that runs
+    # until Kubernetes' deadline SIGTERM.
+    ok = _run_nightly(ray_head, tmp_path, ["python", "job.py", "0"], token)
+    bad = _run_nightly(ray_head, tmp_path, ["python", "job.py", "3"], token)
+    slow = _run_nightly(ray_head, tmp_path, ["python", "job.py", "sleep"], token)
+    out, _ = ok.communicate(timeout=180)
+    assert ok.returncode == 0, out
+    out, _ = bad.communicate(timeout=180)
+    assert bad.returncode != 0 and "did not succeed" in out, out
+    if token:  # the head requires the token: without it nothing is submitted
+        anon = _run_nightly(ray_head, tmp_path, ["python", "job.py", "0"])
+        out, _ = anon.communicate(timeout=120)
+        assert anon.returncode != 0 and "Authentication" in out, out
+
+    deadline = time.time() + 90
+    job_id = None
+    while time.time() < deadline and job_id is None:
+        running = [j for j in client.list_jobs() if j.submission_id not in before and j.status == JobStatus.RUNNING
+                   and "sleep" in j.entrypoint]
+        job_id = running[0].submission_id if running else None
+        time.sleep(0.5)
+    assert job_id, "the sleeping job never ran"
+    slow.send_signal(signal.SIGTERM)  # what Kubernetes does at activeDeadlineSeconds
+    out, _ = slow.communicate(timeout=90)
+    assert slow.returncode == 143, out
+    assert client.get_job_status(job_id) == JobStatus.STOPPED
+
+
+# ---- Dockerfile ---------------------------------------------------------------------------------------
+
+DOCKERFILE = REPO / "infra" / "Dockerfile"
+
+
+def _from_image() -> str:
+    return next(line.split()[1] for line in DOCKERFILE.read_text().splitlines() if line.startswith("FROM "))
+
+
+def test_dockerfile_has_one_cuda_stack_and_a_pinned_base():
+    base = _from_image()
+    assert re.fullmatch(r"rayproject/ray:2\.60\.\d+-py311-cpu(@sha256:[0-9a-f]{64})?", base), \
+        f"{base}: the CUDA libraries come from tensorflow[and-cuda]; a -gpu/-cu base would add a second stack"
+    text = DOCKERFILE.read_text()
+    assert "tensorflow[and-cuda]" in text
+    assert "ray-ml" not in base
+
+
+def test_dockerfile_installs_with_the_project_constraints_and_checks():
+    text = DOCKERFILE.read_text()
+    installs = [line for line in re.split(r"(?<!\\)\n", text) if "pip install" in line]
+    assert installs
+    for line in installs:
+        for part in line.split("&&"):
+            if "pip install" in part:
+                assert "-c constraints.txt" in part, f"pip install without the constraints: {part.strip()}"
+    assert "COPY" in text and "constraints.txt" in text.split("pip install", 1)[0]
+    assert "pip check" in text
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    ray_tag = re.search(r"ray:(\d+\.\d+\.\d+)", _from_image()).group(1)
+    assert pins["ray"] == ray_tag, "base image's Ray and constraints.txt's differ"
+    tf = re.search(r'tensorflow\[and-cuda\]==([\d.*]+)', text)
+    assert tf and pins["tensorflow"].startswith(tf.group(1).rstrip("*").rstrip(".")), "TensorFlow pin differs"
+
+
+def test_dockerfile_keeps_tf_warnings_and_keras_env():
+    text = DOCKERFILE.read_text()
     assert "TF_USE_LEGACY_KERAS=1" in text and "SM_FRAMEWORK=tf.keras" in text
+    level = re.search(r"TF_CPP_MIN_LOG_LEVEL=(\d)", text)
+    assert level is None or int(level.group(1)) <= 1, "level 2 hides TF's 'Skipping registering GPU devices'"
+
+
+def test_dockerignore_keeps_local_state_out_of_the_context():
+    ignore = (REPO / ".dockerignore").read_text().split()
+    for entry in (".venv", "runs", ".git"):
+        assert any(line.strip("/") == entry for line in ignore), f".dockerignore misses {entry}"
+
+
+def test_gpu_smoke_check_is_in_the_image_and_fails_without_a_gpu():
+    text = DOCKERFILE.read_text()
+    assert "infra/gpu_smoke.py" in text
+    out = subprocess.run([sys.executable, str(REPO / "infra" / "gpu_smoke.py"), "--require-gpu"],
+                         capture_output=True, text=True, timeout=240, env=dict(os.environ, CUDA_VISIBLE_DEVICES="-1"))
+    assert out.returncode != 0 and "no GPU" in out.stdout + out.stderr, out.stdout + out.stderr
