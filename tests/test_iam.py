@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -188,3 +191,31 @@ def test_cluster_yaml_and_service_accounts_use_these_roles():
                 accounts[doc["metadata"]["name"]] = doc["metadata"].get("annotations", {})
     assert accounts["steel-train"]["eks.amazonaws.com/role-arn"].endswith(":role/steel-train")
     assert accounts["steel-score"]["eks.amazonaws.com/role-arn"].endswith(":role/steel-score")
+
+
+# --- infra/iam/create.sh, run with the real AWS CLI against moto's IAM ----------------------------------
+
+@pytest.mark.skipif(shutil.which("aws") is None, reason="the AWS CLI is not installed")
+@pytest.mark.timeout(180)
+def test_create_script_builds_exactly_the_roles_of_roles_json(s3_endpoint):
+    """moto's IAM server also checks each policy document's grammar, as IAM does on create-policy."""
+    import boto3
+
+    oidc = "oidc.eks.us-east-1.amazonaws.com/id/EXAMPLED539D4633E53DE1B71EXAMPLE"
+    env = dict(os.environ, ACCOUNT=ACCOUNT, OIDC_PROVIDER=oidc, AWS_ENDPOINT_URL=s3_endpoint,
+               AWS_DEFAULT_REGION="us-east-1", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    out = subprocess.run(["bash", str(IAM / "create.sh")], env=env, capture_output=True, text=True, timeout=150)
+    assert out.returncode == 0, out.stdout + out.stderr
+    iam = boto3.client("iam", endpoint_url=s3_endpoint, region_name="us-east-1")
+    for role, spec in ROLES.items():
+        attached = {p["PolicyName"] for p in iam.list_attached_role_policies(RoleName=role)["AttachedPolicies"]}
+        assert attached == set(spec["policies"]), role
+    for profile in ("steel-ray-head", "steel-ray-worker"):
+        roles = iam.get_instance_profile(InstanceProfileName=profile)["InstanceProfile"]["Roles"]
+        assert [r["RoleName"] for r in roles] == [profile]
+    trust = iam.get_role(RoleName="steel-score")["Role"]["AssumeRolePolicyDocument"]
+    trust = json.loads(trust) if isinstance(trust, str) else trust
+    cond = trust["Statement"][0]["Condition"]["StringEquals"]
+    assert cond[f"{oidc}:sub"] == "system:serviceaccount:steel:steel-score"
+    autoscaler = iam.get_policy_version(PolicyArn=f"arn:aws:iam::{ACCOUNT}:policy/steel-autoscaler", VersionId="v1")
+    assert ACCOUNT in json.dumps(autoscaler["PolicyVersion"]["Document"])

@@ -379,14 +379,17 @@ def test_nightly_script_fails_when_scoring_fails_and_stops_the_job_on_deadline(r
         out, _ = anon.communicate(timeout=120)
         assert anon.returncode != 0 and "Authentication" in out, out
 
-    deadline = time.time() + 90
+    deadline = time.time() + 150
     job_id = None
     while time.time() < deadline and job_id is None:
         running = [j for j in client.list_jobs() if j.submission_id not in before and j.status == JobStatus.RUNNING
                    and "sleep" in j.entrypoint]
         job_id = running[0].submission_id if running else None
         time.sleep(0.5)
-    assert job_id, "the sleeping job never ran"
+    if not job_id:
+        slow.kill()
+        jobs = [(j.submission_id, j.status, j.entrypoint, j.message) for j in client.list_jobs()]
+        pytest.fail(f"the sleeping job never ran: {jobs}\n{slow.communicate()[0]}")
     slow.send_signal(signal.SIGTERM)  # what Kubernetes does at activeDeadlineSeconds
     out, _ = slow.communicate(timeout=90)
     assert slow.returncode == 143, out
