@@ -84,6 +84,17 @@ def test_core_validation_is_strict_and_covers_the_kinds():
     assert k8s_errors(cron)
 
 
+def test_resource_quota_names_extended_resources_by_requests_only():
+    """Kubernetes API validation beyond the schema: extended resources (nvidia.com/gpu) cannot be
+    overcommitted, so a quota may name them only as requests.<resource>."""
+    quotas = of_kind("ResourceQuota")
+    assert quotas
+    for q in quotas:
+        for key in q["spec"]["hard"]:
+            if "/" in key and not key.split("/")[0].endswith("kubernetes.io"):
+                assert key.startswith("requests."), f"{q['metadata']['name']}: {key} (only requests. is allowed)"
+
+
 def pod_templates(obj: dict) -> list[tuple[str, dict]]:
     """Every pod template inside a Ray object, with where it is."""
     spec = obj["spec"]
