@@ -195,8 +195,9 @@ def test_cluster_yaml_and_service_accounts_use_these_roles():
 
 # --- infra/iam/create.sh, run with the real AWS CLI against moto's IAM ----------------------------------
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("aws") is None, reason="the AWS CLI is not installed")
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_create_script_builds_exactly_the_roles_of_roles_json(s3_endpoint):
     """moto's IAM server also checks each policy document's grammar, as IAM does on create-policy."""
     import boto3
@@ -204,7 +205,7 @@ def test_create_script_builds_exactly_the_roles_of_roles_json(s3_endpoint):
     oidc = "oidc.eks.us-east-1.amazonaws.com/id/EXAMPLED539D4633E53DE1B71EXAMPLE"
     env = dict(os.environ, ACCOUNT=ACCOUNT, OIDC_PROVIDER=oidc, AWS_ENDPOINT_URL=s3_endpoint,
                AWS_DEFAULT_REGION="us-east-1", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
-    out = subprocess.run(["bash", str(IAM / "create.sh")], env=env, capture_output=True, text=True, timeout=150)
+    out = subprocess.run(["bash", str(IAM / "create.sh")], env=env, capture_output=True, text=True, timeout=280)
     assert out.returncode == 0, out.stdout + out.stderr
     iam = boto3.client("iam", endpoint_url=s3_endpoint, region_name="us-east-1")
     for role, spec in ROLES.items():
