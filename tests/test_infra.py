@@ -378,6 +378,12 @@ def test_nightly_script_fails_when_scoring_fails_and_stops_the_job_on_deadline(r
         anon = _run_nightly(ray_head, tmp_path, ["python", "job.py", "0"])
         out, _ = anon.communicate(timeout=120)
         assert anon.returncode != 0 and "Authentication" in out, out
+    if token and (Path.home() / ".ray" / "auth_token").exists() and "RAY_AUTH_TOKEN" not in os.environ:
+        # README: a workstation with RAY_AUTH_MODE=token sends the token from ~/.ray/auth_token.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        listing = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address", ray_head],
+                                 env=dict(env, RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=120)
+        assert listing.returncode == 0, listing.stdout + listing.stderr
 
     deadline = time.time() + 150
     job_id = None
@@ -451,3 +457,12 @@ def test_gpu_smoke_check_is_in_the_image_and_fails_without_a_gpu():
     out = subprocess.run([sys.executable, str(REPO / "infra" / "gpu_smoke.py"), "--require-gpu"],
                          capture_output=True, text=True, timeout=240, env=dict(os.environ, CUDA_VISIBLE_DEVICES="-1"))
     assert out.returncode != 0 and "no GPU" in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+def test_cluster_turns_on_token_auth_with_a_token_on_every_node():
+    c = _cluster()
+    assert any(re.search(r"(--env|-e)[ =]RAY_AUTH_MODE=token", o) for o in c["docker"]["run_options"]), \
+        "RAY_AUTH_MODE=token is not set in the containers"
+    mounts = {os.path.expanduser(k) if not k.startswith("~") else k: v for k, v in c["file_mounts"].items()}
+    assert any(k.endswith(".ray/auth_token") and v.endswith(".ray/auth_token") for k, v in mounts.items()), \
+        "the token file is not copied to the nodes"
