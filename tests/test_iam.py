@@ -81,6 +81,11 @@ def _config(name: str) -> dict:
     return yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
 
 
+# Every config that works on S3 (the cluster configs), not only today's.
+S3_CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.yaml")
+                    if str(yaml.safe_load(p.read_text()).get("bundle", "")).startswith("s3://"))
+
+
 def _nightly_args() -> dict:
     """--images / --out of the nightly scoring command in the CronJob."""
     text = (REPO / "infra" / "kuberay" / "nightly-score.yaml").read_text()
@@ -102,15 +107,21 @@ def test_evaluator_follows_iam_rules():
 
 # --- each role may do what its jobs do ---------------------------------------------------------------
 
-def test_training_role_writes_every_output_of_training():
-    c = _config("severstal-gpu")
+def test_there_are_s3_configs():
+    assert "severstal-gpu" in S3_CONFIGS
+
+
+@pytest.mark.parametrize("name", S3_CONFIGS)
+def test_training_role_writes_every_output_of_training(name):
+    c = _config(name)
     for uri in (c["train"]["output"], c["bundle"], c["report"]):
         assert can_write("steel-train", uri), f"steel-train cannot write {uri}"
     assert can_read("steel-train", c["data"]["root"])
 
 
-def test_scoring_role_reads_bundle_and_images_and_writes_scores():
-    c = _config("severstal-gpu")
+@pytest.mark.parametrize("name", S3_CONFIGS)
+def test_scoring_role_reads_bundle_and_images_and_writes_scores(name):
+    c = _config(name)
     nightly = _nightly_args()
     assert nightly.get("--images") and nightly.get("--out"), "nightly CronJob has no --images/--out"
     for uri in (c["score"]["out"], nightly["--out"]):
@@ -119,8 +130,9 @@ def test_scoring_role_reads_bundle_and_images_and_writes_scores():
         assert can_read("steel-score", uri), f"steel-score cannot read {uri}"
 
 
-def test_launcher_nodes_can_run_every_stage():
-    c = _config("severstal-gpu")
+@pytest.mark.parametrize("name", S3_CONFIGS)
+def test_launcher_nodes_can_run_every_stage(name):
+    c = _config(name)
     for role in ("steel-ray-head", "steel-ray-worker"):
         for uri in (c["train"]["output"], c["bundle"], c["report"], c["score"]["out"]):
             assert can_write(role, uri), f"{role} cannot write {uri}"
