@@ -266,6 +266,10 @@ def train_loop(config: dict) -> None:
     name = config["name"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if train_cfg.use_gpu:  # Ray gave this worker a GPU; TensorFlow must be able to use it
+        from steel.devices import require_gpu
+
+        require_gpu(f"train.use_gpu: true (model {name}, worker {rank})")
     epochs = int(config["epochs"])
     steps = int(config["steps_per_epoch"])
     val_steps = int(config["val_steps"])
@@ -659,6 +663,10 @@ def train_models(cfg, models: list[str] | None = None) -> dict[str, dict]:
     if cfg.storage_endpoint:
         storage.set_endpoint(cfg.storage_endpoint)
     fault = parse_fault(os.environ.get(FAULT_ENV))
+    if cfg.train.use_gpu:  # before reading any data: fail at once when the GPU nodes' TensorFlow sees none
+        from steel.devices import check_ray_gpus
+
+        check_ray_gpus("train.use_gpu: true", 1)
     splits, fp = load_splits(cfg)
     images_uri = cfg.data.path("train_images")
     print(f"data: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test images "
