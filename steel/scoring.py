@@ -431,31 +431,6 @@ def _write_manifest(out_uri, previous, done, written, summary, bundle, used_thre
     storage.write_text(storage.join(out_uri, score_io.MANIFEST), json.dumps(manifest, indent=1, default=str) + "\n")
 
 
-def cascade_dataset(items: list[dict], cfg: ScoreConfig, filesystem, formats, factory, actor=None):
-    """The Ray Data pipeline ``from_items -> decode_batch -> actor pool`` (lazy; nothing runs yet).
-
-    ``items``: one dict per file with ``shard``, ``image_id``, ``file`` (URI), ``path`` (on
-    ``filesystem``). ``actor``: the actor stage class, :class:`CascadeActor` or a subclass
-    (threshold tuning's probability stage); built once per actor with ``factory``, on
-    ``cfg.gpus_per_actor`` GPUs (and then it refuses to start without one).
-    """
-    import ray
-
-    blocks = max(1, min(len(items), math.ceil(len(items) / cfg.batch_size), 2000))
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
-    # Decoding is light (I/O + libjpeg): half a CPU per task. The differing resources also keep Ray
-    # from fusing it into the actor stage, so decoding overlaps inference in separate CPU tasks.
-    ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=0.5,
-                        fn_kwargs={"filesystem": filesystem, "allow_resize": cfg.allow_resize, "formats": formats})
-    actor_args: dict = {}
-    if cfg.gpus_per_actor > 0:
-        actor_args["num_gpus"] = cfg.gpus_per_actor
-    return ds.map_batches(actor or CascadeActor,
-                          fn_constructor_kwargs={"factory": factory, "require_gpu": cfg.gpus_per_actor > 0},
-                          batch_size=cfg.batch_size, batch_format="numpy",
-                          compute=ray.data.ActorPoolStrategy(size=cfg.actors), **actor_args)
-
-
 def _run_pipeline(plan, inputs, images_uri, out_uri, cfg, formats, factory, gating):
     """Stream the planned shards through Ray Data; yields each shard's manifest entry once written."""
     fs, _ = storage.resolve(images_uri)
@@ -500,6 +475,31 @@ def _run_pipeline(plan, inputs, images_uri, out_uri, cfg, formats, factory, gati
     if open_shards:
         missing = {n: len(s.image_ids) - len(s.seen) for n, s in open_shards.items()}
         raise RuntimeError(f"scoring ended with incomplete shards (images missing per shard): {missing}")
+
+
+def cascade_dataset(items: list[dict], cfg: ScoreConfig, filesystem, formats, factory, actor=None):
+    """The Ray Data pipeline ``from_items -> decode_batch -> actor pool`` (lazy; nothing runs yet).
+
+    ``items``: one dict per file with ``shard``, ``image_id``, ``file`` (URI), ``path`` (on
+    ``filesystem``). ``actor``: the actor stage class, :class:`CascadeActor` or a subclass
+    (threshold tuning's probability stage); built once per actor with ``factory``, on
+    ``cfg.gpus_per_actor`` GPUs (and then it refuses to start without one).
+    """
+    import ray
+
+    blocks = max(1, min(len(items), math.ceil(len(items) / cfg.batch_size), 2000))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    # Decoding is light (I/O + libjpeg): half a CPU per task. The differing resources also keep Ray
+    # from fusing it into the actor stage, so decoding overlaps inference in separate CPU tasks.
+    ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=0.5,
+                        fn_kwargs={"filesystem": filesystem, "allow_resize": cfg.allow_resize, "formats": formats})
+    actor_args: dict = {}
+    if cfg.gpus_per_actor > 0:
+        actor_args["num_gpus"] = cfg.gpus_per_actor
+    return ds.map_batches(actor or CascadeActor,
+                          fn_constructor_kwargs={"factory": factory, "require_gpu": cfg.gpus_per_actor > 0},
+                          batch_size=cfg.batch_size, batch_format="numpy",
+                          compute=ray.data.ActorPoolStrategy(size=cfg.actors), **actor_args)
 
 
 def format_summary(summary: dict) -> str:

@@ -252,12 +252,6 @@ def load_cache(path: str, key: dict) -> PredictionCache | None:
     return cache
 
 
-def _down(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    from steel.cascade import resize_prob
-
-    return resize_prob(prob, size, "area")
-
-
 # --------------------------------------------------------------------------------------------
 # Scoring candidates on the cache (numpy only)
 # --------------------------------------------------------------------------------------------
