@@ -676,7 +676,11 @@ def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start:
     score_cfg = dataclasses.replace(cfg.score, batch_size=batch_size, tta=tta, allow_resize=False)
     images_uri = cfg.data.path("train_images")
 
-    def ray_ready():
+    checked: list[bool] = []
+
+    def ray_ready():  # once, and only when a model has to run
+        if checked:
+            return
         from steel.ray_session import ensure_ray
 
         ensure_ray(ray_address or cfg.ray_address)
@@ -684,6 +688,7 @@ def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start:
             from steel.devices import check_ray_gpus
 
             check_ray_gpus("score.gpus_per_actor > 0 (tuning)", score_cfg.gpus_per_actor)
+        checked.append(True)
 
     cache = load_cache(cache_path, key) if cache_path else None
     if cache is not None:
