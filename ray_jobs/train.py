@@ -5,10 +5,10 @@
     steel train --config ...                                   (the same)
     ray job submit --working-dir . -- python -m ray_jobs.train --config configs/severstal-gpu.yaml
 
-Checkpoints go to ``train.output/<model>/`` (Ray Train ``RunConfig(storage_path, name)``), the best
-weights of each model into the bundle at ``bundle`` with ``history/`` and ``logs/``. Re-running the
-same command after a crash continues each unfinished model from its last checkpoint and skips the
-models the bundle already holds with the same config and data.
+Checkpoints go to ``train.output/<model>-<train_key>/`` (Ray Train ``RunConfig(storage_path, name)``),
+the best weights of each model into the bundle at ``bundle`` with ``history/`` and ``logs/``. Re-running
+the same command after a crash continues each unfinished model from its last checkpoint and skips the
+models the bundle already holds with the same config and data; a changed setting trains afresh.
 """
 
 from __future__ import annotations

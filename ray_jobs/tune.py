@@ -4,8 +4,10 @@
                [--batch-size B] [--no-full-check] [--cache PATH.npz] [--start thresholds.json|area_thresholds.json]
     python -m ray_jobs.tune ...   (the same; e.g. under ``ray job submit``)
 
-The models run once over the validation images (in this process); the search then runs on the
-cached probabilities. Writes ``<bundle>/thresholds.json`` (with the validation score before and
+The models run once over the validation images on Ray actors (scoring's pipeline; GPU actors with
+``score.gpus_per_actor``), the search then runs in this process on the cached probabilities.
+``--cache`` reuses a saved cache only when it was made by the same models, TTA, cache size and
+validation labels; otherwise it is recomputed and overwritten. Writes ``<bundle>/thresholds.json`` (with the validation score before and
 after) and ``<bundle>/tuning/dice_vs_*.png``.
 """
 
@@ -26,7 +28,9 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="images per inference batch (default 8)")
     parser.add_argument("--no-full-check", dest="full_check", action="store_false",
                         help="skip the full-resolution Dice of the tuned cascade (a second inference pass)")
-    parser.add_argument("--cache", help="local .npz: reuse cached validation predictions if present, else write them")
+    parser.add_argument("--cache", help="local .npz: reuse cached validation predictions when they were made by "
+                                        "the same models, TTA, cache size and labels; else (re)compute and write them")
+    parser.add_argument("--address", help="Ray address to join (default: the config's ray_address, else local)")
     parser.add_argument("--start", help="starting thresholds: a thresholds.json, or EDA's area_thresholds.json "
                                         "(merged into the seed's); default: the bundle's, else the seed's")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -59,10 +63,12 @@ def cli_main(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
 
     from steel import tuning
+    from steel.ray_session import local_cpus, ray_session
 
-    summary = tuning.tune(cfg, bundle_uri=args.bundle or cfg.bundle, start=_start_thresholds(args.start),
-                          rounds=args.rounds, cache_size=args.cache_size, batch_size=args.batch_size,
-                          full_check=args.full_check, cache_path=args.cache, tta=args.tta)
+    with ray_session(args.address or cfg.ray_address, num_cpus=local_cpus(cfg)):
+        summary = tuning.tune(cfg, bundle_uri=args.bundle or cfg.bundle, start=_start_thresholds(args.start),
+                              rounds=args.rounds, cache_size=args.cache_size, batch_size=args.batch_size,
+                              full_check=args.full_check, cache_path=args.cache, tta=args.tta)
     print(tuning.format_summary(summary))
     return 0
 

@@ -162,7 +162,11 @@ class CascadeActor:
     image that still fails gets an error row with the exception.
     """
 
-    def __init__(self, factory: Callable[[], Any]):
+    def __init__(self, factory: Callable[[], Any], require_gpu: bool = False):
+        if require_gpu:  # the pool asked Ray for GPUs: fail now rather than run on the CPU
+            from steel.devices import require_gpu as check
+
+            check("score.gpus_per_actor > 0 (a cascade actor)")
         self.predictor = factory()
 
     def _stats(self) -> dict:
@@ -344,6 +348,10 @@ def score(bundle_uri: str, images_uri: str, out_uri: str, score_cfg: ScoreConfig
         from steel.ray_session import ensure_ray
 
         ensure_ray(ray_address)  # no-op when the caller (a job, the pipeline, a test) already started Ray
+        if cfg.gpus_per_actor > 0:  # fail before any work when the GPU nodes' TensorFlow sees no GPU
+            from steel.devices import check_ray_gpus
+
+            check_ray_gpus("score.gpus_per_actor > 0", cfg.gpus_per_actor)
         for entry in _run_pipeline(plan, inputs, images_uri, out_uri, cfg, formats, factory, gating):
             written[entry["name"]] = entry
             for err in entry.pop("error_rows"):
@@ -425,8 +433,6 @@ def _write_manifest(out_uri, previous, done, written, summary, bundle, used_thre
 
 def _run_pipeline(plan, inputs, images_uri, out_uri, cfg, formats, factory, gating):
     """Stream the planned shards through Ray Data; yields each shard's manifest entry once written."""
-    import ray
-
     fs, _ = storage.resolve(images_uri)
     items = []
     for shard in plan:
@@ -434,17 +440,7 @@ def _run_pipeline(plan, inputs, images_uri, out_uri, cfg, formats, factory, gati
             uri = inputs[image_id]
             items.append({"shard": shard.name, "image_id": image_id, "file": uri,
                           "path": storage.resolve(uri)[1]})
-    blocks = max(1, min(len(items), math.ceil(len(items) / cfg.batch_size), 2000))
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
-    # Decoding is light (I/O + libjpeg): half a CPU per task. The differing resources also keep Ray
-    # from fusing it into the actor stage, so decoding overlaps inference in separate CPU tasks.
-    ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=0.5,
-                        fn_kwargs={"filesystem": fs, "allow_resize": cfg.allow_resize, "formats": formats})
-    actor_args: dict = {}
-    if cfg.gpus_per_actor > 0:
-        actor_args["num_gpus"] = cfg.gpus_per_actor
-    ds = ds.map_batches(CascadeActor, fn_constructor_kwargs={"factory": factory}, batch_size=cfg.batch_size,
-                        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.actors), **actor_args)
+    ds = cascade_dataset(items, cfg, fs, formats, factory)
 
     open_shards = {s.name: score_io.ShardResult(s.name, s.image_ids) for s in plan}
     fail_after = _fail_after()
@@ -481,6 +477,31 @@ def _run_pipeline(plan, inputs, images_uri, out_uri, cfg, formats, factory, gati
         raise RuntimeError(f"scoring ended with incomplete shards (images missing per shard): {missing}")
 
 
+def cascade_dataset(items: list[dict], cfg: ScoreConfig, filesystem, formats, factory, actor=None):
+    """The Ray Data pipeline ``from_items -> decode_batch -> actor pool`` (lazy; nothing runs yet).
+
+    ``items``: one dict per file with ``shard``, ``image_id``, ``file`` (URI), ``path`` (on
+    ``filesystem``). ``actor``: the actor stage class, :class:`CascadeActor` or a subclass
+    (threshold tuning's probability stage); built once per actor with ``factory``, on
+    ``cfg.gpus_per_actor`` GPUs (and then it refuses to start without one).
+    """
+    import ray
+
+    blocks = max(1, min(len(items), math.ceil(len(items) / cfg.batch_size), 2000))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    # Decoding is light (I/O + libjpeg): half a CPU per task. The differing resources also keep Ray
+    # from fusing it into the actor stage, so decoding overlaps inference in separate CPU tasks.
+    ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=0.5,
+                        fn_kwargs={"filesystem": filesystem, "allow_resize": cfg.allow_resize, "formats": formats})
+    actor_args: dict = {}
+    if cfg.gpus_per_actor > 0:
+        actor_args["num_gpus"] = cfg.gpus_per_actor
+    return ds.map_batches(actor or CascadeActor,
+                          fn_constructor_kwargs={"factory": factory, "require_gpu": cfg.gpus_per_actor > 0},
+                          batch_size=cfg.batch_size, batch_format="numpy",
+                          compute=ray.data.ActorPoolStrategy(size=cfg.actors), **actor_args)
+
+
 def format_summary(summary: dict) -> str:
     """A few lines for the terminal."""
     t = summary["timings"]
@@ -503,4 +524,4 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["score", "decode_batch", "CascadeActor", "BundleCascade", "format_summary", "FAIL_AFTER_ENV"]
+__all__ = ["score", "decode_batch", "CascadeActor", "cascade_dataset", "BundleCascade", "format_summary", "FAIL_AFTER_ENV"]

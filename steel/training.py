@@ -34,9 +34,12 @@ Multi-worker pitfalls handled here (each hangs or silently wastes data otherwise
 Checkpoint (one per epoch, ``CheckpointConfig(num_to_keep=2)``): ``model.weights.h5`` (last epoch),
 ``best.weights.h5`` (best epoch by ``val_f1_m`` for classifiers, ``val_dice_coef`` for segmenters)
 and ``state.json`` (epoch, best, history). A retried worker group (``FailureConfig(max_failures)``)
-or a re-run of the same command (same ``RunConfig(storage_path, name)``: Train V2 restores the run)
+or a re-run of the same training (same ``RunConfig(storage_path, name)``: Train V2 restores the run)
 reads it with ``ray.train.get_checkpoint()`` and continues at the next epoch; the optimizer step
-counter is restored (so the warm-up does not restart), Adam's moment estimates are not.
+counter is restored (so the warm-up does not restart), Adam's moment estimates are not. The run's
+name is ``<model>-<train_key>`` (:func:`run_name`): only a checkpoint of the very same training
+(architecture, every hyperparameter, augmentation, data split) is resumed; a changed setting trains
+afresh in its own folder and says so.
 
 Models train one after the other, never side by side: each uses every worker (and GPU) of the
 cluster; running them concurrently would split the cluster into smaller MWMS groups that each
@@ -266,6 +269,10 @@ def train_loop(config: dict) -> None:
     name = config["name"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if train_cfg.use_gpu:  # Ray gave this worker a GPU; TensorFlow must be able to use it
+        from steel.devices import require_gpu
+
+        require_gpu(f"train.use_gpu: true (model {name}, worker {rank})")
     epochs = int(config["epochs"])
     steps = int(config["steps_per_epoch"])
     val_steps = int(config["val_steps"])
@@ -298,10 +305,11 @@ def train_loop(config: dict) -> None:
         with checkpoint.as_directory() as d:
             with open(os.path.join(d, STATE)) as fh:
                 state = json.load(fh)
-            if config.get("resume_key") and state.get("resume_key") not in (None, config["resume_key"]):
+            if config.get("resume_key") and state.get("resume_key") != config["resume_key"]:
+                # The run folder is named after the key, so this means a folder copied or renamed by hand.
                 raise ValueError(
-                    f"model {name}: the checkpoint in this run folder was trained with another architecture "
-                    f"or data split; use a new train.output (or delete the old run) to start afresh")
+                    f"model {name}: the checkpoint in this run folder has training key {state.get('resume_key')}, "
+                    f"this training {config['resume_key']}; it is not resumed (remove the folder to start afresh)")
             with strategy.scope():
                 # Build the optimizer's slots first: the .h5 holds Adam's moments too, which then load.
                 model.optimizer.build(model.trainable_variables)
@@ -413,15 +421,26 @@ def _storage(uri: str):
     return path, None
 
 
-def resume_key(name: str, train_cfg, splits: dict) -> str:
-    """What a checkpoint must match to be resumed: model, architecture spec and data split."""
-    import hashlib
+def run_name(name: str, key: str) -> str:
+    """Ray Train run (checkpoint folder under ``train.output``) of ``name`` trained with ``key``.
 
-    from steel import dataset, models
+    One folder per :func:`train_key`: a re-run of the same training resumes its checkpoints; any
+    change to the architecture, hyperparameters, augmentation or data starts a fresh run beside it.
+    """
+    return f"{name}-{key}"
 
-    payload = json.dumps({"name": name, "spec": models.model_spec(name, train_cfg),
-                          "data": dataset.fingerprint(splits)}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+def other_runs(output: str, name: str, key: str) -> list[str]:
+    """Checkpoint folders of ``name`` under ``output`` trained with another key (or before keys)."""
+    import pyarrow.fs as pafs
+
+    from steel import storage
+
+    fs, path = storage.resolve(output)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    own = run_name(name, key)
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name != own
+                  and (i.base_name == name or i.base_name.startswith(f"{name}-")))
 
 
 def oversample_rare(splits: dict, name: str, workers: int) -> dict:
@@ -447,15 +466,27 @@ def oversample_rare(splits: dict, name: str, workers: int) -> dict:
     return {**splits, "train": pd.concat([splits["train"], *[rows] * (repeats - 1)], ignore_index=True)}
 
 
-def train_one(cfg, name: str, splits: dict, images_uri: str, fault: dict | None = None) -> dict:
-    """Train ``name`` on the cluster; returns ``{"checkpoint", "state", "plan", "seconds"}``."""
+def train_one(cfg, name: str, splits: dict, images_uri: str, fault: dict | None = None,
+              key: str | None = None) -> dict:
+    """Train ``name`` on the cluster; returns ``{"checkpoint", "state", "plan", "seconds", "run"}``.
+
+    ``key``: the model's :func:`train_key` (default: computed from ``cfg`` and ``splits``). The run
+    lives in ``<train.output>/<name>-<key>``: it resumes only a checkpoint of the same training.
+    """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
-    from steel import train_data
+    from steel import dataset, storage, train_data
     from steel.keras_env import runtime_env
 
     tc = cfg.train
+    key = key or train_key(name, cfg, dataset.fingerprint(splits))
+    run = run_name(name, key)
+    others = other_runs(tc.output, name, key)
+    if others:
+        print(f"[{name}] {storage.join(tc.output, run)}: training key {key} differs from the earlier run(s) "
+              f"{', '.join(others)} (architecture, hyperparameters, augmentation or data changed): their "
+              f"checkpoints are not resumed; this run starts from its own folder", flush=True)
     splits = oversample_rare(splits, name, tc.num_workers)
     p = plan(name, train_data.split_sizes(splits, name), tc)
     datasets = train_data.build_datasets(splits, images_uri, name, tc)
@@ -471,13 +502,13 @@ def train_one(cfg, name: str, splits: dict, images_uri: str, fault: dict | None 
         train_loop,
         train_loop_config={"name": name, "train": cfg.to_dict()["train"], "epochs": tc.epochs_for(name),
                            "steps_per_epoch": p["steps_per_epoch"], "val_steps": p["val_steps"],
-                           "num_workers": tc.num_workers, "resume_key": resume_key(name, tc, splits),
+                           "num_workers": tc.num_workers, "resume_key": key,
                            "fault": fault if fault and fault.get("model", name) == name else None},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker,
                                                            **({"GPU": 1} if tc.use_gpu else {})}),
         run_config=RunConfig(
-            name=name, storage_path=storage_path, storage_filesystem=fs,
+            name=run, storage_path=storage_path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             worker_runtime_env=runtime_env(),
@@ -498,7 +529,7 @@ def train_one(cfg, name: str, splits: dict, images_uri: str, fault: dict | None 
     with checkpoint.as_directory() as d:
         with open(os.path.join(d, STATE)) as fh:
             state = json.load(fh)
-    return {"checkpoint": checkpoint, "state": state, "plan": p, "seconds": seconds}
+    return {"checkpoint": checkpoint, "state": state, "plan": p, "seconds": seconds, "run": run}
 
 
 def load_trained(name: str, checkpoint, train_cfg, best: bool = True):
@@ -642,8 +673,9 @@ def train_models(cfg, models: list[str] | None = None) -> dict[str, dict]:
     """Train ``models`` (default ``cfg.train.models``) one after the other; returns per-model results.
 
     Needs a connected Ray (``ray.init`` with ``steel.keras_env.runtime_env()``). Each model:
-    ``TensorflowTrainer`` with ``RunConfig(storage_path=cfg.train.output, name=<model>)`` (re-running
-    after a crash continues from its last checkpoint), then its best weights go into the bundle at
+    ``TensorflowTrainer`` with ``RunConfig(storage_path=cfg.train.output, name=<model>-<train_key>)``
+    (re-running the same training after a crash continues from its last checkpoint; a changed
+    architecture, hyperparameter, augmentation or data split trains afresh in a new folder), then its best weights go into the bundle at
     ``cfg.bundle`` (``steel.bundle.save_model_to_bundle``) with ``history/<model>.csv|png`` and
     ``logs/<model>/``. A model already in the bundle with the same spec, training settings and data
     split is skipped. Result per model: ``{"status": "trained"|"skipped", "best_epoch", "best",
@@ -659,6 +691,10 @@ def train_models(cfg, models: list[str] | None = None) -> dict[str, dict]:
     if cfg.storage_endpoint:
         storage.set_endpoint(cfg.storage_endpoint)
     fault = parse_fault(os.environ.get(FAULT_ENV))
+    if cfg.train.use_gpu:  # before reading any data: fail at once when the GPU nodes' TensorFlow sees none
+        from steel.devices import check_ray_gpus
+
+        check_ray_gpus("train.use_gpu: true", 1)
     splits, fp = load_splits(cfg)
     images_uri = cfg.data.path("train_images")
     print(f"data: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test images "
@@ -671,7 +707,7 @@ def train_models(cfg, models: list[str] | None = None) -> dict[str, dict]:
             print(f"[{name}] already in bundle {cfg.bundle} with the same config and data: skipped", flush=True)
             results[name] = {"status": "skipped", "skipped": True, "train_key": key}
             continue
-        out = train_one(cfg, name, splits, images_uri, fault)
+        out = train_one(cfg, name, splits, images_uri, fault, key=key)
         state = out["state"]
         model, spec = load_trained(name, out["checkpoint"], cfg.train)
         best_row = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]), {})
@@ -685,7 +721,7 @@ def train_models(cfg, models: list[str] | None = None) -> dict[str, dict]:
         results[name] = {"status": "trained", "skipped": False, "best_epoch": state["best_epoch"], "best": state["best"],
                          "monitor": state["monitor"], "epochs": state["epoch"], "seconds": out["seconds"],
                          "history": state["history"], "files": files, "train_key": key,
-                         "checkpoint": out["checkpoint"]}
+                         "checkpoint": out["checkpoint"], "run": out["run"]}
     _print_summary(results)
     return results
 
@@ -704,4 +740,5 @@ def _print_summary(results: dict[str, dict]) -> None:
 
 __all__ = ["train_loop", "train_models", "train_one", "plan", "scaled_lr", "warmup_schedule", "monitor_metric",
            "load_trained", "write_history", "history_frame", "plot_history", "write_tensorboard", "train_key",
+           "run_name", "other_runs",
            "parse_fault", "load_splits", "FAULT_ENV"]

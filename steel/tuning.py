@@ -1,8 +1,12 @@
 """Tune the cascade's thresholds on the validation split, maximising mean Dice.
 
-The models run **once** over the validation images (:func:`predict_cache`): binary and multilabel
-probabilities and every segmenter's probability map for every image (ungated), the maps downsampled
-to a cache resolution (``cv2.INTER_AREA``) and kept as float16. Truth masks are brought to the same
+The models run **once** over the validation images (:func:`predict_cache`), on Ray actors through
+scoring's own pipeline (:mod:`steel.ray_predict`; GPU actors with ``score.gpus_per_actor``; the
+driver runs no model): binary and multilabel probabilities and every segmenter's probability map
+for every image (ungated), the maps downsampled to a cache resolution (``cv2.INTER_AREA``) in the
+actor and kept as float16. A saved cache (``--cache``) carries its key (:func:`cache_key`: the
+models' weights sha256 and specs, TTA, cache size, validation labels) and is reused only for the
+same key; a stale one is recomputed. Truth masks are brought to the same
 resolution as *coverage fractions* (share of each cache cell covered by the full-resolution mask),
 and their exact full-resolution areas are kept.
 
@@ -154,69 +158,98 @@ def read_image(uri: str) -> np.ndarray:
     return img
 
 
-def predict_cache(cascade, labels, images_uri: str, cache_size: Sequence[int] | None = None,
-                  batch_size: int = 8, progress: bool = True) -> PredictionCache:
-    """Run every model once over the labelled images and cache probabilities at cache resolution.
+def predict_cache(cascade_factory: Callable[[], Any], labels, images_uri: str, sizes: dict[int, tuple[int, int]],
+                  score_cfg=None, key: dict | None = None) -> PredictionCache:
+    """Run every model once over the labelled images, on Ray actors, and cache probabilities.
 
     Args:
-        cascade: a :class:`steel.cascade.Cascade` (its thresholds are not used here).
+        cascade_factory: picklable ``f() -> Cascade`` built once per actor, e.g.
+            :class:`steel.scoring.BundleCascade` (its thresholds are not used here).
         labels: wide label table (ImageId, Defect_1..4) of the images to predict.
         images_uri: folder URI holding the images.
-        cache_size: (h, w) for every class's maps; None: each segmenter's input size, halved
-            until at most 64*400 cells.
-        batch_size: images per inference batch.
+        sizes: {class: (h, w)} of the cached maps (see :func:`cache_sizes`).
+        score_cfg: :class:`steel.config.ScoreConfig` of the actor pool (actors, batch_size,
+            gpus_per_actor); default values if None.
+        key: the cache's identity (:func:`cache_key`), stored in ``meta["key"]``.
     Unreadable images are logged and left out (the cache's ``meta["skipped"]`` lists them).
+    The driver runs no model: see :mod:`steel.ray_predict`.
     """
-    from tqdm import tqdm
+    from steel.config import ScoreConfig
+    from steel.ray_predict import predict_probabilities
 
-    from steel import storage
-
-    sizes = {k: tuple(cache_size) if cache_size else default_cache_size(cascade.input_sizes[f"seg{k}"])
-             for k in CLASSES}
     ids = [str(i) for i in labels["ImageId"].tolist()]
-    truth_rles = {k: labels[f"Defect_{k}"].fillna("").astype(str).tolist() for k in CLASSES}
-    kept: list[int] = []
-    skipped: list[dict] = []
-    parts: dict[str, list] = {"p_defect": [], "p_class": [], **{f"seg{k}": [] for k in CLASSES}}
-    bar = tqdm(total=len(ids), desc="predict validation", unit="img", disable=not progress)
-    for start in range(0, len(ids), batch_size):
-        batch, rows = [], []
-        for i in range(start, min(start + batch_size, len(ids))):
-            try:
-                batch.append(read_image(storage.join(images_uri, ids[i])))
-                rows.append(i)
-            except (ValueError, FileNotFoundError) as e:
-                log.warning("skipping %s: %s", ids[i], e)
-                skipped.append({"ImageId": ids[i], "reason": str(e)})
-        if batch:
-            p = cascade.predict_probabilities(np.stack(batch), seg_size=None, seg_dtype=np.float32)
-            parts["p_defect"].append(p["p_defect"])
-            parts["p_class"].append(p["p_class"])
-            for k in CLASSES:
-                maps = p["seg"][k]
-                parts[f"seg{k}"].append(np.stack([_down(m, sizes[k]) for m in maps]).astype(np.float16))
-            kept.extend(rows)
-        bar.update(min(batch_size, len(ids) - start))
-    bar.close()
-    if not kept:
-        raise ValueError(f"no readable validation images in {images_uri} ({len(skipped)} skipped)")
-    truth_frac, truth_area = {}, np.zeros((len(kept), 4), dtype=np.int64)
+    pred = predict_probabilities(cascade_factory, ids, images_uri, sizes, score_cfg or ScoreConfig())
+    if not pred["image_ids"]:
+        raise ValueError(f"no readable validation images in {images_uri} ({len(pred['skipped'])} skipped)")
+    rows = labels.assign(ImageId=labels["ImageId"].astype(str)).drop_duplicates("ImageId").set_index("ImageId")
+    rows = rows.loc[pred["image_ids"]]
+    truth_frac, truth_area = {}, np.zeros((len(rows), 4), dtype=np.int64)
     for j, k in enumerate(CLASSES):
-        truth_frac[k], truth_area[:, j] = truth_maps([truth_rles[k][i] for i in kept], sizes[k])
+        truth_frac[k], truth_area[:, j] = truth_maps(rows[f"Defect_{k}"].fillna("").astype(str).tolist(), sizes[k])
     return PredictionCache(
-        image_ids=[ids[i] for i in kept],
-        p_defect=np.concatenate(parts["p_defect"]), p_class=np.concatenate(parts["p_class"]),
-        seg={k: np.concatenate(parts[f"seg{k}"]) for k in CLASSES}, truth_frac=truth_frac,
-        truth_area=truth_area,
-        meta={"cache_size": {str(k): list(sizes[k]) for k in CLASSES}, "skipped": skipped,
-              "tta": dict(cascade.tta)},
+        image_ids=pred["image_ids"], p_defect=pred["p_defect"], p_class=pred["p_class"], seg=pred["seg"],
+        truth_frac=truth_frac, truth_area=truth_area,
+        meta={"cache_size": {str(k): list(sizes[k]) for k in CLASSES}, "skipped": pred["skipped"],
+              "tta": getattr(cascade_factory, "tta", None), "key": key},
     )
 
 
-def _down(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    from steel.cascade import resize_prob
+def cache_sizes(input_sizes: dict[str, Sequence[int]], cache_size: Sequence[int] | None = None) -> dict[int, tuple]:
+    """{class: (h, w)} of the cached maps: ``cache_size`` for every class, else each segmenter's input
+    size halved until at most 64*400 cells (:func:`default_cache_size`)."""
+    return {k: tuple(int(v) for v in cache_size) if cache_size else default_cache_size(input_sizes[f"seg{k}"])
+            for k in CLASSES}
 
-    return resize_prob(prob, size, "area")
+
+def bundle_identity(bundle_uri: str) -> dict:
+    """What identifies a bundle's models: each model's weights sha256 and spec (from manifest.json)."""
+    from steel import bundle as bundle_lib
+
+    manifest = bundle_lib.read_manifest(bundle_uri)
+    models = {name: {"sha256": m.get("sha256"), "spec": m.get("spec")}
+              for name, m in sorted((manifest.get("models") or {}).items())}
+    missing = [name for name, m in models.items() if not m["sha256"]]
+    if missing:
+        raise ValueError(f"{bundle_uri}: manifest.json has no sha256 for {', '.join(missing)}; cannot key a cache")
+    identity = {"models": models}
+    if manifest.get("version"):
+        identity["version"] = manifest["version"]
+    return identity
+
+
+def cache_key(identity: dict, tta: str, sizes: dict[int, Sequence[int]], labels) -> dict:
+    """Identity of a prediction cache: the models, the TTA, the cache sizes and the labelled images.
+
+    A cache made with other models (another bundle or version, retrained weights), another TTA,
+    resolution or validation set is stale: :func:`load_cache` refuses it.
+    """
+    import hashlib
+
+    cols = ["ImageId", *(f"Defect_{k}" for k in CLASSES)]
+    table = labels[cols].astype(str).to_csv(index=False).encode()
+    return {"models": hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest(),
+            "tta": str(tta), "cache_size": {str(k): [int(v) for v in sizes[k]] for k in CLASSES},
+            "labels": hashlib.sha256(table).hexdigest()}
+
+
+def load_cache(path: str, key: dict) -> PredictionCache | None:
+    """The cache at ``path`` if it exists and was made for ``key``; None (and why, logged) otherwise."""
+    import os
+
+    if not os.path.exists(path):
+        return None
+    try:
+        cache = PredictionCache.load(path)
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("prediction cache %s is unreadable (%s): recomputing it", path, e)
+        return None
+    have = cache.meta.get("key") or {}
+    if have != key:
+        what = [name for name in ("models", "tta", "cache_size", "labels") if have.get(name) != key.get(name)]
+        log.warning("prediction cache %s is stale (%s changed): recomputing it",
+                    path, ", ".join(what) if have else "made without a key")
+        return None
+    return cache
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,29 +553,20 @@ def _class_args(th: dict, k: int) -> dict:
 # Full-resolution check and the job
 # --------------------------------------------------------------------------------------------
 
-def full_resolution_dice(cascade, labels, images_uri: str, batch_size: int = 8, progress: bool = True) -> dict:
-    """Mean Dice (overall, per class) of ``cascade.predict`` at 256x1600 against the labels' masks."""
-    import pandas as pd
-    from tqdm import tqdm
+def full_resolution_dice(cascade_factory: Callable[[], Any], labels, images_uri: str, score_cfg=None) -> dict:
+    """Mean Dice (overall, per class) at 256x1600 of the thresholded cascade against the labels' masks.
 
-    from steel import metrics, storage
-    from steel.cascade import rows_from_predictions
+    The masks come from Ray actors running scoring's own stage (:func:`steel.ray_predict.predict_masks`)
+    with ``cascade_factory`` (e.g. :class:`steel.scoring.BundleCascade` with the tuned thresholds).
+    """
+    import pandas as pd
+
+    from steel import metrics
+    from steel.config import ScoreConfig
+    from steel.ray_predict import predict_masks
 
     ids = [str(i) for i in labels["ImageId"].tolist()]
-    rows: list[dict] = []
-    used: list[str] = []
-    for start in tqdm(range(0, len(ids), batch_size), desc="full-resolution check", unit="batch",
-                      disable=not progress):
-        batch, names = [], []
-        for name in ids[start:start + batch_size]:
-            try:
-                batch.append(read_image(storage.join(images_uri, name)))
-                names.append(name)
-            except (ValueError, FileNotFoundError) as e:
-                log.warning("skipping %s: %s", name, e)
-        if batch:
-            rows.extend(rows_from_predictions(cascade.predict(np.stack(batch), image_ids=names)))
-            used.extend(names)
+    rows, used, gating = predict_masks(cascade_factory, ids, images_uri, score_cfg or ScoreConfig())
     pred = pd.DataFrame(rows, columns=["ImageId", "ClassId", "EncodedPixels"])
     keep = labels[labels["ImageId"].astype(str).isin(set(used))]
     truth = pd.DataFrame([{"ImageId": r.ImageId, "ClassId": k, "EncodedPixels": getattr(r, f"Defect_{k}") or ""}
@@ -550,7 +574,7 @@ def full_resolution_dice(cascade, labels, images_uri: str, batch_size: int = 8, 
     result = metrics.mean_dice(pred, truth)
     return {"mean_dice": float(result["mean_dice"]),
             "per_class": {str(k): float(v) for k, v in result["per_class"].items()},
-            "n_images": int(result["n_images"]), "stats": cascade.stats}
+            "n_images": int(result["n_images"]), "stats": gating}
 
 
 def validation_labels(cfg) -> tuple[Any, str]:
@@ -580,27 +604,40 @@ def _write_thresholds(bundle_uri: str, th: dict) -> None:
 def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start: dict | None = None,
          grids: Grids | None = None, rounds: int = 4, cache_size: Sequence[int] | None = None,
          batch_size: int = 8, full_check: bool = True, cache_path: str | None = None, tta: str | None = None,
-         progress: bool = True, cascade=None, labels=None) -> dict:
+         predictor=None, labels=None, ray_address: str | None = None) -> dict:
     """Tune thresholds for a bundle on the config's validation split and write them into the bundle.
 
+    The models run on Ray actors (scoring's pipeline and actor pool, ``cfg.score``'s actors and
+    ``gpus_per_actor``; see :mod:`steel.ray_predict`); this process only searches.
+
     Args:
-        cfg: a :class:`steel.config.Config` (data paths, split seed, tune.tta).
+        cfg: a :class:`steel.config.Config` (data paths, split seed, tune.tta, score's actor pool).
         bundle_uri: bundle folder (default ``cfg.bundle``).
         stamp: identifies the bundle's models (stored as ``validation.fingerprint``, so a pipeline can
             tell whether thresholds were tuned for the current models).
         start: starting thresholds (default: the bundle's thresholds.json, else the seed's).
         grids, rounds: the search grids and the maximum number of coordinate-ascent rounds.
         cache_size: (h, w) of the cached maps (default: segmenter input, at most 64*400 cells).
+        batch_size: images per actor batch.
         full_check: also run the tuned cascade at full resolution on the validation images.
-        cache_path: local .npz to reuse (if it exists) or write the prediction cache to.
+        cache_path: local .npz to reuse or write the prediction cache to. It is reused only when it
+            was made for the same models (weights sha256 and spec of each), TTA, cache size and
+            validation labels (:func:`cache_key`); a stale one is recomputed and overwritten.
         tta: flip TTA for the validation predictions (default ``cfg.tune.tta``).
-        cascade, labels: inject a ready cascade / validation table (tests); default from the bundle/config.
-    Returns a summary dict (``before``, ``after``, ``per_class_before/after``, ``thresholds``, ``files``...).
+        predictor: picklable cascade factory with ``thresholds`` and ``tta`` fields (tests); default
+            :class:`steel.scoring.BundleCascade` of the bundle.
+        labels: validation table to use instead of the config's split (tests).
+        ray_address: Ray to start or join when this process has not initialised Ray yet.
+    Returns a summary dict (``before``, ``after``, ``per_class_before/after``, ``thresholds``,
+    ``cache`` ("computed", "reused" or "recomputed"), ``files``...).
     """
+    import dataclasses
     import os
 
     from steel import storage
-    from steel.thresholds import default_thresholds
+    from steel import thresholds as th
+    from steel.bundle import read_manifest
+    from steel.scoring import BundleCascade
 
     t0 = time.time()
     bundle_uri = bundle_uri or cfg.bundle
@@ -608,25 +645,59 @@ def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start:
     data_fp = None
     if labels is None:
         labels, data_fp = validation_labels(cfg)
-    if cascade is None:
-        from steel import bundle as bundle_lib
-        from steel.cascade import Cascade
-
-        loaded = bundle_lib.load_bundle(bundle_uri)
-        start = start or loaded.thresholds or default_thresholds()
-        cascade = Cascade.from_bundle(loaded, thresholds=start, tta=tta, batch_size=batch_size)
-        manifest_fp = (loaded.manifest or {}).get("fingerprint")
+    try:
+        manifest = read_manifest(bundle_uri)
+    except FileNotFoundError:
+        if predictor is None:
+            raise
+        manifest = None  # a test's stand-in predictor with no bundle on disk
+    if manifest is not None:
+        manifest_fp = manifest.get("fingerprint")
         if data_fp and manifest_fp and manifest_fp != data_fp:
             log.warning("the bundle was trained on a different split (fingerprint %s, data now %s): "
                         "validation images may have been seen in training", manifest_fp[:12], data_fp[:12])
-    start = validate_thresholds(start or cascade.thresholds)
+    if start is None and predictor is not None:
+        start = predictor.thresholds
+    if start is None:
+        try:
+            start = th.load_thresholds(bundle_uri)
+        except FileNotFoundError:
+            start = th.default_thresholds()
+    start = validate_thresholds(start)
+    if predictor is None:
+        predictor = BundleCascade(str(bundle_uri), start, tta, endpoint=storage.current_endpoint())
+    predictor = dataclasses.replace(predictor, thresholds=start, tta=tta)
+    if cache_size is None and manifest is None:
+        raise ValueError("cache_size is needed when the bundle has no manifest.json to read input sizes from")
+    sizes = cache_sizes({name: m["spec"]["input_size"] for name, m in (manifest or {}).get("models", {}).items()},
+                        cache_size)
+    identity = bundle_identity(bundle_uri) if manifest is not None else {"predictor": type(predictor).__qualname__}
+    key = cache_key(identity, tta, sizes, labels)
+    score_cfg = dataclasses.replace(cfg.score, batch_size=batch_size, tta=tta, allow_resize=False)
     images_uri = cfg.data.path("train_images")
-    if cache_path and os.path.exists(cache_path):
-        cache = PredictionCache.load(cache_path)
-        log.info("loaded %d cached validation predictions from %s", len(cache), cache_path)
+
+    checked: list[bool] = []
+
+    def ray_ready():  # once, and only when a model has to run
+        if checked:
+            return
+        from steel.ray_session import ensure_ray
+
+        ensure_ray(ray_address or cfg.ray_address)
+        if score_cfg.gpus_per_actor > 0:
+            from steel.devices import check_ray_gpus
+
+            check_ray_gpus("score.gpus_per_actor > 0 (tuning)", score_cfg.gpus_per_actor)
+        checked.append(True)
+
+    cache = load_cache(cache_path, key) if cache_path else None
+    if cache is not None:
+        cache_state = "reused"
+        log.info("reusing %d cached validation predictions from %s", len(cache), cache_path)
     else:
-        cache = predict_cache(cascade, labels, images_uri, cache_size=cache_size, batch_size=batch_size,
-                              progress=progress)
+        cache_state = "recomputed" if cache_path and os.path.exists(cache_path) else "computed"
+        ray_ready()
+        cache = predict_cache(predictor, labels, images_uri, sizes, score_cfg, key=key)
         if cache_path:
             cache.save(cache_path)
     t_pred = time.time() - t0
@@ -641,17 +712,16 @@ def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start:
         "per_class_before": {str(k): v for k, v in result["per_class_before"].items()},
         "per_class_after": {str(k): v for k, v in result["per_class_after"].items()},
         "cache_size": cache.meta.get("cache_size"), "skipped_images": len(cache.meta.get("skipped", [])),
-        "rounds": result["rounds"], "changes": result["steps"], "grids": grids.to_dict(),
+        "cache_key": key, "rounds": result["rounds"], "changes": result["steps"], "grids": grids.to_dict(),
         "start": {k: start[k] for k in ("binary", "classes")},
         "note": "before/after: mean Dice on cached validation predictions at cache resolution",
         "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if full_check:
-        from steel.cascade import Cascade
-
-        tuned = Cascade(cascade.models, cascade.input_sizes, final, tta=tta, batch_size=batch_size)
-        full = full_resolution_dice(tuned, labels[labels["ImageId"].isin(set(cache.image_ids))], images_uri,
-                                    batch_size=batch_size, progress=progress)
+        ray_ready()
+        tuned = dataclasses.replace(predictor, thresholds=validate_thresholds(final))
+        full = full_resolution_dice(tuned, labels[labels["ImageId"].astype(str).isin(set(cache.image_ids))],
+                                    images_uri, score_cfg)
         validation["full_resolution_after"] = {k: full[k] for k in ("mean_dice", "per_class", "n_images")}
         validation["gating"] = {k: v for k, v in full["stats"].items() if k != "seg_calls_per_class"}
     final["validation"] = validation
@@ -666,7 +736,7 @@ def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start:
         "per_class_before": validation["per_class_before"], "per_class_after": validation["per_class_after"],
         "full_resolution_after": validation.get("full_resolution_after"),
         "n_images": len(cache), "thresholds": {k: final[k] for k in ("binary", "classes", "tta")},
-        "changes": len(result["steps"]), "files": files,
+        "changes": len(result["steps"]), "files": files, "cache": cache_state,
         "seconds": {"predict": round(t_pred, 2), "search": round(t_search, 2), "total": round(time.time() - t0, 2)},
     }
     return summary
@@ -674,7 +744,7 @@ def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start:
 
 def format_summary(s: dict) -> str:
     lines = [f"validation mean Dice (cached, {s['n_images']} images): {s['before']:.4f} -> {s['after']:.4f} "
-             f"({s['changes']} threshold changes)"]
+             f"({s['changes']} threshold changes)", f"validation predictions: {s.get('cache', 'computed')}"]
     full = s.get("full_resolution_after")
     if full:
         lines.append(f"full-resolution mean Dice of the tuned cascade: {full['mean_dice']:.4f}")
@@ -690,5 +760,6 @@ def format_summary(s: dict) -> str:
 
 
 __all__ = ["PredictionCache", "Evaluator", "Grids", "search", "sweep", "plot_curves", "predict_cache",
+           "cache_sizes", "cache_key", "load_cache", "bundle_identity",
            "truth_maps", "read_image", "full_resolution_dice", "validation_labels", "tune", "format_summary",
            "default_cache_size"]

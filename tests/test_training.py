@@ -117,6 +117,18 @@ def test_train_key_tracks_config_and_data(tiny_root):
     assert train_key("seg3", other, "fp1") == train_key("seg3", tiny_config(tiny_root, "/tmp/unused", epochs=4), "fp1")
 
 
+def test_other_runs_lists_the_models_runs_with_other_keys(tmp_path):
+    from steel.training import other_runs, run_name
+
+    for d in ("binary", "binary-aaaa", "binary-bbbb", "multilabel-aaaa", "seg1-aaaa"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "binary-cccc").write_text("a file, not a run")
+    assert run_name("binary", "bbbb") == "binary-bbbb"
+    assert other_runs(str(tmp_path), "binary", "bbbb") == ["binary", "binary-aaaa"]
+    assert other_runs(str(tmp_path), "seg1", "aaaa") == []
+    assert other_runs(str(tmp_path / "missing"), "binary", "aaaa") == []
+
+
 # ---------------------------------------------------------------------------------------------
 #  Ray Train runs
 
@@ -180,7 +192,8 @@ def test_worker_failure_recovers_from_checkpoint(tiny_root, tmp_path, ray_local,
     r = train_models(cfg, ["binary"])["binary"]
     assert marker.exists()  # the failure did happen
     assert _epochs(r) == [1, 2, 3]  # resumed after epoch 1: no epoch lost or repeated
-    ckpts = sorted(p.name for p in (tmp_path / "ckpt" / "binary").glob("epoch_*"))
+    assert r["run"] == f"binary-{r['train_key']}"
+    ckpts = sorted(p.name for p in (tmp_path / "ckpt" / r["run"]).glob("epoch_*"))
     assert ckpts == ["epoch_0002", "epoch_0003"]  # num_to_keep=2
 
 
@@ -190,16 +203,17 @@ def test_crash_then_rerun_continues_on_s3(tiny_root, tmp_path, ray_local, s3_buc
     import boto3
 
     from steel import bundle, storage
-    from steel.training import FAULT_ENV, train_models
+    from steel.training import FAULT_ENV, load_splits, run_name, train_key, train_models
 
     out = f"s3://{s3_bucket}/run"
     cfg = tiny_config(tiny_root, out, epochs=2, max_failures=0)
+    run = run_name("multilabel", train_key("multilabel", cfg, load_splits(cfg)[1]))
     monkeypatch.setenv(FAULT_ENV, f"epoch=2,rank=0,marker={tmp_path / 'crashed'}")
     with pytest.raises(Exception, match="injected failure"):
         train_models(cfg, ["multilabel"])
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]]
-    assert any(k.startswith("run/ckpt/multilabel/epoch_0001/") for k in keys)
-    first = json.loads(storage.read_text(f"{out}/ckpt/multilabel/epoch_0001/state.json"))
+    assert any(k.startswith(f"run/ckpt/{run}/epoch_0001/") for k in keys)
+    first = json.loads(storage.read_text(f"{out}/ckpt/{run}/epoch_0001/state.json"))
     assert first["epoch"] == 1 and not storage.exists(f"{out}/bundle/manifest.json")
 
     r = train_models(cfg, ["multilabel"])["multilabel"]  # the marker exists: no failure this time
@@ -227,3 +241,34 @@ def test_rare_class_rows_are_repeated_for_every_worker():
     assert oversample_rare(splits, "binary", workers=3) is splits  # enough rows: unchanged
     with pytest.raises(ValueError, match="seg1: no training images"):
         oversample_rare(splits, "seg1", workers=2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_hyperparameter_change_after_a_finished_run_trains_afresh(tiny_root, tmp_path, ray_local, capsys):
+    """A finished run is not resumed under a new base_lr: a new run folder, epoch 1 trained, new weights."""
+    from steel import bundle
+    from steel.training import train_models
+
+    cfg = tiny_config(tiny_root, tmp_path, epochs=1)
+    first = train_models(cfg, ["binary"])["binary"]
+    before = bundle.load_bundle(cfg.bundle)
+    old_sha = before.manifest["models"]["binary"]["sha256"]
+    old_weights = [w.copy() for w in before.models["binary"].get_weights()]
+    capsys.readouterr()
+
+    changed = tiny_config(tiny_root, tmp_path, epochs=1, base_lr=3e-2)
+    second = train_models(changed, ["binary"])["binary"]
+    printed = capsys.readouterr().out
+    assert second["status"] == "trained" and second["train_key"] != first["train_key"]
+    assert second["run"] != first["run"] and _epochs(second) == [1]
+    assert f"differs from the earlier run(s) {first['run']}" in printed
+    assert "resuming" not in printed  # epoch 1 was trained, not restored from the old run
+    assert second["history"][0]["loss"] != first["history"][0]["loss"]
+    after = bundle.load_bundle(cfg.bundle)
+    entry = after.manifest["models"]["binary"]
+    assert entry["metrics"]["train_key"] == second["train_key"] and entry["sha256"] != old_sha
+    new_weights = after.models["binary"].get_weights()
+    assert any(not np.array_equal(a, b) for a, b in zip(old_weights, new_weights))
+    # The old run's checkpoints stay where they were (its own folder), untouched.
+    assert sorted(p.name for p in (tmp_path / "ckpt" / first["run"]).glob("epoch_*")) == ["epoch_0001"]

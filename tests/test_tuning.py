@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -200,15 +201,89 @@ def test_cache_round_trip(tmp_path):
 
 # ------------------------------------------------------------------------- the tune job (stub models)
 
-def test_tune_writes_thresholds_and_plots(tmp_path):
+def _stub_index(x):
+    return np.clip(np.rint(x[:, 0, 0, 0] * 255 / 20).astype(int) - 1, 0, 7)
+
+
+def _stub_binary(x):
+    return np.where(_stub_index(x) % 2 == 0, 0.9, 0.78)[:, None]
+
+
+def _stub_multilabel(x):
+    out = np.full((len(x), 4), 0.1)
+    for row, i in enumerate(_stub_index(x)):
+        out[row, (i // 2) % 4] = 0.9
+        out[row, (i // 2 + 1) % 4] = 0.9 if i % 2 else 0.1
+    return out
+
+
+def _stub_seg(x):
+    out = np.zeros((len(x), 32, 160, 1), np.float32)
+    out[:, :, :16] = 0.95
+    return out
+
+
+@dataclass
+class StubCascade:
+    """Picklable cascade factory (BundleCascade's shape): stub models, built inside each Ray actor."""
+
+    thresholds: dict
+    tta: str = "none"
+
+    def __call__(self):
+        from steel.cascade import Cascade
+
+        models = {"binary": _stub_binary, "multilabel": _stub_multilabel, **{f"seg{k}": _stub_seg for k in range(1, 5)}}
+        return Cascade(models, {n: (32, 160) for n in models}, self.thresholds, tta=self.tta)
+
+
+@pytest.fixture(scope="module")
+def stub_pickled_by_value():
+    """Ray workers unpickle the stub factory without importing tests/."""
+    import sys
+
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def test_cache_key_and_stale_caches(tmp_path, caplog):
+    from steel.tuning import cache_key, load_cache
+
+    labels = pd.DataFrame({"ImageId": ["a.jpg", "b.jpg"], **{f"Defect_{k}": ["", "1 5"] for k in (1, 2, 3, 4)}})
+    sizes = {k: (16, 100) for k in (1, 2, 3, 4)}
+    models = {"models": {"binary": {"sha256": "aa", "spec": {"input_size": [32, 160]}}}}
+    key = cache_key(models, "none", sizes, labels)
+    cache = gate_set(n=4)
+    cache.meta = {"key": key}
+    path = str(tmp_path / "c.npz")
+    assert load_cache(path, key) is None  # no file yet
+    cache.save(path)
+    assert load_cache(path, key).image_ids == cache.image_ids  # same key: reused
+    retrained = {"models": {"binary": {"sha256": "bb", "spec": {"input_size": [32, 160]}}}}
+    other_labels = labels.assign(Defect_2=["", ""])
+    for stale, what in ((cache_key(retrained, "none", sizes, labels), "models"),
+                        (cache_key(models, "hv", sizes, labels), "tta"),
+                        (cache_key(models, "none", {k: (8, 50) for k in (1, 2, 3, 4)}, labels), "cache_size"),
+                        (cache_key(models, "none", sizes, other_labels), "labels")):
+        caplog.clear()
+        assert load_cache(path, stale) is None
+        assert f"is stale ({what} changed)" in caplog.text
+    PredictionCache(**{**cache.__dict__, "meta": {}}).save(path)  # a cache from before keys existed
+    assert load_cache(path, key) is None and "made without a key" in caplog.text
+
+
+@pytest.mark.timeout(300)
+def test_tune_on_ray_actors_writes_thresholds_and_plots(tmp_path, ray_local, stub_pickled_by_value):
     cv2 = pytest.importorskip("cv2")
-    from steel.cascade import Cascade
     from steel.config import load_config
     from steel.tuning import tune
 
     # 8 images: image i has brightness 20 * (i + 1). Even images carry a class-(i//2 % 4 + 1) defect
     # in the left 160 columns; the stub binary says 0.9 for those and 0.78 for clean ones (best t_bin 0.8),
-    # and every stub segmenter marks the left 160 columns.
+    # and every stub segmenter marks the left 160 columns. A 9th labelled image is not a JPEG: skipped.
     root = tmp_path / "data"
     (root / "train_images").mkdir(parents=True)
     ids, truth = [], []
@@ -222,55 +297,50 @@ def test_tune_writes_thresholds_and_plots(tmp_path):
         if i % 2 == 0:
             row[f"Defect_{(i // 2) % 4 + 1}"] = rle.encode(left)
         truth.append(row)
+    (root / "train_images" / "broken.jpg").write_bytes(b"not an image")
+    truth.append({"ImageId": "broken.jpg", **{f"Defect_{k}": "" for k in range(1, 5)}})
     labels = pd.DataFrame(truth)
 
-    def index(x):
-        return np.clip(np.rint(x[:, 0, 0, 0] * 255 / 20).astype(int) - 1, 0, 7)
-
-    def binary(x):
-        return np.where(index(x) % 2 == 0, 0.9, 0.78)[:, None]
-
-    def multilabel(x):
-        out = np.full((len(x), 4), 0.1)
-        for row, i in enumerate(index(x)):
-            out[row, (i // 2) % 4] = 0.9
-            out[row, (i // 2 + 1) % 4] = 0.9 if i % 2 else 0.1
-        return out
-
-    def seg(x):
-        out = np.zeros((len(x), 32, 160, 1), np.float32)
-        out[:, :, :16] = 0.95
-        return out
-
-    models = {"binary": binary, "multilabel": multilabel, **{f"seg{k}": seg for k in range(1, 5)}}
     start = wide_open()
-    cas = Cascade(models, {n: (32, 160) for n in models}, start)
-    cfg = load_config(None, [f"data.root={root}"])
+    cfg = load_config(None, [f"data.root={root}", "score.actors=1"])
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    summary = tune(cfg, bundle_uri=str(bundle), stamp="stamp-1", cascade=cas, labels=labels,
-                   cache_size=(16, 80), progress=False, cache_path=str(tmp_path / "cache.npz"))
+    summary = tune(cfg, bundle_uri=str(bundle), stamp="stamp-1", predictor=StubCascade(start), labels=labels,
+                   cache_size=(16, 80), cache_path=str(tmp_path / "cache.npz"), batch_size=3)
+    assert summary["cache"] == "computed"
     assert summary["after"] > summary["before"]
     assert summary["thresholds"]["binary"] == pytest.approx(0.8)
     saved = json.loads((bundle / "thresholds.json").read_text())
     assert validate_thresholds(saved)["binary"] == pytest.approx(0.8)
     v = saved["validation"]
-    assert v["fingerprint"] == "stamp-1" and v["n_images"] == 8
+    assert v["fingerprint"] == "stamp-1" and v["n_images"] == 8 and v["skipped_images"] == 1
     assert v["after"] == pytest.approx(summary["after"]) and v["before"] == pytest.approx(summary["before"])
     assert v["full_resolution_after"]["mean_dice"] == pytest.approx(1.0)
-    assert v["gating"]["multilabel_calls_saved"] == 4
+    assert v["full_resolution_after"]["n_images"] == 8
+    assert v["gating"]["multilabel_calls_saved"] == 4  # summed over the actors' batches
     assert sorted(p.name for p in (bundle / "tuning").iterdir()) == [
         "dice_vs_binary.png", *(f"dice_vs_class{k}.png" for k in range(1, 5))]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in (bundle / "tuning").iterdir())
+    # The actors' cache matches the stubs: binary 0.9 / 0.78, seg maps at (16, 80) with the left 16 columns hot.
+    from steel.tuning import PredictionCache as PC
+
+    cache = PC.load(str(tmp_path / "cache.npz"))
+    assert cache.image_ids == ids  # labels' order, the broken file left out
+    np.testing.assert_allclose(cache.p_defect, [0.9 if i % 2 == 0 else 0.78 for i in range(8)], atol=1e-6)
+    assert cache.seg[2].shape == (8, 16, 80) and float(cache.seg[2][0, 0, 0]) == pytest.approx(0.95, abs=1e-3)
+    assert cache.meta["skipped"][0]["ImageId"] == "broken.jpg"
     # A second run reuses the cached predictions and, starting from the tuned values, changes nothing.
-    again = tune(cfg, bundle_uri=str(bundle), cascade=cas, labels=labels, start=saved, progress=False,
-                 cache_path=str(tmp_path / "cache.npz"), full_check=False)
+    again = tune(cfg, bundle_uri=str(bundle), predictor=StubCascade(start), labels=labels, start=saved,
+                 cache_path=str(tmp_path / "cache.npz"), cache_size=(16, 80), full_check=False)
+    assert again["cache"] == "reused"
     assert again["changes"] == 0 and again["after"] == pytest.approx(summary["after"])
 
 
 @pytest.mark.slow
-def test_steel_tune_on_a_tiny_real_bundle(tmp_path, capsys):
-    """`steel tune` end to end: synthetic data, six tiny untrained Keras models in a real bundle."""
+@pytest.mark.timeout(400)
+def test_steel_tune_on_a_tiny_real_bundle(tmp_path, capsys, ray_local):
+    """`steel tune` end to end on Ray actors: synthetic data, six tiny untrained Keras models in a real
+    bundle; ``--cache`` is reused for the same bundle and recomputed when a model's weights change."""
     from steel import bundle, models, synth
     from steel.cascade import Cascade
     from steel.cli import main
@@ -295,12 +365,33 @@ def test_steel_tune_on_a_tiny_real_bundle(tmp_path, capsys):
     np.testing.assert_allclose(probs["seg"][2], built["seg2"](x, training=False).numpy()[..., 0], atol=1e-5)
     assert len(cas.predict(img)) == 2 and len(cas.predict(img[:1])) == 1  # another batch size: no retrace needed
 
-    rc = main(["tune", "--bundle", uri, "--set", f"data.root={data}", "--rounds", "2", "--cache-size", "16", "80"])
-    assert rc == 0
+    cache = str(tmp_path / "cache.npz")
+    args = ["tune", "--bundle", uri, "--set", f"data.root={data}", "--rounds", "2", "--cache-size", "16", "80",
+            "--cache", cache, "--no-full-check"]  # the full-resolution pass on actors: the stub test above
+    assert main(args) == 0
     out = capsys.readouterr().out
-    assert "validation mean Dice" in out and "full-resolution mean Dice" in out
+    assert "validation mean Dice" in out and "validation predictions: computed" in out
     th = bundle.read_thresholds(uri)
     v = th["validation"]
     assert v["after"] >= v["before"] and v["n_images"] >= 4
-    assert 0.0 <= v["full_resolution_after"]["mean_dice"] <= 1.0
     assert (tmp_path / "bundle" / "tuning" / "dice_vs_class3.png").exists()
+    # The actors computed what the models give in this process (binary probability of each image).
+    from steel.tuning import PredictionCache, read_image
+
+    first = PredictionCache.load(cache)
+    x = models.preprocess(np.stack([read_image(f"{data}/train_images/{i}") for i in first.image_ids[:3]]), (32, 160))
+    np.testing.assert_allclose(first.p_defect[:3], built["binary"](x, training=False).numpy()[:, 0], atol=1e-4)
+
+    assert main(args) == 0  # same bundle, TTA, size, labels: the cache is reused
+    assert "validation predictions: reused" in capsys.readouterr().out
+
+    # Retrain one model (new weights, so a new sha256 in the manifest): the cache is stale.
+    retrained = models.build("binary", **specs["binary"])
+    retrained.set_weights([w + 0.05 for w in built["binary"].get_weights()])
+    bundle.save_model_to_bundle(uri, "binary", retrained, specs["binary"])
+    assert main(args) == 0
+    assert "validation predictions: recomputed" in capsys.readouterr().out
+    second = PredictionCache.load(cache)
+    assert second.image_ids == first.image_ids and not np.allclose(second.p_defect, first.p_defect)
+    np.testing.assert_array_equal(second.p_class, first.p_class)  # the other models did not change
+    assert second.meta["key"]["models"] != first.meta["key"]["models"]

@@ -1,0 +1,119 @@
+"""No silent CPU (steel.devices): GPU work where TensorFlow sees no GPU fails at once, saying so.
+
+This machine has no GPU. The integration test starts, in a child process, a local Ray that
+*advertises* one logical GPU, which is exactly the failure mode: Ray grants the GPU, TensorFlow
+cannot use it. Each of the four checks (scoring and training, driver and worker/actor) must fail
+fast with the message, not run on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from steel import devices
+
+needs_no_gpu = pytest.mark.skipif(bool(devices.visible_gpus()), reason="TensorFlow sees a GPU here")
+
+
+@needs_no_gpu
+def test_require_gpu_names_the_setting_and_host():
+    import socket
+
+    with pytest.raises(devices.NoGPUError) as err:
+        devices.require_gpu("train.use_gpu: true (model binary, worker 0)")
+    text = str(err.value)
+    assert "train.use_gpu: true (model binary, worker 0) asks for a GPU" in text
+    assert "sees none" in text and socket.gethostname() in text
+
+
+SCRIPT = r"""
+import json, sys, time
+import steel.keras_env
+import numpy as np
+import ray
+
+from steel.config import ScoreConfig
+from steel.keras_env import runtime_env
+
+root, work = sys.argv[1], sys.argv[2]
+ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
+         runtime_env=runtime_env())
+
+
+class Constant:
+    def predict(self, images):
+        return [{"p_defect": 0.0, "p_class": [0.0] * 4, "masks": [""] * 4, "areas": [0] * 4} for _ in images]
+
+
+def factory():
+    return Constant()
+
+
+def attempt(fn):
+    t0 = time.time()
+    try:
+        fn()
+        return {"error": None, "seconds": time.time() - t0}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}", "seconds": time.time() - t0}
+
+
+out = {}
+from steel import scoring, storage
+from steel.config import config_from_dict
+images = f"{root}/train_images"
+cfg = ScoreConfig(gpus_per_actor=1, actors=1, batch_size=2, images_per_shard=4)
+# driver check (score) and the actor's own check (the pipeline run without the driver check)
+out["score_driver"] = attempt(lambda: scoring.score("unused-bundle", images, f"{work}/scores", cfg,
+                                                    predictor_factory=factory))
+files = sorted(storage.list_files(images))[:2]
+items = [{"shard": "s", "image_id": f.rsplit("/", 1)[-1], "file": f, "path": f} for f in files]
+out["score_actor"] = attempt(lambda: scoring.cascade_dataset(items, cfg, None, ("JPEG",), factory).take_all())
+
+from steel import training
+train = {"output": f"{work}/ckpt", "epochs": 1, "per_worker_batch": 4, "num_workers": 1, "cpus_per_worker": 1,
+         "max_failures": 0, "use_gpu": True, "models": ["binary"],
+         "classifier": {"encoder": "simplecnn", "input_size": [32, 160], "encoder_weights": "none",
+                        "dense_units": [8, 8, 8]}}
+tcfg = config_from_dict({"name": "gpu", "data": {"root": root}, "bundle": f"{work}/bundle", "train": train})
+out["train_driver"] = attempt(lambda: training.train_models(tcfg))
+splits, _ = training.load_splits(tcfg)
+out["train_worker"] = attempt(lambda: training.train_one(tcfg, "binary", splits, images))
+print("RESULT " + json.dumps(out))
+ray.shutdown()
+"""
+
+
+@needs_no_gpu
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_gpu_settings_fail_at_once_where_tensorflow_sees_no_gpu(tmp_path):
+    from tests.test_train_data import make_tiny_dataset
+
+    root = make_tiny_dataset(tmp_path / "data", n=8)
+    script = tmp_path / "gpu_check.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(p) for p in sys.path if p])}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(script), str(root), str(tmp_path / "work")], env=env,
+                          capture_output=True, text=True, timeout=280)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, f"no result (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    result = json.loads(lines[-1][len("RESULT "):])
+    expected = {"score_driver": "score.gpus_per_actor > 0 asks for a GPU",
+                "score_actor": "score.gpus_per_actor > 0 (a cascade actor) asks for a GPU",
+                "train_driver": "train.use_gpu: true asks for a GPU",
+                "train_worker": "train.use_gpu: true (model binary, worker 0) asks for a GPU"}
+    for name, text in expected.items():
+        got = result[name]
+        assert got["error"] and text in got["error"] and "sees none" in got["error"], (name, got)
+        assert got["seconds"] < 60, (name, got)  # at once, not after a CPU run or a hang
+    # The driver checks stop before any work: nothing written.
+    assert not (tmp_path / "work" / "scores" / "shards").exists()
+    assert not (tmp_path / "work" / "bundle").exists()
