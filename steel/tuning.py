@@ -139,19 +139,14 @@ def truth_maps(rles: Sequence[str], size: tuple[int, int]) -> tuple[np.ndarray, 
 
 
 def read_image(uri: str) -> np.ndarray:
-    """One image as uint8 RGB 256 x 1600 x 3 (ValueError naming the file if it is not)."""
-    import cv2
+    """One image as uint8 RGB 256 x 1600 x 3 (``steel.images.decode``: scoring's decoder; ValueError
+    naming the file if it is not one)."""
+    from steel import images, storage
 
-    from steel import storage
-
-    data = storage.read_bytes(uri)
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError(f"{uri}: not a decodable image ({len(data)} bytes)")
-    img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    if img.shape != (*rle.SHAPE, 3):
-        raise ValueError(f"{uri}: image is {img.shape[1]}x{img.shape[0]}, expected {rle.SHAPE[1]}x{rle.SHAPE[0]}")
-    return img
+    try:
+        return images.decode(storage.read_bytes(uri))
+    except images.BadImage as e:
+        raise ValueError(f"{uri}: {e}") from None
 
 
 def predict_cache(cascade, labels, images_uri: str, cache_size: Sequence[int] | None = None,
@@ -649,7 +644,8 @@ def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start:
     if full_check:
         from steel.cascade import Cascade
 
-        tuned = Cascade(cascade.models, cascade.input_sizes, final, tta=tta, batch_size=batch_size)
+        tuned = Cascade(cascade.models, cascade.input_sizes, final, tta=tta, batch_size=batch_size,
+                        preprocessing=cascade.preprocessing)
         full = full_resolution_dice(tuned, labels[labels["ImageId"].isin(set(cache.image_ids))], images_uri,
                                     batch_size=batch_size, progress=progress)
         validation["full_resolution_after"] = {k: full[k] for k in ("mean_dice", "per_class", "n_images")}
