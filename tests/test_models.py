@@ -112,6 +112,28 @@ def test_encoder_weights_from_h5_path(tmp_path):
     assert not np.array_equal(fresh.get_layer("Conv1").get_weights()[0], encoder.get_layer("Conv1").get_weights()[0])
 
 
+@pytest.mark.timeout(180)
+def test_unet_encoder_weights_staged_on_s3(s3_bucket, tmp_path):
+    """A cluster without internet: the encoder's weights staged once in object storage (here the
+    moto S3 server) and named by ``encoder_weights: s3://...`` end up in the U-Net's encoder."""
+    from steel import storage
+
+    encoder = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 160, 3), alpha=0.35)
+    local = tmp_path / "mobilenet_v2_0.35_notop.h5"
+    encoder.save_weights(str(local))
+    uri = f"s3://{s3_bucket}/pretrained/mobilenet_v2_0.35_notop.h5"
+    storage.write_bytes(uri, local.read_bytes())
+    kwargs = dict(encoder="mobilenetv2_035", input_size=(32, 160), decoder_filters=(8, 8, 4, 4, 4))
+    model = models.build("seg1", **kwargs, encoder_weights=uri)
+    for name in ("Conv1", "block_13_expand"):
+        for got, want in zip(model.get_layer(name).get_weights(), encoder.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(got, want)
+    fresh = models.build("seg1", **kwargs, encoder_weights="none")
+    assert not np.array_equal(fresh.get_layer("Conv1").get_weights()[0], encoder.get_layer("Conv1").get_weights()[0])
+    with pytest.raises(FileNotFoundError):
+        models.build("seg1", **kwargs, encoder_weights=f"s3://{s3_bucket}/pretrained/missing.h5")
+
+
 def test_mixed_precision_output_is_float32():
     old = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_float16")
