@@ -6,7 +6,9 @@
 
 The models run once over the validation images (in this process); the search then runs on the
 cached probabilities. Writes ``<bundle>/thresholds.json`` (with the validation score before and
-after) and ``<bundle>/tuning/dice_vs_*.png``.
+after) and ``<bundle>/tuning/dice_vs_*.png``. With ``tune.mode: fixed`` in the config it searches
+nothing: it writes the seed's hand-set thresholds (area percentiles of the train split, probabilities
+0.5) and, unless ``--no-full-check``, their validation mean Dice.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ def cli_main(args: argparse.Namespace) -> int:
 
     from steel import tuning
 
+    if cfg.tune.mode == "fixed":  # the seed's thresholds: no search (steel.tuning.fixed_thresholds)
+        print(tuning.format_summary(tuning.write_fixed(cfg, bundle_uri=args.bundle or cfg.bundle,
+                                                       full_check=args.full_check, batch_size=args.batch_size)))
+        return 0
     summary = tuning.tune(cfg, bundle_uri=args.bundle or cfg.bundle, start=_start_thresholds(args.start),
                           rounds=args.rounds, cache_size=args.cache_size, batch_size=args.batch_size,
                           full_check=args.full_check, cache_path=args.cache, tta=args.tta)

@@ -123,8 +123,13 @@ class TrainConfig:
 
 @dataclass
 class TuneConfig:
-    enabled: bool = True
+    enabled: bool = True  # false: the seed's published thresholds (steel.thresholds.default_thresholds)
     tta: str = "none"  # none | h | v | hv
+    # search: coordinate ascent on the validation split (steel.tuning.tune). fixed: the seed's way,
+    # no search: probabilities 0.5 and area bounds from the 2nd/98th percentile of the train split's
+    # mask areas (steel.tuning.fixed_thresholds), or from ``area_thresholds`` (EDA's area_thresholds.json).
+    mode: str = "search"
+    area_thresholds: str | None = None
 
 
 @dataclass
@@ -271,6 +276,8 @@ def _check(obj, prefix: str) -> None:
             raise ConfigError(f"{p}base_lr: must be positive, got {obj.base_lr}")
     if isinstance(obj, TrainConfig) and not obj.base_lr > 0:
         raise ConfigError(f"{p}base_lr: must be positive, got {obj.base_lr}")
+    if isinstance(obj, TuneConfig) and obj.mode not in ("search", "fixed"):
+        raise ConfigError(f"{p}mode: must be 'search' or 'fixed', got {obj.mode!r}")
     if isinstance(obj, (TuneConfig, ScoreConfig)) and obj.tta not in (None, "none", "h", "v", "hv"):
         raise ConfigError(f"{p}tta: must be one of none, h, v, hv; got {obj.tta!r}")
     if isinstance(obj, ScoreConfig) and obj.format not in ("csv", "parquet"):

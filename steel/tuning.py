@@ -668,7 +668,67 @@ def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start:
     return summary
 
 
+def fixed_thresholds(cfg) -> dict:
+    """The seed's hand-set thresholds for the config's data, without any search.
+
+    Probabilities and pixel threshold 0.5 (``steel.thresholds.default_thresholds``); each class's
+    area bounds from ``cfg.tune.area_thresholds`` (EDA's ``area_thresholds.json``) when set, else
+    computed here exactly as ``steel eda --split train`` does: the 2nd and 98th percentile of the
+    mask areas in the config's train split (the seed's section 4.1). Classes without a training mask
+    keep the seed's published bounds. The mapping records where it came from under ``source``.
+    """
+    from steel import thresholds as th_lib
+
+    if cfg.tune.area_thresholds:
+        th = th_lib.from_area_json(cfg.tune.area_thresholds)
+        source = {"mode": "fixed", "areas": cfg.tune.area_thresholds}
+    else:
+        from steel import dataset, eda
+
+        wide = dataset.load_labels(cfg.data.path("train_csv"), images=cfg.data.path("train_images"),
+                                   skip_bad=cfg.data.skip_bad)
+        train = dataset.split(wide, seed=cfg.data.seed)["train"]
+        areas = eda.area_thresholds(eda.mask_areas(train))
+        th = th_lib.merge_areas(th_lib.default_thresholds(), areas)
+        source = {"mode": "fixed", "areas": f"train split ({len(train)} images, seed {cfg.data.seed}), "
+                                            f"percentiles {list(eda.PERCENTILES)}"}
+    th["tta"] = cfg.tune.tta
+    th["source"] = source
+    return validate_thresholds(th)
+
+
+def write_fixed(cfg, bundle_uri: str | None = None, full_check: bool = True, batch_size: int = 8,
+                progress: bool = True, stamp: str | None = None) -> dict:
+    """Write :func:`fixed_thresholds` into the bundle; with ``full_check``, also the validation split's
+    mean Dice of the cascade with them (what scoring deploys), recorded under ``validation``."""
+    bundle_uri = bundle_uri or cfg.bundle
+    th = fixed_thresholds(cfg)
+    summary: dict = {"mode": "fixed", "thresholds": th, "source": th["source"]}
+    if full_check:
+        from steel import bundle as bundle_lib
+        from steel.cascade import Cascade
+
+        labels, data_fp = validation_labels(cfg)
+        cascade = Cascade.from_bundle(bundle_lib.load_bundle(bundle_uri), thresholds=th, batch_size=batch_size)
+        full = full_resolution_dice(cascade, labels, cfg.data.path("train_images"), batch_size=batch_size,
+                                    progress=progress)
+        th["validation"] = {"split": "val", "fingerprint": stamp, "data_fingerprint": data_fp, "mean_dice": full["mean_dice"],
+                            "per_class": full["per_class"], "n_images": full["n_images"]}
+        summary["validation"] = th["validation"]
+    _write_thresholds(bundle_uri, th)
+    return summary
+
+
 def format_summary(s: dict) -> str:
+    if s.get("mode") == "fixed":
+        th, v = s["thresholds"], s.get("validation")
+        lines = [f"fixed thresholds (no search): areas from {s['source']['areas']}"]
+        if v:
+            lines.append(f"validation mean Dice (full resolution, {v['n_images']} images): {v['mean_dice']:.4f}")
+        lines.append(f"t_bin {th['binary']:.2f}")
+        lines.extend(f"class {k}: prob {c['prob']:.2f} pixel {c['pixel']:.2f} area {c['min_area']}-{c['max_area']}"
+                     for k, c in th["classes"].items())
+        return "\n".join(lines)
     lines = [f"validation mean Dice (cached, {s['n_images']} images): {s['before']:.4f} -> {s['after']:.4f} "
              f"({s['changes']} threshold changes)"]
     full = s.get("full_resolution_after")
@@ -687,4 +747,5 @@ def format_summary(s: dict) -> str:
 
 __all__ = ["PredictionCache", "Evaluator", "Grids", "search", "sweep", "plot_curves", "predict_cache",
            "truth_maps", "read_image", "full_resolution_dice", "validation_labels", "tune", "format_summary",
+           "fixed_thresholds", "write_fixed",
            "default_cache_size"]

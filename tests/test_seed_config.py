@@ -20,7 +20,7 @@ def test_seed_config_is_the_seed():
     assert [t.batch_for(n) for n in ("binary", "multilabel", "seg1", "seg4")] == [16, 16, 8, 8]
     assert t.num_workers == 1  # global batch = the seed's batch
     assert t.seg_loss == "dice" and t.blackout_prob == 0.0 and t.augment
-    assert cfg.tune.tta == "none" and cfg.score.tta == "none" and not cfg.tune.enabled
+    assert cfg.tune.tta == "none" and cfg.score.tta == "none" and cfg.tune.mode == "fixed"
     assert cfg.data.seed == 42
 
     from steel import models
@@ -75,3 +75,35 @@ def test_seed_config_trains_at_tiny_sizes(tmp_path, ray_local):
     assert row["loss"] == pytest.approx(1.0 - row["dice_coef"], abs=1e-4)  # dice loss (the seed's), no BCE term
     spec = bundle.read_manifest(cfg.bundle)["models"]["seg3"]["spec"]
     assert (spec["encoder"], spec["preprocessing"]) == ("efficientnetb1", "imagenet")
+
+
+def test_fixed_thresholds_are_the_eda_train_split_percentiles(tmp_path):
+    """tune.mode fixed: probabilities 0.5 and the area bounds `steel eda --split train` writes."""
+    import json
+
+    from steel import eda, thresholds, tuning
+    from tests.test_train_data import make_tiny_dataset
+
+    root = make_tiny_dataset(tmp_path / "data")
+    cfg = load_config(SEED, [f"data.root={root}", f"bundle={tmp_path}/bundle"])
+    th = tuning.fixed_thresholds(cfg)
+    eda.run_eda(str(root), str(tmp_path / "eda"), split="train", samples=0)
+    areas = json.loads((tmp_path / "eda" / "area_thresholds.json").read_text())
+    assert areas and th["binary"] == 0.5
+    for k, c in th["classes"].items():
+        assert (c["prob"], c["pixel"]) == (0.5, 0.5)
+        want = areas.get(k, dict(zip(("min_area", "max_area"), thresholds.SEED_AREAS[int(k)])))
+        assert (c["min_area"], c["max_area"]) == (want["min_area"], want["max_area"])
+    assert th["source"]["mode"] == "fixed" and "train split" in th["source"]["areas"]
+    # The tiny set's rectangles are ~15,000 pixels: far from the seed's Kaggle bounds.
+    assert th["classes"]["1"]["max_area"] != thresholds.SEED_AREAS[1][1]
+
+    # From EDA's file instead, and written into the bundle (no validation pass here).
+    cfg = load_config(SEED, [f"data.root={root}", f"bundle={tmp_path}/bundle",
+                             f"tune.area_thresholds={tmp_path}/eda/area_thresholds.json"])
+    summary = tuning.write_fixed(cfg, full_check=False)
+    written = thresholds.load_thresholds(str(tmp_path / "bundle"))
+    assert written["classes"] == th["classes"] and written["source"]["areas"].endswith("area_thresholds.json")
+    assert "fixed thresholds" in tuning.format_summary(summary)
+    with pytest.raises(ConfigError, match="tune.mode: must be 'search' or 'fixed'"):
+        config_from_dict({"tune": {"mode": "grid"}})
