@@ -107,3 +107,24 @@ def test_fixed_thresholds_are_the_eda_train_split_percentiles(tmp_path):
     assert "fixed thresholds" in tuning.format_summary(summary)
     with pytest.raises(ConfigError, match="tune.mode: must be 'search' or 'fixed'"):
         config_from_dict({"tune": {"mode": "grid"}})
+
+
+@pytest.mark.timeout(240)
+def test_write_fixed_checks_the_deployed_cascade_on_the_validation_split(tmp_path):
+    """write_fixed's validation Dice is the full cascade's (cascade.predict at 256x1600) on the val split."""
+    from steel import bundle, models, thresholds, tuning
+    from steel.config import MODEL_NAMES
+    from tests.test_train_data import make_tiny_dataset
+
+    root = make_tiny_dataset(tmp_path / "data")
+    kw_cls = dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none", dense_units=(8,))
+    kw_seg = dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none", decoder_filters=(8, 8, 4, 4, 4))
+    specs = {n: models.resolve_spec(n, **(kw_seg if models.is_segmenter(n) else kw_cls)) for n in MODEL_NAMES}
+    bundle.save_bundle(str(tmp_path / "bundle"), {n: models.build(n, **specs[n]) for n in MODEL_NAMES}, specs, {})
+    cfg = load_config(SEED, [f"data.root={root}", f"bundle={tmp_path}/bundle"])
+    summary = tuning.write_fixed(cfg, progress=False, stamp="s1")
+    v = summary["validation"]
+    labels, _ = tuning.validation_labels(cfg)
+    assert v["n_images"] == len(labels) and 0.0 <= v["mean_dice"] <= 1.0 and set(v["per_class"]) == {"1", "2", "3", "4"}
+    written = thresholds.load_thresholds(str(tmp_path / "bundle"))
+    assert written["validation"]["fingerprint"] == "s1" and written["validation"]["mean_dice"] == v["mean_dice"]
