@@ -50,7 +50,7 @@ def test_per_kind_batch_and_learning_rate():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)
 def test_seed_config_trains_at_tiny_sizes(tmp_path, ray_local):
     """The seed's U-Net (Unet-EfficientNetB1, dice loss, batch 8, ImageNet standardisation) trained
     from the seed config, shrunk by overrides only: random init (no internet), tiny input, one step.
