@@ -148,8 +148,8 @@ class Pipeline:
     def _fixed_thresholds(self, existing: dict | None):
         """tune.mode fixed: the seed's hand-set thresholds (no search), checked on the validation split."""
         where = storage.join(self.cfg.bundle, "thresholds.json")
-        v = (existing or {}).get("validation", {})
-        if (existing or {}).get("source", {}).get("mode") == "fixed" and v.get("fingerprint") == self._bundle_stamp():
+        source, v = (existing or {}).get("source"), (existing or {}).get("validation") or {}
+        if isinstance(source, dict) and source.get("mode") == "fixed" and v.get("fingerprint") == self._bundle_stamp():
             return True, f"fixed thresholds; validation mean Dice {v.get('mean_dice', float('nan')):.4f}; {where}", {}
         from steel import tuning
 

@@ -128,3 +128,11 @@ def test_write_fixed_checks_the_deployed_cascade_on_the_validation_split(tmp_pat
     assert v["n_images"] == len(labels) and 0.0 <= v["mean_dice"] <= 1.0 and set(v["per_class"]) == {"1", "2", "3", "4"}
     written = thresholds.load_thresholds(str(tmp_path / "bundle"))
     assert written["validation"]["fingerprint"] == "s1" and written["validation"]["mean_dice"] == v["mean_dice"]
+
+    # The pipeline's tune stage in fixed mode: writes them for this bundle once, then skips.
+    from steel.pipeline import Pipeline
+
+    skipped, line, _ = Pipeline(cfg).tune()
+    assert not skipped and "fixed thresholds" in line and f"{v['mean_dice']:.4f}" in line
+    skipped, line, _ = Pipeline(cfg).tune()
+    assert skipped and f"{v['mean_dice']:.4f}" in line
