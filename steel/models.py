@@ -65,8 +65,9 @@ UNET_DIVISOR = 32  # a U-Net downsamples 5 times: H and W must be multiples of 3
 MIN_CLASSIFIER_SIDE = 32
 
 # Classifier encoders: name -> (tf_keras.applications constructor name, extra kwargs, input scale).
-# ``input_scale`` multiplies the [0, 1] input before the encoder: tf_keras' EfficientNets carry their
-# own Rescaling(1/255) + Normalization layers and expect [0, 255] pixels.
+# ``input_scale`` multiplies the input before the encoder: tf_keras' EfficientNets carry their own
+# Rescaling(1/255) + Normalization layers and expect [0, 255] pixels, so with the classifiers' default
+# ``unit`` preprocessing ([0, 1]) they get exactly what they were pretrained on.
 _CLASSIFIER_ENCODERS: dict[str, tuple[str | None, dict, float]] = {
     "xception": ("Xception", {}, 1.0),
     "mobilenetv2": ("MobileNetV2", {"alpha": 1.0}, 1.0),
