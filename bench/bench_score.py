@@ -64,15 +64,16 @@ def decode(path: str) -> np.ndarray:
 
 def seed_way(models: dict, specs: dict, paths: list[str], th: dict) -> list[dict]:
     from steel import rle
-    from steel.cascade import mask_from_prob, preprocess, resize_images
+    from steel.cascade import mask_from_prob
+    from steel.images import to_input
 
     out = []
     for path in paths:
         img = decode(path)[None]
-        x_cls = preprocess(resize_images(img, tuple(specs["binary"]["input_size"])))
+        x_cls = to_input(img, specs["binary"])
         p_defect = float(models["binary"].predict(x_cls, verbose=0)[0, 0])
         p_class = models["multilabel"].predict(x_cls, verbose=0)[0]
-        x_seg = preprocess(resize_images(img, tuple(specs["seg1"]["input_size"])))
+        x_seg = to_input(img, specs["seg1"])
         masks = []
         for k in (1, 2, 3, 4):
             prob = models[f"seg{k}"].predict(x_seg, verbose=0)[0, ..., 0]
@@ -95,11 +96,11 @@ def cascade_way(cascade, paths: list[str], batch: int) -> tuple[list[dict], dict
 
 def seed_like_thresholds(models: dict, specs: dict, paths: list[str]) -> dict:
     """Gates that pass about half the images, then the Severstal class shares of those."""
-    from steel.cascade import preprocess, resize_images
+    from steel.images import to_input
     from steel.thresholds import default_thresholds
 
     images = np.stack([decode(p) for p in paths])
-    x = preprocess(resize_images(images, tuple(specs["binary"]["input_size"])))
+    x = to_input(images, specs["binary"])
     p_defect = models["binary"].predict_on_batch(x)[:, 0]
     p_class = models["multilabel"].predict_on_batch(x)
     th = default_thresholds()
@@ -221,12 +222,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"built the six seed-size models in {results['build_s']} s: {results['params']}", flush=True)
     paths = make_images(os.path.join(work, "bench"), args.images)
     sizes = {n: tuple(s["input_size"]) for n, s in specs.items()}
+    prep = {n: s["preprocessing"] for n, s in specs.items()}
     callables = {n: static_callable(m) for n, m in models.items()}  # what the scoring actors use
     seed_th = seed_like_thresholds(models, specs, paths)
 
     # warm-up: first calls build the graphs; neither way should pay that in its timing
     warm = np.stack([decode(paths[0])])
-    Cascade(callables, sizes, all_pass_thresholds()).predict(warm)
+    Cascade(callables, sizes, all_pass_thresholds(), preprocessing=prep).predict(warm)
     seed_way(models, specs, paths[:1], seed_th)
 
     t = time.perf_counter()
@@ -237,10 +239,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"= {args.images / base_s:.3f} images/s", flush=True)
 
     on_batch = {n: keras_callable(m) for n, m in models.items()}  # predict_on_batch: retraces per batch shape
-    Cascade(on_batch, sizes, all_pass_thresholds()).predict(warm)
+    Cascade(on_batch, sizes, all_pass_thresholds(), preprocessing=prep).predict(warm)
     for label, th, fns in (("all_pass", all_pass_thresholds(), callables), ("seed_like", seed_th, callables),
                            ("seed_like_predict_on_batch", seed_th, on_batch)):
-        cascade = Cascade(fns, sizes, th)
+        cascade = Cascade(fns, sizes, th, preprocessing=prep)
         t = time.perf_counter()
         _, stats = cascade_way(cascade, paths, args.batch)
         secs = time.perf_counter() - t

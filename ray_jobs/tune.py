@@ -7,8 +7,11 @@
 The models run once over the validation images on Ray actors (scoring's pipeline; GPU actors with
 ``score.gpus_per_actor``), the search then runs in this process on the cached probabilities.
 ``--cache`` reuses a saved cache only when it was made by the same models, TTA, cache size and
-validation labels; otherwise it is recomputed and overwritten. Writes ``<bundle>/thresholds.json`` (with the validation score before and
-after) and ``<bundle>/tuning/dice_vs_*.png``.
+validation labels; otherwise it is recomputed and overwritten. Writes ``<bundle>/thresholds.json``
+(with the validation score before and after) and ``<bundle>/tuning/dice_vs_*.png``. With
+``tune.mode: fixed`` in the config it searches nothing: it writes the seed's hand-set thresholds (area
+percentiles of the train split, probabilities 0.5) and, unless ``--no-full-check``, their validation
+mean Dice (on Ray actors, like the search's check).
 """
 
 from __future__ import annotations
@@ -66,6 +69,11 @@ def cli_main(args: argparse.Namespace) -> int:
     from steel.ray_session import local_cpus, ray_session
 
     with ray_session(args.address or cfg.ray_address, num_cpus=local_cpus(cfg)):
+        if cfg.tune.mode == "fixed":  # the seed's thresholds: no search (steel.tuning.fixed_thresholds)
+            print(tuning.format_summary(tuning.write_fixed(cfg, bundle_uri=args.bundle or cfg.bundle,
+                                                           full_check=args.full_check,
+                                                           batch_size=args.batch_size)))
+            return 0
         summary = tuning.tune(cfg, bundle_uri=args.bundle or cfg.bundle, start=_start_thresholds(args.start),
                               rounds=args.rounds, cache_size=args.cache_size, batch_size=args.batch_size,
                               full_check=args.full_check, cache_path=args.cache, tta=args.tta)

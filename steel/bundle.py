@@ -8,12 +8,15 @@
 
 No pickles and no saved architectures: :func:`load_bundle` rebuilds each network from its spec with
 :func:`steel.models.build` (``encoder_weights='none'``: it never downloads anything) and loads the
-weights. ``manifest.json``::
+weights. A spec's ``preprocessing`` (``steel.images``) is the input scaling the model was trained
+with; every consumer applies it from there (a spec without it, from an older bundle, means ``unit``:
+see :func:`spec_with_preprocessing`). ``manifest.json``::
 
     {"format_version": 1, "created_at": ..., "updated_at": ..., "fingerprint": <data split sha256>,
      "config": {...run config...}, "versions": {"tensorflow": ..., "tf_keras": ...,
      "segmentation_models": ..., "ray": ..., "numpy": ..., "python": ..., "steel": ...},
-     "models": {"binary": {"spec": {encoder, input_size, encoder_weights, decoder_filters, dense_units},
+     "models": {"binary": {"spec": {encoder, input_size, encoder_weights, decoder_filters, dense_units,
+                                    preprocessing},
                            "weights": "binary.weights.h5", "sha256": ..., "params": ...,
                            "metrics": {...best epoch...}, "training_seconds": ..., "fingerprint": ...,
                            "created_at": ...}, ...},
@@ -153,11 +156,10 @@ def _write_weights(uri: str, name: str, model) -> tuple[str, str]:
 
 def _model_entry(name: str, model, spec: dict, metrics: dict | None, seconds: float | None,
                  fingerprint: str | None, fname: str, digest: str) -> dict:
-    from steel.models import resolve_spec
+    from steel.models import SPEC_KEYS, resolve_spec
 
     try:
-        spec = resolve_spec(name, **{k: spec.get(k) for k in ("encoder", "input_size", "encoder_weights",
-                                                              "decoder_filters", "dense_units")})
+        spec = resolve_spec(name, **{k: spec.get(k) for k in SPEC_KEYS})
     except (TypeError, AttributeError):
         raise BundleError(f"spec of model {name!r} must be a dict like steel.models.model_spec(), got {spec!r}") from None
     return {
@@ -316,6 +318,20 @@ def load_model(uri: str, name: str, manifest: dict | None = None, verify: bool =
     return model
 
 
+def spec_with_preprocessing(spec: dict) -> dict:
+    """A copy of a manifest's model spec that names its input preprocessing.
+
+    Bundles saved before the spec recorded it (no ``preprocessing`` key) were trained and tuned on
+    [0, 1] pixels whatever the encoder: they get ``steel.images.LEGACY_PREPROCESSING`` (``unit``).
+    """
+    from steel.images import LEGACY_PREPROCESSING
+
+    out = dict(spec)
+    if not out.get("preprocessing"):
+        out["preprocessing"] = LEGACY_PREPROCESSING
+    return out
+
+
 def load_bundle(uri: str, names: Iterable[str] | None = None, verify: bool = True) -> Bundle:
     """Load the bundle at ``uri``: every model in it, or only ``names``.
 
@@ -333,7 +349,7 @@ def load_bundle(uri: str, names: Iterable[str] | None = None, verify: bool = Tru
         raise BundleError(f"{uri}: bundle has no model {', '.join(map(repr, unknown))}; "
                           f"it has {', '.join(available) or 'none'}")
     models = {name: load_model(uri, name, manifest, verify=verify) for name in wanted}
-    specs = {name: dict(manifest["models"][name]["spec"]) for name in wanted}
+    specs = {name: spec_with_preprocessing(manifest["models"][name]["spec"]) for name in wanted}
     return Bundle(uri=uri, manifest=manifest, models=models, specs=specs, thresholds=read_thresholds(uri))
 
 
@@ -359,5 +375,5 @@ def read_thresholds(uri: str) -> dict | None:
 
 
 __all__ = ["Bundle", "BundleError", "FORMAT_VERSION", "save_bundle", "save_model_to_bundle", "load_bundle",
-           "load_model", "read_manifest", "write_thresholds", "read_thresholds", "library_versions",
+           "load_model", "read_manifest", "spec_with_preprocessing", "write_thresholds", "read_thresholds", "library_versions",
            "weights_name"]

@@ -10,10 +10,10 @@ For a batch of uint8 images (N x 256 x 1600 x 3):
    pixel threshold ``p_k``, and emptied if its area is outside ``[min_area_k, max_area_k]``;
 4. each mask is run-length encoded (:func:`steel.rle.encode`).
 
-Models are plain callables ``f(batch) -> np.ndarray`` taking float32 NHWC in [0, 1] at that model's
-input size (the semantics of ``steel.models.preprocess``: uint8 / 255) and returning probabilities:
-``(N, 1)`` binary, ``(N, 4)`` multilabel, ``(N, H, W, 1)`` segmenters. Keras models are wrapped by
-:meth:`Cascade.from_bundle`. Inputs are resized with ``cv2.INTER_AREA``.
+Models are plain callables ``f(batch) -> np.ndarray`` taking float32 NHWC at that model's input size,
+scaled by that model's preprocessing (``steel.images.to_input``: the same resize and scaling as
+training), and returning probabilities: ``(N, 1)`` binary, ``(N, 4)`` multilabel, ``(N, H, W, 1)``
+segmenters. Keras models are wrapped by :meth:`Cascade.from_bundle`.
 
 Flip test-time augmentation (``tta``: none | h | v | hv, for all models or per model as a dict)
 averages each model's probabilities over flipped copies of its input; segmentation outputs are
@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from steel import images as image_io
 from steel import rle
 from steel.thresholds import CLASSES, TTA_MODES, validate_thresholds
 
@@ -48,24 +49,6 @@ def _cv2():
     import cv2
 
     return cv2
-
-
-def preprocess(images_uint8: np.ndarray) -> np.ndarray:
-    """uint8 RGB -> float32 in [0, 1] (the same as ``steel.models.preprocess``, without importing TF)."""
-    return np.asarray(images_uint8, dtype=np.float32) / np.float32(255.0)
-
-
-def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize an N x H x W x C batch to ``size`` (H, W) with ``cv2.INTER_AREA`` (no-op if equal)."""
-    h, w = int(size[0]), int(size[1])
-    if images.shape[1:3] == (h, w):
-        return images
-    cv2 = _cv2()
-    out = np.empty((images.shape[0], h, w, images.shape[3]), dtype=images.dtype)
-    for i in range(images.shape[0]):
-        r = cv2.resize(images[i], (w, h), interpolation=cv2.INTER_AREA)
-        out[i] = r.reshape(h, w, -1)
-    return out
 
 
 def resize_prob(prob: np.ndarray, size: tuple[int, int] = SHAPE, interpolation: str = "linear") -> np.ndarray:
@@ -140,11 +123,14 @@ class Cascade:
         thresholds: a thresholds mapping (:mod:`steel.thresholds` schema); validated here.
         tta: none | h | v | hv, or a mapping model name -> mode (missing models: none).
         batch_size: largest batch handed to one model call (None: the whole gated subset at once).
+        preprocessing: model name -> input scaling (``steel.images.PREPROCESSINGS``); missing
+            models, or None: ``unit`` ([0, 1], what bundles without a recorded preprocessing used).
     """
 
     def __init__(self, models: Mapping[str, Callable[[np.ndarray], Any]],
                  input_sizes: Mapping[str, Sequence[int]], thresholds: dict,
-                 tta: str | Mapping[str, str] = "none", batch_size: int | None = None):
+                 tta: str | Mapping[str, str] = "none", batch_size: int | None = None,
+                 preprocessing: Mapping[str, str] | None = None):
         missing = [n for n in MODEL_NAMES if n not in models]
         if missing:
             raise ValueError(f"Cascade needs all six models; missing {', '.join(missing)}")
@@ -163,6 +149,11 @@ class Cascade:
             if len(size) != 2 or min(size) < 1:
                 raise ValueError(f"input_sizes[{name!r}] must be (H, W) with positive values, got {input_sizes[name]!r}")
             self.input_sizes[name] = size  # type: ignore[assignment]
+        preprocessing = dict(preprocessing or {})
+        unknown = sorted(set(preprocessing) - set(MODEL_NAMES))
+        if unknown:
+            raise ValueError(f"preprocessing: unknown model {unknown[0]!r}; models are {', '.join(MODEL_NAMES)}")
+        self.preprocessing = {name: image_io.preprocessing_of(preprocessing.get(name)) for name in MODEL_NAMES}
         self.thresholds = validate_thresholds(thresholds)
         self.tta = _normalise_tta(tta)
         if batch_size is not None and batch_size < 1:
@@ -198,7 +189,8 @@ class Cascade:
             if "input_size" not in spec:
                 raise ValueError(f"bundle spec of {name!r} has no input_size")
             sizes[name] = tuple(spec["input_size"])
-        return cls(models, sizes, thresholds, tta=tta, batch_size=batch_size)
+        preprocessing = {name: image_io.preprocessing_of(spec) for name, spec in bundle.specs.items()}
+        return cls(models, sizes, thresholds, tta=tta, batch_size=batch_size, preprocessing=preprocessing)
 
     # ------------------------------------------------------------------ stats
     def reset_stats(self) -> None:
@@ -270,11 +262,16 @@ class Cascade:
         return out
 
     def _inputs(self, images: np.ndarray, name: str, cache: dict) -> np.ndarray:
-        """``images`` resized to the model's input and scaled to [0, 1]; shared between equal sizes."""
-        size = self.input_sizes[name]
-        if size not in cache:
-            cache[size] = preprocess(resize_images(images, size))
-        return cache[size]
+        """``images`` as the model's input (``steel.images``: resize, then its preprocessing).
+
+        Resized once per input size and scaled once per (size, preprocessing) in a batch.
+        """
+        size, prep = self.input_sizes[name], self.preprocessing[name]
+        if (size, prep) not in cache:
+            if size not in cache:
+                cache[size] = image_io.resize(images, size)
+            cache[(size, prep)] = image_io.preprocess(cache[size], prep)
+        return cache[(size, prep)]
 
     def _run(self, name: str, images: np.ndarray, index: np.ndarray, cache: dict) -> np.ndarray:
         x = self._inputs(images, name, cache)
@@ -419,6 +416,6 @@ def rows_from_predictions(predictions: Sequence[dict]) -> list[dict]:
     return rows
 
 
-__all__ = ["Cascade", "MODEL_NAMES", "preprocess", "resize_images", "resize_prob", "mask_from_prob",
+__all__ = ["Cascade", "MODEL_NAMES", "resize_prob", "mask_from_prob",
            "keras_callable", "rows_from_predictions"]
 

@@ -68,6 +68,11 @@ class ModelConfig:
     # U-Net decoder widths; the seed uses segmentation-models' default (256, 128, 64, 32, 16).
     decoder_filters: tuple[int, ...] | None = None
     dense_units: tuple[int, ...] | None = None  # classifier head; default (1024, 512, 64)
+    # Input scaling: unit | imagenet | tf | raw (steel.images); default: the encoder's pretraining one.
+    preprocessing: str | None = None
+    # Per model kind (this section's models); None: train.per_worker_batch / train.base_lr.
+    per_worker_batch: int | None = None
+    base_lr: float | None = None
 
 
 @dataclass
@@ -100,11 +105,31 @@ class TrainConfig:
         """Epochs model ``name`` trains for: ``epochs_by_model[name]``, else ``epochs``."""
         return int(self.epochs_by_model.get(name, self.epochs))
 
+    def _kind(self, name: str) -> ModelConfig:
+        if name not in MODEL_NAMES:
+            raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
+        return self.segmenter if name.startswith("seg") else self.classifier
+
+    def batch_for(self, name: str) -> int:
+        """Per-worker batch of model ``name``: its kind's ``per_worker_batch``, else ``per_worker_batch``."""
+        value = self._kind(name).per_worker_batch
+        return int(self.per_worker_batch if value is None else value)
+
+    def lr_for(self, name: str) -> float:
+        """Base learning rate (at ``base_batch``) of model ``name``: its kind's ``base_lr``, else ``base_lr``."""
+        value = self._kind(name).base_lr
+        return float(self.base_lr if value is None else value)
+
 
 @dataclass
 class TuneConfig:
-    enabled: bool = True
+    enabled: bool = True  # false: the seed's published thresholds (steel.thresholds.default_thresholds)
     tta: str = "none"  # none | h | v | hv
+    # search: coordinate ascent on the validation split (steel.tuning.tune). fixed: the seed's way,
+    # no search: probabilities 0.5 and area bounds from the 2nd/98th percentile of the train split's
+    # mask areas (steel.tuning.fixed_thresholds), or from ``area_thresholds`` (EDA's area_thresholds.json).
+    mode: str = "search"
+    area_thresholds: str | None = None
 
 
 @dataclass
@@ -239,6 +264,20 @@ def _check(obj, prefix: str) -> None:
             raise ConfigError(f"{p}lr_schedule: must be 'constant' or 'cosine', got {obj.lr_schedule!r}")
         if obj.seg_loss not in ("dice", "bce_dice"):
             raise ConfigError(f"{p}seg_loss: must be 'dice' or 'bce_dice', got {obj.seg_loss!r}")
+    if isinstance(obj, ModelConfig):
+        from steel.images import PREPROCESSINGS
+
+        if obj.preprocessing is not None and obj.preprocessing not in PREPROCESSINGS:
+            raise ConfigError(f"{p}preprocessing: must be one of {', '.join(PREPROCESSINGS)} (or null: the "
+                              f"encoder's), got {obj.preprocessing!r}")
+        if obj.per_worker_batch is not None and obj.per_worker_batch < 1:
+            raise ConfigError(f"{p}per_worker_batch: must be at least 1, got {obj.per_worker_batch}")
+        if obj.base_lr is not None and not obj.base_lr > 0:
+            raise ConfigError(f"{p}base_lr: must be positive, got {obj.base_lr}")
+    if isinstance(obj, TrainConfig) and not obj.base_lr > 0:
+        raise ConfigError(f"{p}base_lr: must be positive, got {obj.base_lr}")
+    if isinstance(obj, TuneConfig) and obj.mode not in ("search", "fixed"):
+        raise ConfigError(f"{p}mode: must be 'search' or 'fixed', got {obj.mode!r}")
     if isinstance(obj, (TuneConfig, ScoreConfig)) and obj.tta not in (None, "none", "h", "v", "hv"):
         raise ConfigError(f"{p}tta: must be one of none, h, v, hv; got {obj.tta!r}")
     if isinstance(obj, ScoreConfig) and obj.format not in ("csv", "parquet"):

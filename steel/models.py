@@ -10,8 +10,12 @@ the two model builders, the registry of the six model names, and the public fact
 - ``seg1`` .. ``seg4``: ``segmentation_models.Unet(encoder, classes=1, activation='sigmoid')``, one
   per defect class (efficientnetb1: 12,641,169 parameters).
 
-Every model takes float32 RGB in ``[0, 1]`` of its ``input_size`` (see :func:`preprocess`), exactly
-as the seed's ``ImageDataGenerator(rescale=1/255)``. The output layer always computes in float32
+Every model takes float32 RGB of its ``input_size``, scaled as its spec's ``preprocessing`` says
+(:func:`steel.images.preprocess`): by default the scaling its encoder was pretrained with
+(:data:`DEFAULT_PREPROCESSING`). Classifiers get ``unit`` ([0, 1], the seed's
+``ImageDataGenerator(rescale=1/255)``); U-Nets get what ``segmentation_models.get_preprocessing``
+does for their backbone (``efficientnetb1``: ImageNet mean/std standardisation, as the seed's
+``get_preprocessing('efficientnetb1')``). The output layer always computes in float32
 (``dtype='float32'``): under the ``mixed_float16`` global policy the body runs in float16 but the
 sigmoid, and so the loss, stay float32 (the numerically safe set-up the Keras mixed-precision guide
 asks for); under the default float32 policy this changes nothing. No ``Lambda`` layers are used, so
@@ -33,6 +37,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from steel.config import MODEL_NAMES
+from steel.images import preprocess, resize  # noqa: F401 - re-exported: the one implementation
 
 # ---------------------------------------------------------------------
 #  Defaults (the seed notebook) and allowed values
@@ -52,15 +57,17 @@ SEGMENTER_DEFAULTS: dict[str, Any] = {
     "decoder_filters": (256, 128, 64, 32, 16),  # segmentation-models' default
     "dense_units": None,
 }
-SPEC_KEYS: tuple[str, ...] = ("encoder", "input_size", "encoder_weights", "decoder_filters", "dense_units")
+SPEC_KEYS: tuple[str, ...] = ("encoder", "input_size", "encoder_weights", "decoder_filters", "dense_units",
+                              "preprocessing")
 DROPOUT = 0.3
 FROM_SCRATCH_BN_MOMENTUM = 0.9  # see set_bn_momentum
 UNET_DIVISOR = 32  # a U-Net downsamples 5 times: H and W must be multiples of 32
 MIN_CLASSIFIER_SIDE = 32
 
 # Classifier encoders: name -> (tf_keras.applications constructor name, extra kwargs, input scale).
-# ``input_scale`` multiplies the [0, 1] input before the encoder: tf_keras' EfficientNets carry their
-# own Rescaling(1/255) + Normalization layers and expect [0, 255] pixels.
+# ``input_scale`` multiplies the input before the encoder: tf_keras' EfficientNets carry their own
+# Rescaling(1/255) + Normalization layers and expect [0, 255] pixels, so with the classifiers' default
+# ``unit`` preprocessing ([0, 1]) they get exactly what they were pretrained on.
 _CLASSIFIER_ENCODERS: dict[str, tuple[str | None, dict, float]] = {
     "xception": ("Xception", {}, 1.0),
     "mobilenetv2": ("MobileNetV2", {"alpha": 1.0}, 1.0),
@@ -76,6 +83,21 @@ _SEGMENTER_ENCODERS: tuple[str, ...] = (
 )
 CLASSIFIER_ENCODERS: tuple[str, ...] = tuple(_CLASSIFIER_ENCODERS)
 SEGMENTER_ENCODERS: tuple[str, ...] = _SEGMENTER_ENCODERS
+
+# Input preprocessing (a name of steel.images.PREPROCESSINGS) per (kind, encoder): what the encoder was
+# pretrained with. Classifiers: the seed's /255 for every encoder (tf_keras' EfficientNets rescale
+# inside the model, see input_scale). U-Nets: segmentation_models.get_preprocessing(backbone), which
+# tests/test_models.py checks for every backbone; simplecnn (never pretrained) keeps [0, 1].
+DEFAULT_PREPROCESSING: dict[str, dict[str, str]] = {
+    "classifier": {e: "unit" for e in CLASSIFIER_ENCODERS},
+    "segmenter": {
+        **{f"efficientnetb{i}": "imagenet" for i in range(4)},
+        "mobilenetv2": "tf", "mobilenetv2_035": "tf",
+        "resnet18": "raw", "resnet34": "raw",
+        "simplecnn": "unit",
+    },
+}
+assert set(DEFAULT_PREPROCESSING["segmenter"]) == set(SEGMENTER_ENCODERS)
 
 
 # ---------------------------------------------------------------------
@@ -99,46 +121,6 @@ def num_outputs(name: str) -> int:
     """Sigmoid outputs of a classifier (binary 1, multilabel 4) or channels of a U-Net mask (1)."""
     _check_name(name)
     return 4 if name == "multilabel" else 1
-
-
-def preprocess(images: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
-    """uint8 RGB (``N x H x W x 3`` or one ``H x W x 3`` image) -> float32 in ``[0, 1]``.
-
-    ``size=(H, W)`` also resizes (OpenCV ``INTER_AREA``, the anti-aliased choice for shrinking
-    256x1600 frames to a classifier's 256x512); ``None`` keeps the size. Float input already in
-    ``[0, 1]`` passes through as float32.
-    """
-    arr = np.asarray(images)
-    if arr.ndim not in (3, 4) or arr.shape[-1] != 3:
-        raise ValueError(f"expected RGB images shaped (N, H, W, 3) or (H, W, 3), got {arr.shape}")
-    if size is not None:
-        arr = resize(arr, size) if arr.ndim == 4 else resize(arr[None], size)[0]
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) * np.float32(1.0 / 255.0)
-    if np.issubdtype(arr.dtype, np.floating):
-        out = arr.astype(np.float32, copy=False)
-        if out.size and (float(out.min()) < 0.0 or float(out.max()) > 1.0):
-            raise ValueError("float images must already be in [0, 1]; pass uint8 pixels to rescale")
-        return out
-    raise ValueError(f"expected uint8 pixels, got dtype {arr.dtype}")
-
-
-def resize(images: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
-    """Resize a batch ``N x H x W`` or ``N x H x W x C`` to ``size=(H, W)``; ``nearest=True`` for masks."""
-    import cv2
-
-    h, w = _check_size(size, "size")
-    arr = np.asarray(images)
-    if arr.ndim not in (3, 4):
-        raise ValueError(f"expected a batch shaped (N, H, W) or (N, H, W, C), got {arr.shape}")
-    if arr.shape[1:3] == (h, w):
-        return arr
-    if nearest:
-        interp = cv2.INTER_NEAREST
-    else:
-        interp = cv2.INTER_AREA if arr.shape[1] >= h and arr.shape[2] >= w else cv2.INTER_LINEAR
-    return np.stack([cv2.resize(img, (w, h), interpolation=interp).reshape((h, w) + img.shape[2:])
-                     for img in arr])
 
 
 def _check_name(name: str) -> None:
@@ -201,8 +183,11 @@ def _norm_tuple(value, what: str) -> tuple[int, ...] | None:
 
 
 def resolve_spec(name: str, encoder: str | None = None, input_size=None, encoder_weights=None,
-                 decoder_filters=None, dense_units=None) -> dict:
+                 decoder_filters=None, dense_units=None, preprocessing=None) -> dict:
     """The complete, checked architecture spec of ``name`` (``None`` arguments -> the seed's defaults).
+
+    ``preprocessing`` (one of ``steel.images.PREPROCESSINGS``) defaults to the encoder's
+    (:data:`DEFAULT_PREPROCESSING`).
 
     Returns a JSON-friendly dict with the keys of :data:`SPEC_KEYS` (tuples become lists). This is
     what a bundle manifest stores and what :func:`build` accepts back as keyword arguments.
@@ -241,12 +226,20 @@ def resolve_spec(name: str, encoder: str | None = None, input_size=None, encoder
             raise ValueError(f"decoder_filters applies to U-Nets only, not to classifier {name!r}")
         units = _norm_tuple(defaults["dense_units"] if dense_units is None else dense_units, "dense_units")
         filters = None
+    from steel.images import PREPROCESSINGS
+
+    if preprocessing is None:
+        preprocessing = DEFAULT_PREPROCESSING["segmenter" if seg else "classifier"][encoder]
+    if preprocessing not in PREPROCESSINGS:
+        raise ValueError(f"unknown preprocessing {preprocessing!r} for model {name!r}; "
+                         f"choose from {', '.join(PREPROCESSINGS)}")
     return {
         "encoder": encoder,
         "input_size": [h, w],
         "encoder_weights": weights,
         "decoder_filters": list(filters) if filters is not None else None,
         "dense_units": list(units) if units is not None else None,
+        "preprocessing": preprocessing,
     }
 
 
@@ -360,6 +353,13 @@ def _build_segmenter(name: str, spec: dict, weights: str | None):
     return keras.Model(unet.input, outputs, name=name)
 
 
+def _unit_preprocessing(x, **_kwargs):
+    """``simplecnn``'s preprocessing as segmentation_models' ``get_preprocessing`` hands it out."""
+    from steel.images import preprocess as _preprocess
+
+    return _preprocess(np.asarray(x, np.uint8), "unit")
+
+
 @functools.lru_cache(maxsize=1)
 def _sm():
     """segmentation_models, with two extra backbones registered.
@@ -378,7 +378,7 @@ def _sm():
         backbones._models_update["mobilenetv2_035"] = [functools.partial(base_fn, alpha=0.35), base_pre]
         backbones._default_feature_layers["mobilenetv2_035"] = backbones._default_feature_layers["mobilenetv2"]
     if "simplecnn" not in backbones._models_update:
-        backbones._models_update["simplecnn"] = [_simplecnn_backbone, lambda x, **kwargs: x]
+        backbones._models_update["simplecnn"] = [_simplecnn_backbone, _unit_preprocessing]
         backbones._default_feature_layers["simplecnn"] = tuple(
             f"simplecnn_block{i}_relu" for i in range(len(_SIMPLECNN_SEG_FILTERS), 1, -1))
     return sm
@@ -414,7 +414,7 @@ assert tuple(REGISTRY) == MODEL_NAMES
 # ---------------------------------------------------------------------
 
 def build(name: str, encoder: str | None = None, input_size=None, encoder_weights: str | None = None,
-          decoder_filters=None, dense_units=None):
+          decoder_filters=None, dense_units=None, preprocessing: str | None = None):
     """Build one of the six cascade models (uncompiled ``tf_keras.Model``).
 
     Args:
@@ -433,9 +433,11 @@ def build(name: str, encoder: str | None = None, input_size=None, encoder_weight
             ``(256, 128, 64, 32, 16)``; tiny test setting ``(16, 8, 8, 4, 4)``.
         dense_units: classifiers only: widths of the relu Dense layers of the head, default
             ``(1024, 512, 64)``; every layer but the last is followed by BatchNorm and Dropout 0.3.
+        preprocessing: the input scaling the model is trained and run with (checked here, applied
+            outside the network by ``steel.images.preprocess``); default: the encoder's.
 
     Returns:
-        ``tf_keras.Model`` named ``name``: input float32 ``(H, W, 3)`` in ``[0, 1]``; output
+        ``tf_keras.Model`` named ``name``: input float32 ``(H, W, 3)`` scaled per ``preprocessing``; output
         ``(1,)`` / ``(4,)`` sigmoid probabilities for classifiers, ``(H, W, 1)`` sigmoid mask for
         U-Nets, always float32.
 
@@ -443,7 +445,7 @@ def build(name: str, encoder: str | None = None, input_size=None, encoder_weight
         ValueError: unknown model or encoder (the message lists the allowed values), bad input size,
             a missing weights file, or a setting that does not apply to the model kind.
     """
-    spec = resolve_spec(name, encoder, input_size, encoder_weights, decoder_filters, dense_units)
+    spec = resolve_spec(name, encoder, input_size, encoder_weights, decoder_filters, dense_units, preprocessing)
     with _local_weights(spec["encoder_weights"]) as weights:
         model = REGISTRY[name].builder(name, spec, weights)
     if spec["encoder_weights"] == "none":
@@ -479,7 +481,7 @@ def model_spec(name: str, train_cfg) -> dict:
     """Resolved architecture spec of ``name`` under ``train_cfg`` (what the bundle manifest stores)."""
     mc = model_config(name, train_cfg)
     return resolve_spec(name, mc.encoder, mc.input_size, mc.encoder_weights, mc.decoder_filters,
-                        mc.dense_units)
+                        mc.dense_units, mc.preprocessing)
 
 
 def build_from_config(name: str, train_cfg):
@@ -501,5 +503,5 @@ def build_from_spec(name: str, spec: dict, encoder_weights: str | None = "none")
 __all__ = [
     "MODEL_NAMES", "REGISTRY", "CLASSIFIER_ENCODERS", "SEGMENTER_ENCODERS", "SPEC_KEYS",
     "build", "build_from_config", "build_from_spec", "model_spec", "model_config", "resolve_spec",
-    "preprocess", "resize", "is_segmenter", "class_of", "num_outputs",
+    "preprocess", "resize", "DEFAULT_PREPROCESSING", "is_segmenter", "class_of", "num_outputs",
 ]

@@ -133,6 +133,8 @@ class Pipeline:
         existing = bundle_lib.read_thresholds(self.cfg.bundle)
         if not self.cfg.tune.enabled:
             return True, "disabled in config (default thresholds)", {}
+        if self.cfg.tune.mode == "fixed":
+            return self._fixed_thresholds(existing)
         if existing and existing.get("validation", {}).get("fingerprint") == self._bundle_stamp():
             v = existing["validation"]
             return True, (f"validation mean Dice {v.get('before', float('nan')):.4f} -> "
@@ -142,6 +144,18 @@ class Pipeline:
         result = tuning.tune(self.cfg, bundle_uri=self.cfg.bundle, stamp=self._bundle_stamp())
         return False, (f"validation mean Dice {result['before']:.4f} -> {result['after']:.4f}; "
                        f"{storage.join(self.cfg.bundle, 'thresholds.json')}"), result
+
+    def _fixed_thresholds(self, existing: dict | None):
+        """tune.mode fixed: the seed's hand-set thresholds (no search), checked on the validation split."""
+        where = storage.join(self.cfg.bundle, "thresholds.json")
+        source, v = (existing or {}).get("source"), (existing or {}).get("validation") or {}
+        if isinstance(source, dict) and source.get("mode") == "fixed" and v.get("fingerprint") == self._bundle_stamp():
+            return True, f"fixed thresholds; validation mean Dice {v.get('mean_dice', float('nan')):.4f}; {where}", {}
+        from steel import tuning
+
+        result = tuning.write_fixed(self.cfg, bundle_uri=self.cfg.bundle, stamp=self._bundle_stamp())
+        return False, (f"fixed thresholds (areas from {result['source']['areas']}); validation mean Dice "
+                       f"{result['validation']['mean_dice']:.4f}; {where}"), result
 
     def score(self):
         from steel import scoring, score_io

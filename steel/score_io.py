@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from steel import storage
+from steel import images, storage
 
 CLASSES: tuple[int, ...] = (1, 2, 3, 4)
-HEIGHT, WIDTH = 256, 1600
+HEIGHT, WIDTH = images.HEIGHT, images.WIDTH
 FORMATS: tuple[str, ...] = ("csv", "parquet")
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
@@ -46,13 +46,9 @@ ROW_COLUMNS: tuple[str, ...] = ("ImageId", "ClassId", "EncodedPixels")
 EXTRA_COLUMNS: tuple[str, ...] = (
     "p_defect", *(f"p_class_{k}" for k in CLASSES), *(f"area_{k}" for k in CLASSES))
 ERROR_COLUMNS: tuple[str, ...] = ("ImageId", "file", "reason")
-# Image formats (PIL's names) accepted by default: the camera archive and Kaggle's sets are JPEG.
-DEFAULT_IMAGE_FORMATS: tuple[str, ...] = ("JPEG",)
-ACCEPTED_MODES: tuple[str, ...] = ("RGB", "L")  # grayscale becomes 3 equal channels, like the data
-
-
-class BadImage(ValueError):
-    """An input file that cannot be scored; the message is the reason written to the error row."""
+DEFAULT_IMAGE_FORMATS = images.DEFAULT_IMAGE_FORMATS
+ACCEPTED_MODES = images.ACCEPTED_MODES
+BadImage = images.BadImage  # an input file that cannot be scored; the message is the error row's reason
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,54 +205,10 @@ def done_images(out_uri: str, manifest: dict | None) -> tuple[dict[str, dict], d
 
 
 # --------------------------------------------------------------------------------------------
-# Decoding
+# Decoding: one decoder for training, tuning and scoring (steel.images)
 # --------------------------------------------------------------------------------------------
 
-def decode_image(data: bytes, allow_resize: bool = False,
-                 formats=DEFAULT_IMAGE_FORMATS) -> np.ndarray:
-    """Bytes of an image file -> uint8 array (256, 1600, 3); :class:`BadImage` with the reason.
-
-    Accepted: the ``formats`` (PIL names, default JPEG only) in mode RGB or L (grayscale is
-    repeated into 3 channels), exactly 1600x256 pixels - or any size with ``allow_resize``
-    (bilinear resize to 1600x256). Rejected, each with its own reason: an empty file, bytes no
-    image library recognises (e.g. a text file named .jpg), a truncated or corrupt file, another
-    format (PNG, ...), another colour mode, another size. Note that JPEG decoders tolerate some
-    damage (garbled entropy data decodes to garbled pixels without an error): only what the decoder
-    rejects can be reported.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise BadImage("empty file (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        head = bytes(data[:8])
-        raise BadImage(f"not an image: no image format recognised ({len(data)} bytes, starting {head!r})") from None
-    except Exception as e:  # noqa: BLE001 - any decoder failure is a property of this file
-        raise BadImage(f"unreadable image header: {type(e).__name__}: {e}") from None
-    fmt = img.format or "unknown"
-    allowed = tuple(f.upper() for f in formats)
-    if fmt.upper() not in allowed:
-        raise BadImage(f"{fmt} image: only {', '.join(allowed)} accepted (the --image-formats option "
-                       f"adds formats)")
-    if img.mode not in ACCEPTED_MODES:
-        raise BadImage(f"unsupported colour mode {img.mode} (expected RGB or L)")
-    width, height = img.size
-    if (width, height) != (WIDTH, HEIGHT) and not allow_resize:
-        raise BadImage(f"wrong size {width}x{height} (expected {WIDTH}x{HEIGHT}; --allow-resize resizes)")
-    try:
-        img.load()
-    except Exception as e:  # noqa: BLE001
-        raise BadImage(f"corrupt or truncated {fmt}: {type(e).__name__}: {e}") from None
-    if (width, height) != (WIDTH, HEIGHT):
-        img = img.resize((WIDTH, HEIGHT), Image.BILINEAR)
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    arr = np.asarray(img, dtype=np.uint8)
-    if arr.shape != (HEIGHT, WIDTH, 3):  # defensive: PIL promised RGB of this size
-        raise BadImage(f"decoded to shape {arr.shape}, expected {(HEIGHT, WIDTH, 3)}")
-    return arr
+decode_image = images.decode
 
 
 # --------------------------------------------------------------------------------------------

@@ -112,7 +112,8 @@ class BundleCascade:
         bundle = load_bundle(self.bundle_uri)
         return Cascade({name: static_callable(model) for name, model in bundle.models.items()},
                        {name: tuple(spec["input_size"]) for name, spec in bundle.specs.items()},
-                       self.thresholds, tta=self.tta)
+                       self.thresholds, tta=self.tta,
+                       preprocessing={name: spec["preprocessing"] for name, spec in bundle.specs.items()})
 
 
 def static_callable(model) -> Callable[[np.ndarray], np.ndarray]:

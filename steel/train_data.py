@@ -3,15 +3,16 @@
 For one model and one split of the wide label table (``steel.dataset``), :func:`build_dataset` returns
 a lazy ``ray.data.Dataset`` with two columns:
 
-- ``image``: float32 ``H x W x 3`` in ``[0, 1]`` at the model's input size;
+- ``image``: float32 ``H x W x 3`` at the model's input size, scaled by the model's preprocessing;
 - ``label``: float32 ``[1]`` (binary: ``hasDefect``), ``[4]`` (multilabel: ``hasDefect_1..4``) or
   ``H x W x 1`` (segK: the class-K mask, decoded from ``Defect_K`` with :func:`steel.rle.decode`).
 
 Which images: :func:`steel.dataset.subset` (binary = all, multilabel = defect images, segK = images
 with class K). Only those files are read (``read_binary_files`` on the explicit list of paths through
 the pyarrow filesystem of :func:`steel.storage.resolve`, so custom S3 endpoints work). The JPEG bytes
-are decoded, resized (``cv2.INTER_AREA`` for images, nearest for masks), augmented and labelled in one
-``map_batches`` step on CPU workers, so training workers receive ready batches. Labels travel as a
+are decoded and resized by :mod:`steel.images` (the decoder and resize scoring uses; nearest for
+masks), augmented (uint8), scaled by the model's preprocessing (``steel.images.preprocess``) and
+labelled in one ``map_batches`` step on CPU workers, so training workers receive ready batches. Labels travel as a
 small ``ImageId -> label`` dict with the map function (a few bytes per image; the RLE string per image
 for segmenters), never as a join.
 
@@ -74,34 +75,18 @@ def label_lookup(table: pd.DataFrame, name: str) -> dict[str, Any]:
     return dict(zip(ids, rows[f"Defect_{k}"].fillna("").astype(str).tolist()))
 
 
-def _decode_jpeg(data: bytes, path: str) -> np.ndarray:
-    import cv2
-
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if len(data) else None
-    if img is None:
-        raise ValueError(f"{path}: not a decodable image ({len(data)} bytes)")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def _resize(img: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
-    import cv2
-
-    h, w = size
-    if img.shape[:2] == (h, w):
-        return img
-    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
-    out = cv2.resize(img, (w, h), interpolation=interp)
-    return out.reshape((h, w) + img.shape[2:])
-
-
 def prepare_batch(batch: dict[str, np.ndarray], *, name: str, labels: dict[str, Any],
                   input_size: tuple[int, int], augment: bool = False, blackout_prob: float = 0.0,
-                  seed: int | None = None) -> dict[str, np.ndarray]:
+                  seed: int | None = None, preprocessing: str | None = None) -> dict[str, np.ndarray]:
     """``{"path", "bytes"}`` rows from ``read_binary_files`` -> ``{"image", "label"}`` model rows.
 
-    Decodes each JPEG, looks its label up by file name, decodes the class mask (segmenters),
-    resizes to ``input_size`` and, when ``augment``, applies the model's training augmentation.
+    Decodes each JPEG (``steel.images.decode``: 256x1600 JPEG, else a ValueError naming the file),
+    looks its label up by file name, decodes the class mask (segmenters), resizes to ``input_size``,
+    when ``augment`` applies the model's training augmentation, then scales the pixels by
+    ``preprocessing`` (the model spec's; None: ``unit``, [0, 1]).
     """
+    from steel import images as image_io
+
     seg = is_segmenter(name)
     size = (int(input_size[0]), int(input_size[1]))
     images, targets = [], []
@@ -110,17 +95,20 @@ def prepare_batch(batch: dict[str, np.ndarray], *, name: str, labels: dict[str, 
         image_id = posixpath.basename(path.replace("\\", "/"))
         if image_id not in labels:
             raise ValueError(f"{path}: no label for ImageId {image_id!r} in the {name} label table")
-        img = _decode_jpeg(bytes(data), path)
+        try:
+            img = image_io.decode(bytes(data))
+        except image_io.BadImage as e:
+            raise ValueError(f"{path}: {e}") from None
         if seg:
             try:
                 mask = rle.decode(labels[image_id], shape=img.shape[:2])
             except rle.RLEError as e:
                 raise ValueError(f"{path}: bad Defect_{name[3:]} RLE for image of shape "
                                  f"{img.shape[:2]}: {e}") from None
-            targets.append(_resize(mask, size, nearest=True))
+            targets.append(image_io.resize(mask[None], size, nearest=True)[0])
         else:
             targets.append(np.asarray(labels[image_id], np.float32))
-        images.append(_resize(img, size, nearest=False))
+        images.append(image_io.resize(img[None], size)[0])
     image_arr = np.stack(images) if images else np.zeros((0, *size, 3), np.uint8)
     if seg:
         label_arr = np.stack(targets) if targets else np.zeros((0, *size), np.uint8)
@@ -129,7 +117,7 @@ def prepare_batch(batch: dict[str, np.ndarray], *, name: str, labels: dict[str, 
                                                                np.float32)
     if augment and len(images):
         image_arr, label_arr = _augment(name, image_arr, label_arr, blackout_prob, seed)
-    out_images = image_arr.astype(np.float32) * np.float32(1.0 / 255.0)
+    out_images = image_io.preprocess(image_arr, preprocessing)
     if seg:
         out_labels = (label_arr > 0).astype(np.float32)[..., None]
     else:
@@ -159,7 +147,7 @@ def image_paths(images_uri: str, image_ids: list[str]) -> tuple[list[str], Any]:
 
 def build_dataset(table: pd.DataFrame, images_uri: str, name: str, input_size: tuple[int, int], *,
                   augment: bool = False, blackout_prob: float = 0.0, shuffle: bool = False,
-                  seed: int | None = None, num_blocks: int | None = None):
+                  seed: int | None = None, num_blocks: int | None = None, preprocessing: str | None = None):
     """Lazy ``ray.data.Dataset`` (columns ``image``, ``label``) of model ``name`` over ``table``'s images.
 
     Args:
@@ -172,6 +160,7 @@ def build_dataset(table: pd.DataFrame, images_uri: str, name: str, input_size: t
         shuffle: shuffle the file order anew on every pass (training split).
         seed: fixes the augmentation draws (tests); ``None`` draws fresh ones every pass.
         num_blocks: read parallelism override (default: Ray's choice).
+        preprocessing: the model spec's input scaling (``steel.images``); None: ``unit`` ([0, 1]).
     """
     import ray
 
@@ -189,7 +178,7 @@ def build_dataset(table: pd.DataFrame, images_uri: str, name: str, input_size: t
     return ds.map_batches(
         prepare_batch, batch_size=MAP_BATCH, batch_format="numpy",
         fn_kwargs=dict(name=name, labels=labels, input_size=tuple(input_size), augment=augment,
-                       blackout_prob=blackout_prob, seed=seed),
+                       blackout_prob=blackout_prob, seed=seed, preprocessing=preprocessing),
     )
 
 
@@ -199,14 +188,15 @@ def build_datasets(splits: dict[str, pd.DataFrame], images_uri: str, name: str, 
     ``val`` is left out when the validation split has no image for ``name``; training then keeps
     the best epoch by the training metric.
     """
-    from steel.models import model_config
+    from steel.models import model_spec
 
-    size = tuple(model_config(name, train_cfg).input_size)
+    spec = model_spec(name, train_cfg)  # the spec the bundle records: same size and preprocessing
+    size, prep = tuple(spec["input_size"]), spec["preprocessing"]
     blackout = train_cfg.blackout_prob if is_segmenter(name) else 0.0
     datasets = {"train": build_dataset(splits["train"], images_uri, name, size, augment=train_cfg.augment,
-                                       blackout_prob=blackout, shuffle=True)}
+                                       blackout_prob=blackout, shuffle=True, preprocessing=prep)}
     if not model_rows(splits["val"], name).empty:  # a rare class may have no validation image
-        datasets["val"] = build_dataset(splits["val"], images_uri, name, size)
+        datasets["val"] = build_dataset(splits["val"], images_uri, name, size, preprocessing=prep)
     return datasets
 
 

@@ -10,7 +10,8 @@ Two halves:
   then the best weights into the bundle, the history (CSV + plot) and TensorBoard logs.
 
 Learning rate: Adam with the *linear scaling rule*, ``lr = base_lr * global_batch / base_batch``
-where ``global_batch = per_worker_batch * num_workers``, reached by a linear warm-up over the first
+where ``global_batch = per_worker_batch * num_workers`` (both per model kind:
+``TrainConfig.batch_for`` / ``lr_for``), reached by a linear warm-up over the first
 ``warmup_epochs`` epochs (per optimizer step, :class:`WarmupSchedule`), then constant or, with
 ``train.lr_schedule: cosine``, decaying along half a cosine to 0 at the last epoch.
 
@@ -276,7 +277,7 @@ def train_loop(config: dict) -> None:
     epochs = int(config["epochs"])
     steps = int(config["steps_per_epoch"])
     val_steps = int(config["val_steps"])
-    batch = int(train_cfg.per_worker_batch)
+    batch = train_cfg.batch_for(name)
     monitor = monitor_metric(name)
     if not val_steps:
         monitor = monitor[len("val_"):]
@@ -286,7 +287,7 @@ def train_loop(config: dict) -> None:
 
     tf.get_logger().setLevel("ERROR")  # MWMS logs every collective at INFO
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    peak_lr = scaled_lr(train_cfg.base_lr, batch, world, train_cfg.base_batch)
+    peak_lr = scaled_lr(train_cfg.lr_for(name), batch, world, train_cfg.base_batch)
     with strategy.scope():
         model = models.build_from_config(name, train_cfg)
         decay = epochs * steps if train_cfg.lr_schedule == "cosine" else None
@@ -394,7 +395,7 @@ def _steps(rows: int, workers: int, batch: int) -> int:
 
 def plan(name: str, sizes: dict[str, int], train_cfg) -> dict:
     """Rows used, steps per epoch and validation steps for ``name`` under ``train_cfg``."""
-    workers, batch = train_cfg.num_workers, train_cfg.per_worker_batch
+    workers, batch = train_cfg.num_workers, train_cfg.batch_for(name)
     train_rows = sizes["train"]
     if train_rows < workers:
         raise ValueError(f"model {name}: {train_rows} training images for {workers} workers; "
@@ -517,8 +518,8 @@ def train_one(cfg, name: str, splits: dict, images_uri: str, fault: dict | None 
         dataset_config=DataConfig(datasets_to_split="all" if p["split_val"] else ["train"]),
     )
     print(f"[{name}] training: {p['train_rows']} train images ({p['steps_per_epoch']} steps/epoch x "
-          f"{tc.num_workers} workers x batch {tc.per_worker_batch}), {p['val_rows']} val images, "
-          f"{tc.epochs_for(name)} epochs, peak lr {scaled_lr(tc.base_lr, tc.per_worker_batch, tc.num_workers, tc.base_batch):.2e}",
+          f"{tc.num_workers} workers x batch {tc.batch_for(name)}), {p['val_rows']} val images, "
+          f"{tc.epochs_for(name)} epochs, peak lr {scaled_lr(tc.lr_for(name), tc.batch_for(name), tc.num_workers, tc.base_batch):.2e}",
           flush=True)
     t0 = time.time()
     result = trainer.fit()

@@ -143,19 +143,14 @@ def truth_maps(rles: Sequence[str], size: tuple[int, int]) -> tuple[np.ndarray, 
 
 
 def read_image(uri: str) -> np.ndarray:
-    """One image as uint8 RGB 256 x 1600 x 3 (ValueError naming the file if it is not)."""
-    import cv2
+    """One image as uint8 RGB 256 x 1600 x 3 (``steel.images.decode``: scoring's decoder; ValueError
+    naming the file if it is not one)."""
+    from steel import images, storage
 
-    from steel import storage
-
-    data = storage.read_bytes(uri)
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError(f"{uri}: not a decodable image ({len(data)} bytes)")
-    img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    if img.shape != (*rle.SHAPE, 3):
-        raise ValueError(f"{uri}: image is {img.shape[1]}x{img.shape[0]}, expected {rle.SHAPE[1]}x{rle.SHAPE[0]}")
-    return img
+    try:
+        return images.decode(storage.read_bytes(uri))
+    except images.BadImage as e:
+        raise ValueError(f"{uri}: {e}") from None
 
 
 def predict_cache(cascade_factory: Callable[[], Any], labels, images_uri: str, sizes: dict[int, tuple[int, int]],
@@ -601,6 +596,17 @@ def _write_thresholds(bundle_uri: str, th: dict) -> None:
         save_thresholds(bundle_uri, th)
 
 
+def _ray_for_models(ray_address: str | None, score_cfg) -> None:
+    """Start or join Ray for the actors that run the models (and refuse GPU actors without a GPU)."""
+    from steel.ray_session import ensure_ray
+
+    ensure_ray(ray_address)
+    if score_cfg.gpus_per_actor > 0:
+        from steel.devices import check_ray_gpus
+
+        check_ray_gpus("score.gpus_per_actor > 0 (tuning)", score_cfg.gpus_per_actor)
+
+
 def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start: dict | None = None,
          grids: Grids | None = None, rounds: int = 4, cache_size: Sequence[int] | None = None,
          batch_size: int = 8, full_check: bool = True, cache_path: str | None = None, tta: str | None = None,
@@ -679,16 +685,9 @@ def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start:
     checked: list[bool] = []
 
     def ray_ready():  # once, and only when a model has to run
-        if checked:
-            return
-        from steel.ray_session import ensure_ray
-
-        ensure_ray(ray_address or cfg.ray_address)
-        if score_cfg.gpus_per_actor > 0:
-            from steel.devices import check_ray_gpus
-
-            check_ray_gpus("score.gpus_per_actor > 0 (tuning)", score_cfg.gpus_per_actor)
-        checked.append(True)
+        if not checked:
+            _ray_for_models(ray_address or cfg.ray_address, score_cfg)
+            checked.append(True)
 
     cache = load_cache(cache_path, key) if cache_path else None
     if cache is not None:
@@ -742,7 +741,67 @@ def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start:
     return summary
 
 
+def fixed_thresholds(cfg) -> dict:
+    """The seed's hand-set thresholds for the config's data, without any search.
+
+    Probabilities and pixel threshold 0.5 (``steel.thresholds.default_thresholds``); each class's
+    area bounds from ``cfg.tune.area_thresholds`` (EDA's ``area_thresholds.json``) when set, else
+    computed here exactly as ``steel eda --split train`` does: the 2nd and 98th percentile of the
+    mask areas in the config's train split (the seed's section 4.1). Classes without a training mask
+    keep the seed's published bounds. The mapping records where it came from under ``source``.
+    """
+    from steel import thresholds as th_lib
+
+    if cfg.tune.area_thresholds:
+        th = th_lib.from_area_json(cfg.tune.area_thresholds)
+        source = {"mode": "fixed", "areas": cfg.tune.area_thresholds}
+    else:
+        from steel import dataset, eda
+
+        wide = dataset.load_labels(cfg.data.path("train_csv"), images=cfg.data.path("train_images"),
+                                   skip_bad=cfg.data.skip_bad)
+        train = dataset.split(wide, seed=cfg.data.seed)["train"]
+        areas = eda.area_thresholds(eda.mask_areas(train))
+        th = th_lib.merge_areas(th_lib.default_thresholds(), areas)
+        source = {"mode": "fixed", "areas": f"train split ({len(train)} images, seed {cfg.data.seed}), "
+                                            f"percentiles {list(eda.PERCENTILES)}"}
+    th["tta"] = cfg.tune.tta
+    th["source"] = source
+    return validate_thresholds(th)
+
+
+def write_fixed(cfg, bundle_uri: str | None = None, full_check: bool = True, batch_size: int = 8,
+                stamp: str | None = None, ray_address: str | None = None) -> dict:
+    """Write :func:`fixed_thresholds` into the bundle; with ``full_check``, also the validation split's
+    mean Dice of the cascade with them (what scoring deploys), recorded under ``validation``."""
+    bundle_uri = bundle_uri or cfg.bundle
+    th = fixed_thresholds(cfg)
+    summary: dict = {"mode": "fixed", "thresholds": th, "source": th["source"]}
+    if full_check:
+        from steel.scoring import BundleCascade
+
+        labels, data_fp = validation_labels(cfg)
+        score_cfg = dataclasses.replace(cfg.score, batch_size=batch_size, tta=th["tta"], allow_resize=False)
+        _ray_for_models(ray_address or cfg.ray_address, score_cfg)
+        predictor = BundleCascade(str(bundle_uri), th, th["tta"], endpoint=storage.current_endpoint())
+        full = full_resolution_dice(predictor, labels, cfg.data.path("train_images"), score_cfg)
+        th["validation"] = {"split": "val", "fingerprint": stamp, "data_fingerprint": data_fp, "mean_dice": full["mean_dice"],
+                            "per_class": full["per_class"], "n_images": full["n_images"]}
+        summary["validation"] = th["validation"]
+    _write_thresholds(bundle_uri, th)
+    return summary
+
+
 def format_summary(s: dict) -> str:
+    if s.get("mode") == "fixed":
+        th, v = s["thresholds"], s.get("validation")
+        lines = [f"fixed thresholds (no search): areas from {s['source']['areas']}"]
+        if v:
+            lines.append(f"validation mean Dice (full resolution, {v['n_images']} images): {v['mean_dice']:.4f}")
+        lines.append(f"t_bin {th['binary']:.2f}")
+        lines.extend(f"class {k}: prob {c['prob']:.2f} pixel {c['pixel']:.2f} area {c['min_area']}-{c['max_area']}"
+                     for k, c in th["classes"].items())
+        return "\n".join(lines)
     lines = [f"validation mean Dice (cached, {s['n_images']} images): {s['before']:.4f} -> {s['after']:.4f} "
              f"({s['changes']} threshold changes)", f"validation predictions: {s.get('cache', 'computed')}"]
     full = s.get("full_resolution_after")
@@ -762,4 +821,5 @@ def format_summary(s: dict) -> str:
 __all__ = ["PredictionCache", "Evaluator", "Grids", "search", "sweep", "plot_curves", "predict_cache",
            "cache_sizes", "cache_key", "load_cache", "bundle_identity",
            "truth_maps", "read_image", "full_resolution_dice", "validation_labels", "tune", "format_summary",
+           "fixed_thresholds", "write_fixed",
            "default_cache_size"]

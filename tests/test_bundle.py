@@ -87,8 +87,9 @@ def test_roundtrip_local(tmp_path, tiny):
     assert on_disk["versions"]["tf_keras"] and on_disk["versions"]["segmentation_models"] == "1.0.1"
     entry = on_disk["models"]["seg3"]
     assert entry["spec"] == {"encoder": "simplecnn", "input_size": [32, 160], "encoder_weights": "none",
-                             "decoder_filters": [8, 8, 4, 4, 4], "dense_units": None}
+                             "decoder_filters": [8, 8, 4, 4, 4], "dense_units": None, "preprocessing": "unit"}
     assert on_disk["models"]["seg4"]["spec"]["encoder"] == "mobilenetv2_035"
+    assert on_disk["models"]["seg4"]["spec"]["preprocessing"] == "tf"  # get_preprocessing('mobilenetv2')
     assert entry["metrics"] == {"val_loss": 0.25, "val_dice_coef": 0.75, "epoch": 3, "bad": None}
     assert entry["training_seconds"] == 1.5 and entry["weights"] == "seg3.weights.h5"
     assert entry["params"] == tiny["seg3"].count_params() and len(entry["sha256"]) == 64

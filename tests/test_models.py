@@ -112,6 +112,28 @@ def test_encoder_weights_from_h5_path(tmp_path):
     assert not np.array_equal(fresh.get_layer("Conv1").get_weights()[0], encoder.get_layer("Conv1").get_weights()[0])
 
 
+@pytest.mark.timeout(180)
+def test_unet_encoder_weights_staged_on_s3(s3_bucket, tmp_path):
+    """A cluster without internet: the encoder's weights staged once in object storage (here the
+    moto S3 server) and named by ``encoder_weights: s3://...`` end up in the U-Net's encoder."""
+    from steel import storage
+
+    encoder = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 160, 3), alpha=0.35)
+    local = tmp_path / "mobilenet_v2_0.35_notop.h5"
+    encoder.save_weights(str(local))
+    uri = f"s3://{s3_bucket}/pretrained/mobilenet_v2_0.35_notop.h5"
+    storage.write_bytes(uri, local.read_bytes())
+    kwargs = dict(encoder="mobilenetv2_035", input_size=(32, 160), decoder_filters=(8, 8, 4, 4, 4))
+    model = models.build("seg1", **kwargs, encoder_weights=uri)
+    for name in ("Conv1", "block_13_expand"):
+        for got, want in zip(model.get_layer(name).get_weights(), encoder.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(got, want)
+    fresh = models.build("seg1", **kwargs, encoder_weights="none")
+    assert not np.array_equal(fresh.get_layer("Conv1").get_weights()[0], encoder.get_layer("Conv1").get_weights()[0])
+    with pytest.raises(FileNotFoundError):
+        models.build("seg1", **kwargs, encoder_weights=f"s3://{s3_bucket}/pretrained/missing.h5")
+
+
 def test_mixed_precision_output_is_float32():
     old = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_float16")
@@ -135,7 +157,7 @@ def test_spec_from_config_and_rebuild():
     ])
     spec = models.model_spec("seg3", cfg.train)
     assert spec == {"encoder": "mobilenetv2_035", "input_size": [32, 160], "encoder_weights": "none",
-                    "decoder_filters": [8, 8, 4, 4, 4], "dense_units": None}
+                    "decoder_filters": [8, 8, 4, 4, 4], "dense_units": None, "preprocessing": "tf"}
     assert models.model_spec("binary", cfg.train)["dense_units"] == [8]
     model = models.build_from_config("binary", cfg.train)
     rebuilt = models.build_from_spec("binary", models.model_spec("binary", cfg.train))
@@ -147,10 +169,10 @@ def test_default_spec_is_the_seed():
     cfg = load_config(None)
     assert models.model_spec("binary", cfg.train) == {
         "encoder": "xception", "input_size": [256, 512], "encoder_weights": "imagenet",
-        "decoder_filters": None, "dense_units": [1024, 512, 64]}
+        "decoder_filters": None, "dense_units": [1024, 512, 64], "preprocessing": "unit"}
     assert models.model_spec("seg4", cfg.train) == {
         "encoder": "efficientnetb1", "input_size": [256, 1600], "encoder_weights": "imagenet",
-        "decoder_filters": [256, 128, 64, 32, 16], "dense_units": None}
+        "decoder_filters": [256, 128, 64, 32, 16], "dense_units": None, "preprocessing": "imagenet"}
 
 
 def test_names_helpers():
@@ -162,23 +184,54 @@ def test_names_helpers():
         models.is_segmenter("seg5")
 
 
-def test_preprocess_and_resize():
-    images = np.array([[[[0, 128, 255]]]], dtype=np.uint8)  # 1x1x1x3
-    out = models.preprocess(images)
-    assert out.dtype == np.float32
-    np.testing.assert_allclose(out.ravel(), [0, 128 / 255, 1], rtol=1e-6)
+def test_resize():
     batch = np.random.default_rng(0).integers(0, 256, (2, 256, 1600, 3), dtype=np.uint8)
-    small = models.preprocess(batch, size=(256, 512))
-    assert small.shape == (2, 256, 512, 3) and small.dtype == np.float32
-    assert 0.0 <= small.min() and small.max() <= 1.0
-    one = models.preprocess(batch[0], size=(64, 320))
-    assert one.shape == (64, 320, 3)
+    small = models.resize(batch, (256, 512))
+    assert small.shape == (2, 256, 512, 3) and small.dtype == np.uint8
     masks = (np.arange(256 * 1600).reshape(1, 256, 1600) % 7 == 0).astype(np.uint8)
     assert set(np.unique(models.resize(masks, (64, 320), nearest=True))) <= {0, 1}
+    with pytest.raises(ValueError, match="size"):
+        models.resize(batch, (0, 5))
+
+
+def test_preprocessing_unit_and_errors():
+    images = np.array([[[[0, 128, 255]]]], dtype=np.uint8)  # 1x1x1x3
+    out = models.preprocess(images, "unit")
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out.ravel(), [0, 128 / 255, 1], rtol=1e-6)
+    np.testing.assert_allclose(models.preprocess(images, "tf").ravel(), [-1, 128 / 127.5 - 1, 1], atol=1e-6)
     with pytest.raises(ValueError, match="RGB"):
-        models.preprocess(np.zeros((4, 4), np.uint8))
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        models.preprocess(np.full((1, 2, 2, 3), 3.0, np.float32))
+        models.preprocess(np.zeros((4, 4), np.uint8), "unit")
+    with pytest.raises(ValueError, match="uint8"):  # scaling twice is refused
+        models.preprocess(out, "unit")
+    with pytest.raises(ValueError, match="unknown preprocessing 'torch'"):
+        models.preprocess(images, "torch")
+
+
+def test_spec_records_the_encoders_preprocessing():
+    # The seed: /255 for the Xception classifiers, get_preprocessing('efficientnetb1') for the U-Nets.
+    assert models.resolve_spec("binary")["preprocessing"] == "unit"
+    assert models.resolve_spec("seg1")["preprocessing"] == "imagenet"
+    assert models.resolve_spec("seg1", encoder="mobilenetv2")["preprocessing"] == "tf"
+    assert models.resolve_spec("seg1", encoder="simplecnn", encoder_weights="none")["preprocessing"] == "unit"
+    assert models.resolve_spec("seg1", preprocessing="unit")["preprocessing"] == "unit"  # explicit wins
+    with pytest.raises(ValueError, match="unknown preprocessing"):
+        models.resolve_spec("seg1", preprocessing="caffe")
+
+
+@pytest.mark.parametrize("encoder", models.SEGMENTER_ENCODERS)
+def test_unet_preprocessing_is_segmentation_models_get_preprocessing(encoder):
+    """For every registered U-Net encoder, the recorded preprocessing is exactly what
+    segmentation_models' get_preprocessing(backbone) does to the same pixels."""
+    sm = models._sm()
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (2, 32, 160, 3), dtype=np.uint8)
+    x[0, 0, :3] = [[0, 0, 0], [255, 255, 255], [12, 200, 77]]
+    spec = models.resolve_spec("seg2", encoder=encoder, input_size=(32, 160), encoder_weights="none")
+    ours = models.preprocess(x, spec)
+    theirs = np.asarray(sm.get_preprocessing(encoder)(x.astype(np.float32).copy()), np.float32)
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------- keras_metrics

@@ -355,7 +355,8 @@ def visible_thresholds(built, specs, images: np.ndarray) -> dict:
 
     th = default_thresholds()
     probe = Cascade({n: keras_callable(m) for n, m in built.items()},
-                    {n: s["input_size"] for n, s in specs.items()}, th)
+                    {n: s["input_size"] for n, s in specs.items()}, th,
+                    preprocessing={n: s["preprocessing"] for n, s in specs.items()})
     probs = probe.predict_probabilities(images)
     th["binary"] = float(np.median(probs["p_defect"]))
     for k in (1, 2, 3, 4):

@@ -360,9 +360,11 @@ def test_steel_tune_on_a_tiny_real_bundle(tmp_path, capsys, ray_local):
     cas = Cascade.from_bundle(SimpleNamespace(models=built, specs=specs, thresholds=None))
     img = np.random.default_rng(0).integers(0, 256, (2, H, W, 3), dtype=np.uint8)
     probs = cas.predict_probabilities(img)
-    x = models.preprocess(img, (32, 160))
+    from steel.images import to_input
+
+    x, x_seg = to_input(img, specs["binary"]), to_input(img, specs["seg2"])  # seg2: its own preprocessing
     np.testing.assert_allclose(probs["p_defect"], built["binary"](x, training=False).numpy()[:, 0], atol=1e-5)
-    np.testing.assert_allclose(probs["seg"][2], built["seg2"](x, training=False).numpy()[..., 0], atol=1e-5)
+    np.testing.assert_allclose(probs["seg"][2], built["seg2"](x_seg, training=False).numpy()[..., 0], atol=1e-5)
     assert len(cas.predict(img)) == 2 and len(cas.predict(img[:1])) == 1  # another batch size: no retrace needed
 
     cache = str(tmp_path / "cache.npz")
