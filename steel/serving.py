@@ -346,7 +346,9 @@ def build_app(bundle_uri: str, score_cfg: ScoreConfig | None = None, serve_cfg: 
     actor_options: dict = {"num_cpus": serve_cfg.cpus_per_replica, "runtime_env": runtime_env()}
     if serve_cfg.gpus_per_replica > 0:
         actor_options["num_gpus"] = serve_cfg.gpus_per_replica
-    options: dict = {"ray_actor_options": actor_options, "max_ongoing_requests": serve_cfg.max_ongoing_requests}
+    options: dict = {"ray_actor_options": actor_options, "max_ongoing_requests": serve_cfg.max_ongoing_requests,
+                     # a retiring replica (new bundle, scale-down) first finishes what it holds
+                     "graceful_shutdown_timeout_s": serve_cfg.request_timeout_s + 10}
     if serve_cfg.autoscaling is not None:
         options["autoscaling_config"] = dataclasses.asdict(serve_cfg.autoscaling)
     else:

@@ -361,3 +361,76 @@ def test_new_bundle_version_rolls_out_without_dropping_requests(endpoint):
     assert versions[0] == v1 and versions[-1] == v2 and set(versions) == {v1, v2}
     r = requests.get(f"{url}/ready", timeout=30)
     assert r.json()["bundle"]["version"] == v2
+
+
+# --------------------------------------------------------------------------------------------
+# Serve configs: configs/serve.yaml and the RayService's serveConfigV2 (no Ray started)
+# --------------------------------------------------------------------------------------------
+
+def _serve_configs() -> dict[str, dict]:
+    import yaml
+
+    from tests.conftest import REPO
+
+    out = {"configs/serve.yaml": yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())}
+    for doc in yaml.safe_load_all((REPO / "infra" / "kuberay" / "rayservice.yaml").read_text()):
+        if doc and doc["kind"] == "RayService":
+            out["rayservice.yaml"] = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    return out
+
+
+def serve_config_errors(config: dict) -> list[str]:
+    """What Serve would refuse (its schema; unknown deployment keys, which the schema lets through) and
+    what our builder would refuse (import path, deployment name, args, the steel config they name)."""
+    import importlib
+
+    from ray.serve.schema import DeploymentSchema, ServeDeploySchema
+
+    from steel import serving
+    from tests.conftest import REPO
+
+    try:
+        ServeDeploySchema.model_validate(config)
+    except Exception as e:  # noqa: BLE001
+        return [f"schema: {e}"]
+    errors = []
+    for app in config["applications"]:
+        module, _, attr = app["import_path"].partition(":")
+        if getattr(importlib.import_module(module), attr, None) is not serving.app_builder:
+            errors.append(f"{app['import_path']}: not steel.serving:app_builder")
+        for d in app.get("deployments", []):
+            unknown = set(d) - set(DeploymentSchema.model_fields)
+            if unknown:
+                errors.append(f"deployment {d.get('name')}: unknown keys {sorted(unknown)}")
+            if d.get("name") != serving.DEPLOYMENT:
+                errors.append(f"deployment {d.get('name')!r}: the application has only {serving.DEPLOYMENT}")
+        args = app.get("args", {})
+        unknown = set(args) - {"bundle", "config", "thresholds", "set"}
+        if unknown or not args.get("bundle"):
+            errors.append(f"args: unknown {sorted(unknown)} or no bundle")
+        config_path = str(args.get("config", "")).replace("/home/ray/steel/", "")  # the image's copy of the repo
+        try:
+            load_config(str(REPO / config_path) if config_path else None, args.get("set") or [])
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"args.config: {e}")
+    return errors
+
+
+@pytest.mark.parametrize("name", ["configs/serve.yaml", "rayservice.yaml"])
+def test_serve_configs_pass_serve_schema_and_the_builder(name):
+    config = _serve_configs()[name]
+    assert not serve_config_errors(config)
+    assert config["http_options"]["host"] == ("127.0.0.1" if name.startswith("configs") else "0.0.0.0")
+
+
+@pytest.mark.parametrize("breakage, words", [
+    (lambda c: c["applications"][0]["deployments"][0].update(num_replica=2), "unknown keys"),
+    (lambda c: c["applications"][0]["deployments"][0].update(name="Endpoint"), "has only"),
+    (lambda c: c["applications"][0].update(import_path="steel.serving:build_app"), "not steel.serving"),
+    (lambda c: c["applications"][0]["args"].update(set=["serve.max_batch=4"]), "did you mean"),
+    (lambda c: c.update(http_options={"port": "eighty"}), "schema"),
+])
+def test_serve_config_check_catches_mistakes(breakage, words):
+    config = _serve_configs()["configs/serve.yaml"]
+    breakage(config)
+    assert any(words in e for e in serve_config_errors(config)), serve_config_errors(config)
