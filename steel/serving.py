@@ -340,7 +340,10 @@ def build_app(bundle_uri: str, score_cfg: ScoreConfig | None = None, serve_cfg: 
         used = _resolve_thresholds(uri, thresholds)
         tta = score_cfg.tta if score_cfg.tta is not None else used.get("tta", "none")
         score_cfg = dataclasses.replace(score_cfg, tta=tta)
-        threads = max(1, int(serve_cfg.cpus_per_replica)) if serve_cfg.gpus_per_replica == 0 else None
+        # As batch scoring's actors: CPU replicas sharing a node get TF pools of their CPU share;
+        # a single replica keeps TensorFlow's default (the whole machine).
+        shared = serve_cfg.autoscaling is not None or serve_cfg.replicas > 1
+        threads = max(1, int(serve_cfg.cpus_per_replica)) if serve_cfg.gpus_per_replica == 0 and shared else None
         predictor_factory = BundleCascade(uri, used, tta, endpoint=endpoint or storage.current_endpoint(),
                                           threads=threads)
     actor_options: dict = {"num_cpus": serve_cfg.cpus_per_replica, "runtime_env": runtime_env()}

@@ -1,0 +1,226 @@
+"""Online scoring under load: N concurrent HTTP clients against a local Ray Serve, against batch
+scoring's images/s on the same bundle and images, in the same run.
+
+1. **bundle**: ``--bundle URI``, or (default) the quickstart architecture (configs/quickstart.yaml:
+   simplecnn classifiers and U-Nets at 64x320) with random weights and seed-like gates (about half
+   the images stop at the binary gate, class gates at the Severstal class shares; bench_score's
+   rule). Random weights do the same work per image as trained ones: the gates decide the work.
+2. **batch baseline**: :func:`steel.scoring.score` with the quickstart's score settings (1 actor,
+   batch 16) over ``--images`` and over 3x as many synthetic 256x1600 JPEGs. Its reported
+   ``images_per_s`` includes Ray Data's start, the actor's start and model load (~25 s here), which
+   a short run is mostly made of; the baseline is therefore the *steady-state* rate
+   2N / (t(3N) - t(N)), the stricter one. Both are printed.
+3. **serve**: ``steel.serving`` on 127.0.0.1 (1 replica, serve.batch); ``--clients`` threads each
+   POST one image at a time to ``/score`` for ``--seconds``; throughput (answered images/s),
+   p50/p95/p99 latency, failed requests. A client retries a request that got no answer or a 5xx
+   (0.5 s apart, for up to 120 s); a request is *failed* only when every try failed.
+4. **replica killed**: the same load for ``--kill-seconds``; a third of the way in, the replica's
+   actor is killed (``ray.kill``). Serve starts a new one; the clients' retries must carry every
+   request through: retried requests counted, failed requests must be 0.
+
+Prints one JSON summary; targets (issue 13): throughput >= 0.8x batch, p99 <= 3x p50, 0 failed.
+
+    .venv/bin/python -m bench.bench_serve [--bundle URI] [--clients 8] [--seconds 30] [--images 128]
+                                          [--kill-seconds 40] [--max-batch-size 8] [--batch-wait-s 0.01]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+RETRY_STATUSES = {500, 502, 503, 504}
+RETRY_FOR_S = 120.0  # a client retries a request for this long (replica restart included)
+
+
+def quickstart_bundle(folder: str, image_paths: list[str]) -> str:
+    """A bundle with the quickstart's architectures, random weights and seed-like thresholds."""
+    from bench.bench_score import seed_like_thresholds
+    from steel import bundle as bundle_lib
+    from steel import models
+    from steel.config import MODEL_NAMES, load_config
+
+    cfg = load_config("configs/quickstart.yaml")
+    built = {n: models.build_from_config(n, cfg.train) for n in MODEL_NAMES}
+    specs = {n: models.model_spec(n, cfg.train) for n in MODEL_NAMES}
+    bundle_lib.save_bundle(folder, built, specs, cfg.to_dict(), extra={"bench": "random weights"})
+    bundle_lib.write_thresholds(folder, seed_like_thresholds(built, specs, image_paths[:64]))
+    return folder
+
+
+class Load:
+    """``clients`` threads posting images to ``url`` until stopped; per-request outcome records."""
+
+    def __init__(self, url: str, images: list[tuple[str, bytes]], clients: int):
+        self.url, self.images, self.clients = url, images, clients
+        self.records: list[dict] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def _client(self, k: int) -> None:
+        import requests
+
+        session = requests.Session()
+        i = k
+        while not self._stop.is_set():
+            name, data = self.images[i % len(self.images)]
+            i += self.clients
+            t0 = time.perf_counter()
+            tries, status, error = 0, None, ""
+            while time.perf_counter() - t0 < RETRY_FOR_S:
+                tries += 1
+                try:
+                    r = session.post(self.url, params={"id": name}, data=data, timeout=120)
+                    status = r.status_code
+                    if status not in RETRY_STATUSES:
+                        break
+                    error = r.text[:200]
+                except requests.RequestException as e:
+                    status, error = None, repr(e)[:200]
+                    session = requests.Session()
+                time.sleep(0.5)
+            rec = {"t": t0, "latency": time.perf_counter() - t0, "status": status, "tries": tries,
+                   "error": "" if status == 200 else error}
+            with self._lock:
+                self.records.append(rec)
+
+    def run(self, seconds: float, during=None) -> dict:
+        threads = [threading.Thread(target=self._client, args=(k,), daemon=True) for k in range(self.clients)]
+        t0 = time.time()
+        for t in threads:
+            t.start()
+        if during is not None:
+            during()
+        time.sleep(max(0.0, seconds - (time.time() - t0)))
+        self._stop.set()
+        for t in threads:
+            t.join(timeout=180)
+        wall = time.time() - t0
+        ok = [r for r in self.records if r["status"] == 200]
+        lat = np.array([r["latency"] for r in ok]) * 1000
+        failed = [r for r in self.records if r["status"] != 200]
+        return {
+            "clients": self.clients, "seconds": round(wall, 1), "requests": len(self.records), "ok": len(ok),
+            "failed": len(failed), "failed_examples": [(r["status"], r["error"]) for r in failed[:3]],
+            "retried": sum(1 for r in self.records if r["tries"] > 1),
+            "images_per_s": round(len(ok) / wall, 2),
+            "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
+            "p95_ms": round(float(np.percentile(lat, 95)), 1) if len(lat) else None,
+            "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
+        }
+
+
+def kill_replica(app: str, deployment: str) -> str:
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    if not names:
+        raise RuntimeError(f"no replica actor named {prefix}*")
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    return names[0]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bundle", help="bundle URI (default: quickstart architecture, random weights)")
+    parser.add_argument("--images", type=int, default=128, help="synthetic images (batch baseline and load)")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--kill-seconds", type=float, default=40.0, help="0: skip the replica-kill phase")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--batch-wait-s", type=float, default=0.01)
+    parser.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
+    args = parser.parse_args(argv)
+
+    import steel.keras_env  # noqa: F401  (Keras variables before TensorFlow)
+    from bench.bench_score import make_images
+    from steel import scoring, serving
+    from steel.config import ScoreConfig, ServeConfig, load_config
+
+    work = tempfile.mkdtemp(prefix="bench-serve-")
+    small = make_images(os.path.join(work, "images-n"), args.images)
+    paths = make_images(os.path.join(work, "images-3n"), 3 * args.images)
+    t0 = time.time()
+    bundle = args.bundle or quickstart_bundle(os.path.join(work, "bundle"), small)
+    build_s = time.time() - t0
+    port = args.port
+    if not port:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    score_cfg = load_config("configs/quickstart.yaml").score
+    serve_cfg = ServeConfig(port=port, max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_s)
+    images = [(os.path.basename(p), open(p, "rb").read()) for p in paths]
+    out: dict = {"bundle": bundle, "bundle_built_s": round(build_s, 1), "images": args.images,
+                 "cpus": os.cpu_count(), "serve": {"max_batch_size": args.max_batch_size,
+                                                    "batch_wait_timeout_s": args.batch_wait_s, "replicas": 1}}
+    import ray
+
+    from steel.keras_env import runtime_env
+    from steel.ray_session import local_cpus
+
+    # log_to_driver=False: the replica's access log (one line per request) would drown the output
+    ray.init(num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False, runtime_env=runtime_env())
+    try:
+        from ray import serve
+
+        runs = {}
+        for label, folder in (("n", "images-n"), ("3n", "images-3n")):
+            summary = scoring.score(bundle, os.path.join(work, folder), os.path.join(work, f"scores-{label}"),
+                                    ScoreConfig(actors=score_cfg.actors, batch_size=score_cfg.batch_size,
+                                                images_per_shard=score_cfg.images_per_shard))
+            runs[label] = (summary["scored"], summary["timings"]["score_s"], summary["timings"]["images_per_s"])
+        (n1, t1, ips1), (n3, t3, ips3) = runs["n"], runs["3n"]
+        batch_ips = round((n3 - n1) / (t3 - t1), 2) if t3 > t1 else ips3
+        out["batch"] = {"steady_images_per_s": batch_ips, "end_to_end_images_per_s": {n1: ips1, n3: ips3},
+                        "score_s": {n1: t1, n3: t3}, "actors": score_cfg.actors, "batch_size": score_cfg.batch_size}
+        print(f"batch scoring: {batch_ips} images/s steady state ({n1} images in {t1} s, {n3} in {t3} s)", flush=True)
+        try:
+            serving.start(serve_cfg)
+            t0 = time.time()
+            serving.run(serving.build_app(bundle, ScoreConfig(), serve_cfg), serve_cfg)
+            out["serve"]["deploy_s"] = round(time.time() - t0, 1)
+            url = f"http://127.0.0.1:{port}/score"
+            Load(url, images[:8], 2).run(3)  # warm the proxy and the batch path; not measured
+            load = Load(url, images, args.clients).run(args.seconds)
+            load["ratio_to_batch"] = round(load["images_per_s"] / batch_ips, 3) if batch_ips else None
+            load["p99_over_p50"] = round(load["p99_ms"] / load["p50_ms"], 2) if load["p50_ms"] else None
+            out["load"] = load
+            print("load:", json.dumps(load), flush=True)
+            if args.kill_seconds > 0:
+                killed = {}
+
+                def kill():
+                    time.sleep(args.kill_seconds / 3)
+                    killed["at_s"] = round(args.kill_seconds / 3, 1)
+                    killed["replica"] = kill_replica(serve_cfg.app_name, serving.DEPLOYMENT)
+
+                k = Load(url, images, args.clients).run(args.kill_seconds, during=kill)
+                out["replica_killed"] = {**k, **killed}
+                print("replica killed:", json.dumps(out["replica_killed"]), flush=True)
+        finally:
+            serve.shutdown()
+    finally:
+        ray.shutdown()
+    load = out.get("load", {})
+    out["targets"] = {
+        "throughput_ratio>=0.8": load.get("ratio_to_batch") is not None and load["ratio_to_batch"] >= 0.8,
+        "p99<=3x_p50": load.get("p99_over_p50") is not None and load["p99_over_p50"] <= 3,
+        "no_failed_requests": load.get("failed") == 0,
+        "kill:no_lost_request": out.get("replica_killed", {}).get("failed") == 0 if args.kill_seconds > 0 else None,
+    }
+    print(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
