@@ -434,3 +434,30 @@ def test_serve_config_check_catches_mistakes(breakage, words):
     config = _serve_configs()["configs/serve.yaml"]
     breakage(config)
     assert any(words in e for e in serve_config_errors(config)), serve_config_errors(config)
+
+
+def test_cli_flags_reach_the_serve_config(tmp_path, monkeypatch, capsys):
+    import contextlib
+
+    from steel import ray_session, serving
+    from steel.cli import main
+
+    seen = {}
+    monkeypatch.setattr(ray_session, "ray_session", lambda address=None: contextlib.nullcontext())
+    monkeypatch.setattr(serving, "start", lambda cfg: seen.update(started=cfg))
+    monkeypatch.setattr(serving, "build_app", lambda bundle, score_cfg, serve_cfg, thresholds=None:
+                        seen.update(bundle=bundle, score=score_cfg, serve=serve_cfg, thresholds=thresholds) or "app")
+    monkeypatch.setattr(serving, "run", lambda app, cfg: seen.update(app=app))
+    config = tmp_path / "c.yaml"
+    config.write_text("bundle: /b\nscore:\n  tta: hv\nserve:\n  port: 9001\n  replicas: 3\n")
+    rc = main(["serve", "--config", str(config), "--max-batch-size", "4", "--batch-wait-s", "0.05",
+               "--gpus-per-replica", "0.5", "--set", "serve.max_image_bytes=1000", "--detach"])
+    assert rc == 0
+    cfg = seen["serve"]
+    assert seen["started"] is cfg and seen["app"] == "app" and seen["bundle"] == "/b"
+    assert (cfg.port, cfg.replicas, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.gpus_per_replica,
+            cfg.max_image_bytes, cfg.host) == (9001, 3, 4, 0.05, 0.5, 1000, "127.0.0.1")
+    assert seen["score"].tta == "hv"
+    assert "http://127.0.0.1:9001/score" in capsys.readouterr().out
+    assert main(["serve", "--config", str(config), "--max-batch-size", "0", "--detach"]) == 2
+    assert "max_batch_size" in capsys.readouterr().err
