@@ -461,3 +461,32 @@ def test_cli_flags_reach_the_serve_config(tmp_path, monkeypatch, capsys):
     assert "http://127.0.0.1:9001/score" in capsys.readouterr().out
     assert main(["serve", "--config", str(config), "--max-batch-size", "0", "--detach"]) == 2
     assert "max_batch_size" in capsys.readouterr().err
+
+
+def test_app_builder_reads_bundle_config_and_overrides(tmp_path):
+    """What `serve run/deploy` calls: the bundle's thresholds and version, score.* and serve.* settings."""
+    from steel import bundle as bundle_lib
+    from steel import serving
+    from steel.thresholds import default_thresholds
+    from tests.conftest import REPO
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(json.dumps({"format_version": 1, "created_at": "2026-01-01T00:00:00Z",
+                                                      "updated_at": "2026-01-02T00:00:00Z", "models": {}}))
+    th = default_thresholds()
+    th["binary"], th["tta"] = 0.25, "h"
+    bundle_lib.write_thresholds(str(bundle), th)
+    app = serving.app_builder({"bundle": str(bundle), "config": str(REPO / "configs" / "quickstart.yaml"),
+                               "set": ["serve.autoscaling={min_replicas: 1, max_replicas: 3}", "serve.gpus_per_replica=1"]})
+    d = app._bound_deployment
+    factory, uri, version, score_cfg, serve_cfg = d.init_args
+    assert (uri, version) == (str(bundle), "2026-01-02T00:00:00Z")
+    assert factory.thresholds["binary"] == 0.25 and factory.tta == "h" == score_cfg.tta  # tuned TTA, as batch
+    assert factory.threads is None  # GPU replicas keep TensorFlow's default pools
+    assert d.ray_actor_options["num_gpus"] == 1 and d._deployment_config.autoscaling_config.max_replicas == 3
+    assert serve_cfg.max_batch_size == 8  # the default
+    with pytest.raises(ValueError, match="unknown args"):
+        serving.app_builder({"bundle": str(bundle), "replicas": 2})
+    with pytest.raises(FileNotFoundError, match="not a model bundle"):
+        serving.app_builder({"bundle": str(tmp_path / "nothing")})
