@@ -12,7 +12,8 @@ scoring's images/s on the same bundle and images, in the same run.
    first over the time from the first shard written to the last (the stricter one). Both are printed.
 3. **serve**: ``steel.serving`` on 127.0.0.1 (1 replica, serve.batch); ``--clients`` threads each
    POST one image at a time to ``/score`` for ``--seconds``; throughput (answered images/s),
-   p50/p95/p99 latency, failed requests. A client retries a request that got no answer or a 5xx
+   p50/p95/p99 latency, failed requests, mean batch size (from ``/ready``). A client retries a
+   request that got no answer, a 408 (the proxy's request timeout) or a 5xx
    (0.5 s apart, for up to 120 s); a request is *failed* only when every try failed.
 4. **replica killed**: the same load for ``--kill-seconds``; a third of the way in, the replica's
    actor is killed (``ray.kill``). Serve starts a new one; the clients' retries must carry every
@@ -36,7 +37,7 @@ import time
 
 import numpy as np
 
-RETRY_STATUSES = {500, 502, 503, 504}
+RETRY_STATUSES = {408, 500, 502, 503, 504}  # scoring is idempotent: a timeout or 5xx is safe to retry
 RETRY_FOR_S = 120.0  # a client retries a request for this long (replica restart included)
 
 
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "cpus": os.cpu_count(), "serve": {"max_batch_size": args.max_batch_size,
                                                     "batch_wait_timeout_s": args.batch_wait_s, "replicas": 1}}
     import ray
+    import requests
 
     from steel.keras_env import runtime_env
     from steel.ray_session import local_cpus
@@ -209,7 +211,12 @@ def main(argv: list[str] | None = None) -> dict:
             out["serve"]["deploy_s"] = round(time.time() - t0, 1)
             url = f"http://127.0.0.1:{port}/score"
             Load(url, images[:8], 2).run(3)  # warm the proxy and the batch path; not measured
+            ready = f"http://127.0.0.1:{port}/ready"
+            before = requests.get(ready, timeout=60).json()
             load = Load(url, images, args.clients).run(args.seconds)
+            after = requests.get(ready, timeout=60).json()
+            batches = after["batches"] - before["batches"]
+            load["mean_batch_size"] = round((after["images"] - before["images"]) / batches, 2) if batches else None
             load["ratio_to_batch"] = round(load["images_per_s"] / batch_ips, 3) if batch_ips else None
             load["p99_over_p50"] = round(load["p99_ms"] / load["p50_ms"], 2) if load["p50_ms"] else None
             out["load"] = load

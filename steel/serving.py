@@ -132,6 +132,7 @@ class Scorer:
         self.allow_resize = cfg.allow_resize
         self.formats = tuple(cfg.image_formats or score_io.DEFAULT_IMAGE_FORMATS)
         self.max_image_bytes = max_image_bytes
+        self.batches = self.images = 0  # cascade calls and images scored (mean batch size in /ready)
         t0 = time.time()
         self.actor = CascadeActor(factory)
         self.load_s = time.time() - t0
@@ -167,6 +168,8 @@ class Scorer:
                  "file": np.asarray(ids, dtype=object), "error": np.full(n, "", dtype=object),
                  "image": np.stack(images) if n else np.zeros((0, score_io.HEIGHT, score_io.WIDTH, 3), np.uint8)}
         out = self.actor(batch)
+        self.batches += 1
+        self.images += n
         answers: list[dict | RequestError] = []
         for i in range(n):
             if out["error"][i]:
@@ -281,7 +284,8 @@ def _endpoint_class():
                     return JSONResponse({"status": "ok"})
                 if path == "/ready" and request.method == "GET":
                     body = {"ready": self.ready, "bundle": self.bundle,
-                            "load_s": round(self.scorer.load_s, 3), "warmup_s": round(self.scorer.warmup_s, 3)}
+                            "load_s": round(self.scorer.load_s, 3), "warmup_s": round(self.scorer.warmup_s, 3),
+                            "batches": self.scorer.batches, "images": self.scorer.images}
                     return JSONResponse(body, status_code=200 if self.ready else 503)
                 if path == "/score" and request.method == "POST":
                     image_id = request.query_params.get("id") or "image"

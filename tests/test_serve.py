@@ -200,7 +200,7 @@ def test_ready_health_and_routes(endpoint):
     assert ready.status_code == 200, ready.text
     body = ready.json()
     assert body["ready"] is True and body["bundle"]["version"] == resolve_bundle(endpoint["bundle"])[1]
-    assert body["warmup_s"] > 0
+    assert body["warmup_s"] > 0 and body["batches"] >= 0
     assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}
     assert requests.get(f"{url}/score", timeout=30).status_code == 405
     missing = requests.get(f"{url}/nope", timeout=30)
