@@ -167,9 +167,9 @@ class Scorer:
         batch = {"shard": np.full(n, "", dtype=object), "image_id": np.asarray(ids, dtype=object),
                  "file": np.asarray(ids, dtype=object), "error": np.full(n, "", dtype=object),
                  "image": np.stack(images) if n else np.zeros((0, score_io.HEIGHT, score_io.WIDTH, 3), np.uint8)}
-        out = self.actor(batch)
         self.batches += 1
         self.images += n
+        out = self.actor(batch)  # raises when a batch of one image fails (CascadeActor isolates larger ones)
         answers: list[dict | RequestError] = []
         for i in range(n):
             if out["error"][i]:
