@@ -368,7 +368,7 @@ def test_new_bundle_version_rolls_out_without_dropping_requests(endpoint):
 
 
 # --------------------------------------------------------------------------------------------
-# Serve configs: configs/serve.yaml and the RayService's serveConfigV2 (no Ray started)
+# Serve configs: configs/serve/quickstart.yaml and the RayService's serveConfigV2 (no Ray started)
 # --------------------------------------------------------------------------------------------
 
 def _serve_configs() -> dict[str, dict]:
@@ -376,7 +376,7 @@ def _serve_configs() -> dict[str, dict]:
 
     from tests.conftest import REPO
 
-    out = {"configs/serve.yaml": yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())}
+    out = {"configs/serve/quickstart.yaml": yaml.safe_load((REPO / "configs" / "serve" / "quickstart.yaml").read_text())}
     for doc in yaml.safe_load_all((REPO / "infra" / "kuberay" / "rayservice.yaml").read_text()):
         if doc and doc["kind"] == "RayService":
             out["rayservice.yaml"] = yaml.safe_load(doc["spec"]["serveConfigV2"])
@@ -420,7 +420,7 @@ def serve_config_errors(config: dict) -> list[str]:
     return errors
 
 
-@pytest.mark.parametrize("name", ["configs/serve.yaml", "rayservice.yaml"])
+@pytest.mark.parametrize("name", ["configs/serve/quickstart.yaml", "rayservice.yaml"])
 def test_serve_configs_pass_serve_schema_and_the_builder(name):
     config = _serve_configs()[name]
     assert not serve_config_errors(config)
@@ -435,7 +435,7 @@ def test_serve_configs_pass_serve_schema_and_the_builder(name):
     (lambda c: c.update(http_options={"port": "eighty"}), "schema"),
 ])
 def test_serve_config_check_catches_mistakes(breakage, words):
-    config = _serve_configs()["configs/serve.yaml"]
+    config = _serve_configs()["configs/serve/quickstart.yaml"]
     breakage(config)
     assert any(words in e for e in serve_config_errors(config)), serve_config_errors(config)
 
