@@ -19,7 +19,8 @@ scoring's images/s on the same bundle and images, in the same run.
    actor is killed (``ray.kill``). Serve starts a new one; the clients' retries must carry every
    request through: retried requests counted, failed requests must be 0.
 
-Prints one JSON summary; targets (issue 13): throughput >= 0.8x batch, p99 <= 3x p50, 0 failed.
+``--images-per-request K`` (K > 1) makes the load phase use the batch form (``/score/batch``, K images
+per request; latencies are per request). Prints one JSON summary; targets (issue 13): throughput >= 0.8x batch, p99 <= 3x p50, 0 failed.
 
     .venv/bin/python -m bench.bench_serve [--bundle URI] [--clients 8] [--seconds 30] [--images 384]
                                           [--kill-seconds 40] [--max-batch-size 8] [--batch-wait-s 0.01]
@@ -28,6 +29,7 @@ Prints one JSON summary; targets (issue 13): throughput >= 0.8x batch, p99 <= 3x
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import os
@@ -59,8 +61,8 @@ def quickstart_bundle(folder: str, image_paths: list[str]) -> str:
 class Load:
     """``clients`` threads posting images to ``url`` until stopped; per-request outcome records."""
 
-    def __init__(self, url: str, images: list[tuple[str, bytes]], clients: int):
-        self.url, self.images, self.clients = url, images, clients
+    def __init__(self, url: str, images: list[tuple[str, bytes]], clients: int, per_request: int = 1):
+        self.url, self.images, self.clients, self.per_request = url, images, clients, per_request
         self.records: list[dict] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -69,16 +71,24 @@ class Load:
         import requests
 
         session = requests.Session()
-        i = k
+        i = k * self.per_request
         while not self._stop.is_set():
-            name, data = self.images[i % len(self.images)]
-            i += self.clients
+            group = [self.images[(i + j) % len(self.images)] for j in range(self.per_request)]
+            i += self.clients * self.per_request
+            if self.per_request == 1:
+                (name, data), url, body = group[0], self.url, None
+            else:  # the batch form: several images in one request
+                name, data, url = None, None, self.url + "/batch"
+                body = {"images": [{"id": n, "jpeg_b64": base64.b64encode(d).decode()} for n, d in group]}
             t0 = time.perf_counter()
             tries, status, error = 0, None, ""
             while time.perf_counter() - t0 < RETRY_FOR_S:
                 tries += 1
                 try:
-                    r = session.post(self.url, params={"id": name}, data=data, timeout=120)
+                    if body is None:
+                        r = session.post(url, params={"id": name}, data=data, timeout=120)
+                    else:
+                        r = session.post(url, json=body, timeout=120)
                     status = r.status_code
                     if status not in RETRY_STATUSES:
                         break
@@ -108,10 +118,11 @@ class Load:
         lat = np.array([r["latency"] for r in ok]) * 1000
         failed = [r for r in self.records if r["status"] != 200]
         return {
-            "clients": self.clients, "seconds": round(wall, 1), "requests": len(self.records), "ok": len(ok),
+            "clients": self.clients, "images_per_request": self.per_request, "seconds": round(wall, 1),
+            "requests": len(self.records), "ok": len(ok),
             "failed": len(failed), "failed_examples": [(r["status"], r["error"]) for r in failed[:3]],
             "retried": sum(1 for r in self.records if r["tries"] > 1),
-            "images_per_s": round(len(ok) / wall, 2),
+            "images_per_s": round(len(ok) * self.per_request / wall, 2),
             "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
             "p95_ms": round(float(np.percentile(lat, 95)), 1) if len(lat) else None,
             "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
@@ -138,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--kill-seconds", type=float, default=40.0, help="0: skip the replica-kill phase")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-wait-s", type=float, default=0.01)
+    parser.add_argument("--images-per-request", type=int, default=1,
+                        help="1: POST /score; more: the batch form POST /score/batch (load phase only)")
     parser.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
     args = parser.parse_args(argv)
 
@@ -213,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
             Load(url, images[:8], 2).run(3)  # warm the proxy and the batch path; not measured
             ready = f"http://127.0.0.1:{port}/ready"
             before = requests.get(ready, timeout=60).json()
-            load = Load(url, images, args.clients).run(args.seconds)
+            load = Load(url, images, args.clients, args.images_per_request).run(args.seconds)
             after = requests.get(ready, timeout=60).json()
             batches = after["batches"] - before["batches"]
             load["mean_batch_size"] = round((after["images"] - before["images"]) / batches, 2) if batches else None
