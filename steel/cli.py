@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ray_jobs.train", "train the six models data-parallel on Ray Train"),
     "tune": ("ray_jobs.tune", "tune cascade thresholds on the validation split"),
     "score": ("ray_jobs.score", "batch-score images with a bundle on Ray Data"),
+    "serve": ("ray_jobs.serve", "serve a bundle's cascade as an HTTP endpoint (Ray Serve)"),
     "merge": ("steel.merge", "merge submission shards into one Kaggle-ready CSV"),
     "run": ("ray_jobs.pipeline", "run the whole pipeline from a config"),
 }

@@ -147,6 +147,35 @@ class ScoreConfig:
 
 
 @dataclass
+class ServeAutoscaling:
+    """Ray Serve autoscaling (replaces ``serve.replicas`` when set); see Serve's ``autoscaling_config``."""
+
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 8.0  # per replica; more queued than this adds a replica
+
+
+@dataclass
+class ServeConfig:
+    """Online scoring with Ray Serve (``steel serve``); decoding and TTA come from ``score.*``."""
+
+    host: str = "127.0.0.1"  # the HTTP proxy's address; 0.0.0.0 on a cluster behind a Service
+    port: int = 8000
+    app_name: str = "steel"
+    route_prefix: str = "/"
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    autoscaling: ServeAutoscaling | None = None
+    max_batch_size: int = 8  # images per cascade call (serve.batch)
+    batch_wait_timeout_s: float = 0.01  # how long a batch waits for more requests
+    max_ongoing_requests: int = 32  # per replica; Serve queues the rest
+    max_image_bytes: int = 4 * 1024 * 1024  # a bigger body is refused (413) before it is decoded
+    max_images_per_request: int = 32  # the batch form
+    request_timeout_s: float = 30.0  # a request that takes longer gets a 5xx, never a hang
+
+
+@dataclass
 class Config:
     name: str = "quickstart"
     ray_address: str | None = None  # None: start a local Ray; "auto" or ray://... to join a cluster
@@ -156,6 +185,7 @@ class Config:
     bundle: str = "runs/quickstart/bundle"
     tune: TuneConfig = field(default_factory=TuneConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     report: str = "runs/quickstart/report"
 
     def to_dict(self) -> dict:
@@ -280,6 +310,26 @@ def _check(obj, prefix: str) -> None:
         raise ConfigError(f"{p}mode: must be 'search' or 'fixed', got {obj.mode!r}")
     if isinstance(obj, (TuneConfig, ScoreConfig)) and obj.tta not in (None, "none", "h", "v", "hv"):
         raise ConfigError(f"{p}tta: must be one of none, h, v, hv; got {obj.tta!r}")
+    if isinstance(obj, ServeConfig):
+        for name in ("replicas", "max_batch_size", "max_ongoing_requests", "max_image_bytes",
+                     "max_images_per_request"):
+            if getattr(obj, name) < 1:
+                raise ConfigError(f"{p}{name}: must be at least 1, got {getattr(obj, name)}")
+        for name in ("cpus_per_replica", "gpus_per_replica", "batch_wait_timeout_s"):
+            if getattr(obj, name) < 0:
+                raise ConfigError(f"{p}{name}: must not be negative, got {getattr(obj, name)}")
+        if obj.request_timeout_s <= 0:
+            raise ConfigError(f"{p}request_timeout_s: must be positive, got {obj.request_timeout_s}")
+        if not 0 < obj.port < 65536:
+            raise ConfigError(f"{p}port: must be 1..65535, got {obj.port}")
+        if not obj.route_prefix.startswith("/"):
+            raise ConfigError(f"{p}route_prefix: must start with '/', got {obj.route_prefix!r}")
+    if isinstance(obj, ServeAutoscaling):
+        if not 0 <= obj.min_replicas <= obj.max_replicas or obj.max_replicas < 1:
+            raise ConfigError(f"{p}: need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got "
+                              f"{obj.min_replicas}..{obj.max_replicas}")
+        if obj.target_ongoing_requests <= 0:
+            raise ConfigError(f"{p}target_ongoing_requests: must be positive, got {obj.target_ongoing_requests}")
     if isinstance(obj, ScoreConfig) and obj.format not in ("csv", "parquet"):
         raise ConfigError(f"{p}format: must be 'csv' or 'parquet', got {obj.format!r}")
 

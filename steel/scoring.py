@@ -236,6 +236,17 @@ class CascadeActor:
         return out
 
 
+def batch_result(batch: dict, i: int) -> dict:
+    """The cascade result of row ``i`` of a :class:`CascadeActor` output batch, as
+    :func:`steel.score_io.result_rows` takes it (batch shards and the Serve endpoint both use this)."""
+    return {
+        "p_defect": batch["p_defect"][i],
+        "p_class": [batch[f"p_class_{k}"][i] for k in score_io.CLASSES],
+        "areas": [batch[f"area_{k}"][i] for k in score_io.CLASSES],
+        "masks": [str(batch[f"mask_{k}"][i]) for k in score_io.CLASSES],
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
@@ -458,12 +469,7 @@ def _run_pipeline(plan, inputs, images_uri, out_uri, cfg, formats, factory, gati
             if batch["error"][i]:
                 shard.add_error(image_id, str(batch["file"][i]), str(batch["error"][i]))
             else:
-                shard.add_scored(image_id, {
-                    "p_defect": batch["p_defect"][i],
-                    "p_class": [batch[f"p_class_{k}"][i] for k in score_io.CLASSES],
-                    "areas": [batch[f"area_{k}"][i] for k in score_io.CLASSES],
-                    "masks": [str(batch[f"mask_{k}"][i]) for k in score_io.CLASSES],
-                })
+                shard.add_scored(image_id, batch_result(batch, i))
             if shard.complete:
                 entry = shard.write(out_uri, cfg.format)
                 n_written += 1
@@ -525,4 +531,5 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["score", "decode_batch", "CascadeActor", "cascade_dataset", "BundleCascade", "format_summary", "FAIL_AFTER_ENV"]
+__all__ = ["score", "decode_batch", "CascadeActor", "cascade_dataset", "BundleCascade", "batch_result",
+           "format_summary", "FAIL_AFTER_ENV"]
