@@ -196,6 +196,8 @@ class Lease:
             if holder is None:  # released between our create and read: one more try
                 tag = self.backend.create(self._body())
                 holder, held_tag = (None, None) if tag else self.backend.read()
+            if tag is None and (holder or {}).get("run_id") == self.run_id:
+                tag = held_tag  # our own create succeeded but its answer was lost (the client retried)
             if tag is None:
                 age = _now() - float((holder or {}).get("heartbeat", 0))
                 if age <= self.ttl_s:
