@@ -499,6 +499,15 @@ class ShardResult:
         self.seen.add(image_id)
         return True
 
+    def recorded_part(self) -> "ShardResult | None":
+        """The images of a settled shard that did not fail, as a shard of their own (named by its
+        ids like any other), or None when none is left: written so that only the failed images
+        stay pending and the next run scores exactly those."""
+        ids = sorted(self.seen)
+        if not ids:
+            return None
+        return ShardResult(shard_name(ids), ids, list(self.rows), list(self.errors), set(ids))
+
     def entry(self, fmt: str) -> dict:
         return {"images": sorted(self.image_ids), "scored": len(self.image_ids) - len(self.errors),
                 "errors": len(self.errors), "file": f"{self.name}.{fmt}"}

@@ -367,7 +367,7 @@ _hook_hits: Counter = Counter()
 def _hook(point: str) -> None:
     """Test hook at a named point of a run (``listed``, ``mid_shard``, ``shard_written`` - between a
     shard's rows file and its index -, ``before_success``). With ``STEEL_SCORE_PAUSE_AT=point[:n]``
-    the n-th time (default 1st) the driver touches ``STEEL_SCORE_PAUSE_FILE`` and sleeps, so a test
+    the n-th time (default 1st) the driver writes ``<point> <pid>`` to ``STEEL_SCORE_PAUSE_FILE`` and sleeps, so a test
     can SIGKILL it exactly there. Tests in this process may also monkeypatch this function."""
     spec = os.environ.get(PAUSE_AT_ENV, "")
     if not spec:
@@ -381,7 +381,7 @@ def _hook(point: str) -> None:
     marker = os.environ.get(PAUSE_FILE_ENV)
     if marker:
         with open(marker, "w") as fh:
-            fh.write(point)
+            fh.write(f"{point} {os.getpid()}")
     log.warning("test hook: paused at %s (%s)", point, PAUSE_AT_ENV)
     while True:
         time.sleep(3600)
@@ -431,7 +431,7 @@ def score(bundle_uri: str, images_uri: str, out_uri: str, score_cfg: ScoreConfig
     ``images_already_scored``, ``images_in`` (new this run) = ``scored`` + ``errors`` (permanent) +
     ``transient_failures``, ``problems`` (reasons the run must exit non-zero; empty when fine) ...
     """
-    from steel.lease import Lease
+    from steel.lease import Lease, LeaseHeld
 
     cfg = score_cfg or ScoreConfig()
     _check_cfg(cfg)
@@ -456,7 +456,8 @@ def score(bundle_uri: str, images_uri: str, out_uri: str, score_cfg: ScoreConfig
                               permanent=(FileNotFoundError, ValueError))
 
     lease = Lease(out_uri, run_id, ttl_s=cfg.lock_ttl_s)
-    lease.acquire()
+    call_lease = dict(retries=cfg.retries, backoff_s=cfg.retry_backoff_s, what="taking the lease")
+    score_io.retry(lease.acquire, permanent=(LeaseHeld, ValueError), **call_lease)
     record = {"run_id": run_id, "started_at": started_at, "host": socket.gethostname(),
               "images_uri": str(images_uri), "out": str(out_uri), "since": cfg.since, "bundle": bundle,
               "status": "running"}
@@ -483,7 +484,7 @@ def _score_locked(record, resolved, bundle, used_thresholds, images_uri, out_uri
                   predictor_factory, ray_address, expect_new, lease, call, t_start) -> dict:
     inputs = call(lambda: score_io.list_inputs(images_uri, exclude=out_uri, since=cfg.since), "listing inputs")
     _hook("listed")
-    previous = score_io.read_manifest(out_uri)
+    previous = call(lambda: score_io.read_manifest(out_uri), "reading the manifest")
     done, owner = score_io.done_images(out_uri, previous, retry_call=lambda fn: call(fn, "reading the index"))
     for name, entry in done.items():  # shards a killed run (or older code) left without an index file
         if entry.get("recovered") or entry.get("legacy"):
@@ -689,9 +690,12 @@ def _run_pipeline(plan, inputs, images_uri, out_uri, cfg, formats, factory, gati
             del open_shards[name]
             if not shard.complete:
                 failures.update(shard.failed)
-                log.warning("shard %s not written: %d of its %d images failed transiently (e.g. %s: %s)", name,
-                            len(shard.failed), len(shard.image_ids), *next(iter(shard.failed.items())))
-                continue
+                log.warning("shard %s: %d of its %d images failed transiently (e.g. %s: %s); they stay pending",
+                            name, len(shard.failed), len(shard.image_ids), *next(iter(shard.failed.items())))
+                shard = shard.recorded_part()
+                if shard is None:
+                    continue
+                name = shard.name
             try:
                 lease.check()
                 entry = call(lambda: shard.write(out_uri, cfg.format, index_extra,
