@@ -68,7 +68,7 @@ class _S3:
 
     @staticmethod
     def _code(e) -> str:
-        return str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
+        return str((getattr(e, "response", None) or {}).get("Error", {}).get("Code", ""))
 
     def read(self):
         try:
@@ -98,6 +98,8 @@ class _S3:
         content, current = self.read()
         if current == tag:
             self.client.delete_object(Bucket=self.bucket, Key=self.key)
+        else:
+            log.warning("%s: not released: it is no longer ours (%s)", self.uri, describe(content or {}))
 
 
 class _Local:
@@ -165,7 +167,8 @@ class Lease:
     """The lease on ``<out_uri>/_LOCK`` for run ``run_id``; use as a context manager or
     :meth:`acquire` / :meth:`release`."""
 
-    def __init__(self, out_uri: str, run_id: str, ttl_s: float = 600.0, heartbeat_s: float | None = None):
+    def __init__(self, out_uri: str, run_id: str, ttl_s: float = 600.0, heartbeat_s: float | None = None,
+                 retries: int = 4, backoff_s: float = 0.5):
         if ttl_s <= 0:
             raise ValueError(f"lock_ttl_s must be positive, got {ttl_s}")
         self.out_uri = str(out_uri)
@@ -173,6 +176,7 @@ class Lease:
         self.run_id = run_id
         self.ttl_s = float(ttl_s)
         self.heartbeat_s = heartbeat_s if heartbeat_s is not None else self.ttl_s / 4
+        self.retries, self.backoff_s = retries, backoff_s  # for release (acquire: the caller retries)
         self.backend = _S3(self.uri) if storage.is_s3(self.uri) else _Local(self.uri)
         self.tag = None
         self.acquired_at: float | None = None
@@ -246,9 +250,12 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=30)
         if self.tag is not None and not self.lost:
-            try:
-                self.backend.delete(self.tag)
-            except Exception as e:  # noqa: BLE001 - a lease left behind expires after its TTL
+            from steel.score_io import retry
+
+            try:  # storage faults are retried; a lease left behind expires after its TTL
+                retry(lambda: self.backend.delete(self.tag), retries=self.retries, backoff_s=self.backoff_s,
+                      what=f"releasing {self.uri}")
+            except Exception as e:  # noqa: BLE001
                 log.warning("could not release %s (%s); it expires after %.0f s", self.uri, e, self.ttl_s)
         self.tag = None
 

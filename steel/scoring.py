@@ -455,7 +455,7 @@ def score(bundle_uri: str, images_uri: str, out_uri: str, score_cfg: ScoreConfig
         return score_io.retry(fn, retries=cfg.retries, backoff_s=cfg.retry_backoff_s, what=what,
                               permanent=(FileNotFoundError, ValueError))
 
-    lease = Lease(out_uri, run_id, ttl_s=cfg.lock_ttl_s)
+    lease = Lease(out_uri, run_id, ttl_s=cfg.lock_ttl_s, retries=cfg.retries, backoff_s=cfg.retry_backoff_s)
     call_lease = dict(retries=cfg.retries, backoff_s=cfg.retry_backoff_s, what="taking the lease")
     score_io.retry(lease.acquire, permanent=(LeaseHeld, ValueError), **call_lease)
     record = {"run_id": run_id, "started_at": started_at, "host": socket.gethostname(),

@@ -71,9 +71,10 @@ class FaultyProxy:
                     conn.close()
                 self.send_response(resp.status, resp.reason)
                 for k, v in resp.getheaders():
-                    if k.lower() not in HOP:
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                    if k.lower() not in HOP or (self.command == "HEAD" and k.lower() == "content-length"):
+                        self.send_header(k, v)  # a HEAD's Content-Length is the object's size
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
