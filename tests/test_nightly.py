@@ -356,3 +356,19 @@ def test_kill_at_each_point_then_rerun_loses_nothing(ray_head, tmp_path):
     records = score_io.read_run_records(out)
     assert [r["status"] for r in records] == ["ok", "ok"]  # killed runs leave no record; the last took over
     assert records[-1]["took_over_from"]["heartbeat"] and records[-1]["images_in"] == 0
+
+
+def test_drift_chart_from_run_records(tmp_path):
+    from steel.pipeline_report import drift_chart, drift_series
+
+    def rec(started, scored, defects):
+        return {"started_at": started, "scored": scored, "defect_images": dict(zip("1234", defects))}
+
+    records = [rec("2026-11-28T01:00:00Z", 100, (10, 0, 40, 5)), rec("2026-11-29T01:00:00Z", 50, (5, 1, 20, 0)),
+               rec("2026-11-29T03:00:00Z", 150, (45, 3, 60, 0)),  # a second run that night: weighted
+               {"started_at": "2026-11-30T01:00:00Z", "status": "failed"}]
+    series = drift_series(records)
+    assert [p["night"] for p in series] == ["2026-11-28", "2026-11-29"]
+    assert series[1]["scored"] == 200 and series[1]["rate"] == {"1": 0.25, "2": 0.02, "3": 0.4, "4": 0.0}
+    png = drift_chart(records)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and drift_chart(records[3:]) is None
