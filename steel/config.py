@@ -135,6 +135,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     bundle: str = "runs/quickstart/bundle"
+    # Versioned bundle root: after training + tuning the pipeline publishes the bundle as an immutable
+    # version here and promotes it (CURRENT pointer); scoring resolves it once per run. None: score cfg.bundle.
+    bundle_versions: str | None = None
     tune: TuneConfig = field(default_factory=TuneConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     report: str = "runs/quickstart/report"

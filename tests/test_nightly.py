@@ -176,6 +176,15 @@ def test_bundle_versions_resolve_once_and_publish_immutably(tmp_path):
     with pytest.raises(FileNotFoundError, match="nor a versioned bundle root"):
         bundle_lib.resolve_bundle(str(tmp_path / "nothing"))
 
+    # The pipeline's publish stage (after train + tune) publishes and promotes the working bundle.
+    from steel.config import Config
+    from steel.pipeline import Pipeline
+
+    bundle_lib.write_thresholds(work, {**default_thresholds(), "binary": 0.8})
+    skipped, summary, outputs = Pipeline(Config(bundle=work, bundle_versions=root)).publish()
+    assert not skipped and bundle_lib.resolve_bundle(root).version == outputs["version"] not in (v1.version, v2.version)
+    assert Pipeline(Config(bundle=work, bundle_versions=root)).publish()[0]  # nothing new: skipped
+
 
 # --------------------------------------------------------------------------------------------
 # Integration: local Ray, stand-in predictor
@@ -338,8 +347,9 @@ def test_kill_at_each_point_then_rerun_loses_nothing(ray_head, tmp_path):
             assert time.time() < deadline, f"never reached {point}"
             time.sleep(0.2)
         pid = int(marker.read_text().split()[1])
-        assert os.getpgid(pid) == pid  # the job's driver leads its own process group
-        os.killpg(pid, signal.SIGKILL)
+        group = os.getpgid(pid)  # the job's own process group (its shell and the driver), not ours
+        assert group not in (os.getpgid(0), os.getpgid(os.getppid()))
+        os.killpg(group, signal.SIGKILL)
         assert jobs.wait(job, 60) != JobStatus.SUCCEEDED
         with pytest.raises(merge.MergeError, match="not finished"):
             merge.merge(out, str(tmp_path / "s.csv"))
