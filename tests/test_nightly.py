@@ -382,3 +382,39 @@ def test_drift_chart_from_run_records(tmp_path):
     assert series[1]["scored"] == 200 and series[1]["rate"] == {"1": 0.25, "2": 0.02, "3": 0.4, "4": 0.0}
     png = drift_chart(records)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and drift_chart(records[3:]) is None
+
+
+@pytest.mark.timeout(180)
+def test_metrics_reach_rays_prometheus_endpoint(ray_local):
+    """The counters CascadeActor increments are exported on the node's Prometheus endpoint."""
+    import urllib.request
+
+    import ray
+
+    from steel.scoring import _Metrics
+
+    @ray.remote(num_cpus=0)
+    class Scorer:
+        def __init__(self):
+            self.m = _Metrics()
+
+        def work(self):
+            self.m.inc("scored", 7)
+            self.m.inc("errors", 2, {"kind": "decode"})
+            self.m.inc("defects", 3, {"class_id": "3"})
+            return self.m.ok
+
+    actor = Scorer.remote()
+    assert ray.get(actor.work.remote())
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline, text = time.time() + 120, ""
+    while time.time() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        if "steel_images_scored" in text and "steel_defect_images" in text:
+            break
+        time.sleep(2)
+    ray.kill(actor)
+    lines = [ln for ln in text.splitlines() if ln.startswith("ray_steel_") or ln.startswith("steel_")]
+    assert any("steel_images_scored" in ln and ln.endswith(" 7.0") for ln in lines), lines
+    assert any("steel_score_errors" in ln and 'kind="decode"' in ln for ln in lines), lines
+    assert any("steel_defect_images" in ln and 'class_id="3"' in ln for ln in lines), lines
