@@ -323,7 +323,7 @@ class Jobs:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_kill_at_each_point_then_rerun_loses_nothing(ray_head, tmp_path):
     from tests.score_driver import LOCK_TTL_S
 
@@ -364,7 +364,8 @@ def test_kill_at_each_point_then_rerun_loses_nothing(ray_head, tmp_path):
     s = merge.merge(out, str(tmp_path / "s.csv"))
     assert (s["images"], s["rows"]) == (13, 52)
     records = score_io.read_run_records(out)
-    assert [r["status"] for r in records] == ["ok", "ok"]  # killed runs leave no record; the last took over
+    # Runs killed earlier leave no record; the one killed before _SUCCESS had written its record.
+    assert [r["status"] for r in records] == ["ok", "ok", "ok"]
     assert records[-1]["took_over_from"]["heartbeat"] and records[-1]["images_in"] == 0
 
 
