@@ -12,16 +12,19 @@ under one id. Files that are not images are still inputs: they get an error row,
 **Shards.** The pending ids are sorted and cut into groups of ``images_per_shard``; a shard is named
 ``part-<first 16 hex digits of sha1(its sorted ids joined by newlines)>``, so the name depends only
 on which images it holds. A shard is *complete* when ``<out>/shards/<name>.csv|parquet`` exists: it
-is written last (after ``<out>/errors/<name>.csv`` when the shard has errors), atomically, and only
-once every image of the shard has a result. The images a complete shard holds come from
-``manifest.json`` or, for shards a killed run left behind, from the shard files themselves; those
-images are never scored again, so a re-run (same input, or with new images added: the nightly case)
-scores only what no complete shard holds and ends with exactly one row set per image.
+is written (after ``<out>/errors/<name>.csv`` when the shard has errors) atomically, and only
+once every image of the shard has a result; then its index file ``<out>/index/<name>.json`` (its
+ImageIds and counts) is written. Which images are done comes from the index files (append-only, one
+per shard; never one file rewritten nightly), else from an old ``manifest.json`` that lists them
+(outputs of earlier code), else from the shard's own files (a run killed between shard and index).
+Those images are never scored again, so a re-run (same input, or with new images added: the nightly
+case) scores only what no complete shard holds and ends with exactly one row set per image.
 
 **Output rows.** ``csv``: ``ImageId,ClassId,EncodedPixels``, four rows per scored image (classes
 1..4, ``EncodedPixels`` empty for no defect). ``parquet``: the same rows plus per-image
 ``p_defect``, ``p_class_1..4`` and ``area_1..4`` (mask pixel counts), repeated on its four rows.
-Errors: ``ImageId,file,reason`` in ``<out>/errors/<name>.csv``.
+Parquet rows also carry ``bundle_version`` and ``scored_at``. Errors: ``ImageId,file,reason,kind`` in
+``<out>/errors/<name>.csv``; ``kind`` is ``decode`` (permanent). Transient failures are never rows.
 """
 
 from __future__ import annotations

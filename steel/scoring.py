@@ -10,17 +10,22 @@ streams only those through a Ray Data pipeline::
       .iter_batches()                                 driver: group rows by shard; write each shard
                                                       atomically the moment all its images are in
 
-A shard is written only when every one of its images has a result, errors file first and rows file
-last, so a killed run leaves only complete shards and a re-run scores only the rest. At the end
-``<out>/manifest.json`` (bundle, thresholds, counts, gating stats, timings, the ImageIds of every
-shard) and ``<out>/_SUCCESS`` are written.
+A shard is written only when every one of its images has a result, errors file first, rows file
+next and its index file last, so a killed run leaves only complete shards and a re-run scores only
+the rest. A run holds the output's lease (:mod:`steel.lease`) from start to end, removes ``_SUCCESS``
+before writing anything, and at the end writes ``<out>/runs/<run_id>.json`` (its record),
+``<out>/manifest.json`` (the last run's settings and totals) and - only when no image failed
+transiently - ``<out>/_SUCCESS``.
 
 Bad input never stops the job: files that are empty, not images, truncated, of another format or
-colour mode, or of the wrong size get a row in ``<out>/errors/<shard>.csv`` (ImageId, file, reason)
-and the counts add up: images in = scored + errors.
+colour mode, or of the wrong size get a row in ``<out>/errors/<shard>.csv`` (ImageId, file, reason,
+kind=decode). Everything else that fails (storage, network, predictor, OOM) is transient: retried
+with backoff, and if it still fails the image is not recorded (the next run scores it) and the run
+reports a problem. The counts add up: images in = scored + errors + transient failures.
 
-Test hook: with ``STEEL_SCORE_FAIL_AFTER_SHARDS=N`` in the driver's environment the run raises after
-writing N shards (simulates a crash between shards; used by the resume tests).
+Test hooks: with ``STEEL_SCORE_FAIL_AFTER_SHARDS=N`` in the driver's environment the run raises after
+writing N shards (a crash between shards); ``STEEL_SCORE_PAUSE_AT`` pauses it at a named point so a
+test can SIGKILL it there (see :func:`_hook`).
 """
 
 from __future__ import annotations
