@@ -374,6 +374,84 @@ def read_thresholds(uri: str) -> dict | None:
         return None
 
 
-__all__ = ["Bundle", "BundleError", "FORMAT_VERSION", "save_bundle", "save_model_to_bundle", "load_bundle",
+# ---------------------------------------------------------------------
+#  Versions: immutable version folders + an atomically replaced pointer
+# ---------------------------------------------------------------------
+
+POINTER = "CURRENT"
+VERSIONS = "versions"
+
+
+@dataclass(frozen=True)
+class ResolvedBundle:
+    """A bundle folder to load (``uri``) and its version string; ``pointer`` when it came from one."""
+
+    uri: str
+    version: str
+    pointer: str | None = None
+
+
+def content_version(manifest: dict, thresholds: dict | None) -> str:
+    """``b-<12 hex>``: a hash of the models' weight sha256s and the thresholds (same content, same version)."""
+    models = {name: m.get("sha256") for name, m in sorted(manifest.get("models", {}).items())}
+    text = json.dumps({"models": models, "thresholds": thresholds}, sort_keys=True, default=str)
+    return "b-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def resolve_bundle(uri: str) -> ResolvedBundle:
+    """Resolve a bundle URI once: a direct bundle folder (``manifest.json``) is itself, with its
+    manifest's ``version`` or else :func:`content_version`; a versioned root (``CURRENT`` pointer
+    beside ``versions/``) resolves to the immutable folder the pointer names *now*. Load from the
+    returned ``uri``, never from ``uri`` again, so a promotion during a run cannot mix versions."""
+    if storage.exists(storage.join(uri, MANIFEST)):
+        manifest = read_manifest(uri)
+        return ResolvedBundle(str(uri), manifest.get("version") or content_version(manifest, read_thresholds(uri)))
+    try:
+        pointer = json.loads(storage.read_text(storage.join(uri, POINTER)))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: not a model bundle (no {MANIFEST}) nor a versioned bundle root "
+                                f"(no {POINTER})") from None
+    version = pointer.get("version") if isinstance(pointer, dict) else None
+    if not version:
+        raise BundleError(f"{storage.join(uri, POINTER)}: no 'version' in the pointer")
+    folder = storage.join(uri, VERSIONS, version)
+    if not storage.exists(storage.join(folder, MANIFEST)):
+        raise BundleError(f"{storage.join(uri, POINTER)} points at {version}, which has no {MANIFEST}")
+    return ResolvedBundle(folder, version, pointer=storage.join(uri, POINTER))
+
+
+def publish_bundle(src_uri: str, root_uri: str, promote: bool = True) -> ResolvedBundle:
+    """Copy the bundle at ``src_uri`` into the immutable ``<root>/versions/<version>/`` (manifest last,
+    with its ``version``), then (``promote``) point ``<root>/CURRENT`` at it in one atomic write.
+
+    Publishing the same content again reuses its version folder; a version folder is never rewritten.
+    """
+    manifest = read_manifest(src_uri)
+    version = content_version(manifest, read_thresholds(src_uri))
+    dest = storage.join(root_uri, VERSIONS, version)
+    if not storage.exists(storage.join(dest, MANIFEST)):
+        for f in storage.list_files(src_uri, recursive=True):
+            rel = f[len(str(src_uri).rstrip("/")):].lstrip("/")
+            if rel != MANIFEST:
+                storage.write_bytes(storage.join(dest, rel), storage.read_bytes(f))
+        _write_manifest(dest, {**manifest, "version": version, "published_at": _now(), "source": str(src_uri)})
+        log.info("published bundle %s as %s", src_uri, dest)
+    if promote:
+        promote_bundle(root_uri, version)
+    return ResolvedBundle(dest, version, pointer=storage.join(root_uri, POINTER) if promote else None)
+
+
+def promote_bundle(root_uri: str, version: str) -> None:
+    """Point ``<root>/CURRENT`` at an existing version (one atomic write: readers see old or new)."""
+    folder = storage.join(root_uri, VERSIONS, version)
+    if not storage.exists(storage.join(folder, MANIFEST)):
+        raise FileNotFoundError(f"{folder}: no such bundle version")
+    storage.write_text(storage.join(root_uri, POINTER),
+                       json.dumps({"version": version, "promoted_at": _now()}) + "\n")
+    log.info("promoted %s -> %s", storage.join(root_uri, POINTER), version)
+
+
+__all__ = ["ResolvedBundle", "resolve_bundle", "publish_bundle", "promote_bundle", "content_version",
+           "POINTER", "VERSIONS", "Bundle", "BundleError", "FORMAT_VERSION", "save_bundle", "save_model_to_bundle", "load_bundle",
            "load_model", "read_manifest", "spec_with_preprocessing", "write_thresholds", "read_thresholds", "library_versions",
            "weights_name"]

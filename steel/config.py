@@ -144,6 +144,12 @@ class ScoreConfig:
     allow_resize: bool = False  # resize wrong-size images instead of rejecting them
     images_per_shard: int = 64
     image_formats: list[str] = field(default_factory=lambda: ["JPEG"])  # other formats (PNG...) are error rows
+    retries: int = 4  # transient failures (storage, network, predictor/OOM): retries per read/write/batch
+    retry_backoff_s: float = 1.0  # first wait; doubles each retry (capped at 60 s), with jitter
+    max_error_rate: float = 0.05  # permanent (decode) errors / new images above this: the run exits non-zero
+    lock_ttl_s: float = 900.0  # a lease whose heartbeat is older than this is taken over
+    since: str | None = None  # YYYY-MM-DD: list only date partitions dt=YYYY-MM-DD on or after it
+    expect_new: bool = False  # no new images is a failure (a stopped camera feed)
 
 
 @dataclass
@@ -183,6 +189,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     bundle: str = "runs/quickstart/bundle"
+    # Versioned bundle root: after training + tuning the pipeline publishes the bundle as an immutable
+    # version here and promotes it (CURRENT pointer); scoring resolves it once per run. None: score cfg.bundle.
+    bundle_versions: str | None = None
     tune: TuneConfig = field(default_factory=TuneConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)

@@ -157,6 +157,22 @@ class Pipeline:
         return False, (f"fixed thresholds (areas from {result['source']['areas']}); validation mean Dice "
                        f"{result['validation']['mean_dice']:.4f}; {where}"), result
 
+    def publish(self):
+        """Publish the trained + tuned bundle as an immutable version and promote it (atomic pointer),
+        so a nightly run never reads a bundle that training is rewriting."""
+        if not self.cfg.bundle_versions:
+            return True, "no bundle_versions root configured: scoring reads the bundle folder", {}
+        from steel import bundle as bundle_lib
+
+        before = None
+        try:
+            before = bundle_lib.resolve_bundle(self.cfg.bundle_versions).version
+        except FileNotFoundError:
+            pass
+        published = bundle_lib.publish_bundle(self.cfg.bundle, self.cfg.bundle_versions)
+        return published.version == before, f"{published.version} promoted in {self.cfg.bundle_versions}", {
+            "version": published.version, "uri": published.uri}
+
     def score(self):
         from steel import scoring, score_io
         from steel import thresholds as th
@@ -174,7 +190,7 @@ class Pipeline:
                 what = "models" if not same_models else "thresholds"
                 print(f"[   score] the bundle's {what} changed since {out} was scored: scoring again", flush=True)
                 storage.delete(out, recursive=True, missing_ok=True)
-        summary = scoring.score(self.cfg.bundle, images, out, self.cfg.score)
+        summary = scoring.score(self.cfg.bundle_versions or self.cfg.bundle, images, out, self.cfg.score)
         total = score_io.read_manifest(out)["totals"]
         self.state["score"] = summary
         return summary["shards_written"] == 0, (
@@ -216,6 +232,7 @@ class Pipeline:
         self._stage("split", self.split)
         self._stage("train", self.train)
         self._stage("tune", self.tune)
+        self._stage("publish", self.publish)
         self._stage("score", self.score)
         self._stage("evaluate", self.evaluate)
         from steel import pipeline_report

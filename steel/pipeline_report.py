@@ -2,7 +2,8 @@
 
 Plots made by the stages (training curves in the bundle, threshold curves from tuning, confusion
 matrices and overlays from the evaluation) are copied next to ``report.md`` so the folder is
-self-contained, plus a per-class Dice chart of the model against the all-empty baseline.
+self-contained, plus a per-class Dice chart of the model against the all-empty baseline, and the
+nightly drift chart (per-night defect-image rate per class, from the scoring run records).
 """
 
 from __future__ import annotations
@@ -60,6 +61,50 @@ def _dice_chart(evaluation: dict) -> bytes:
     return buf.getvalue()
 
 
+def drift_series(records: list[dict]) -> list[dict]:
+    """One point per night (UTC day of ``started_at``) from scoring run records: the per-class share of
+    newly scored images with a defect of that class, weighted by the images each run scored.
+    Runs that scored nothing (or failed) add nothing."""
+    nights: dict[str, dict] = {}
+    for r in records:
+        scored = int(r.get("scored") or 0)
+        if not scored or not r.get("defect_images"):
+            continue
+        night = str(r.get("started_at", ""))[:10]
+        n = nights.setdefault(night, {"night": night, "scored": 0, "defects": {k: 0 for k in "1234"}})
+        n["scored"] += scored
+        for k in "1234":
+            n["defects"][k] += int(r["defect_images"].get(k, 0))
+    return [{"night": n["night"], "scored": n["scored"],
+             "rate": {k: n["defects"][k] / n["scored"] for k in "1234"}} for _, n in sorted(nights.items())]
+
+
+def drift_chart(records: list[dict]) -> bytes | None:
+    """PNG: per-night defect-image rate per class (None when no run scored anything)."""
+    series = drift_series(records)
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = [p["night"] for p in series]
+    for k, color in zip("1234", ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")):
+        ax.plot(x, [p["rate"][k] for p in series], marker="o", color=color, label=f"class {k}")
+    ax.set_ylabel("share of scored images with a defect")
+    ax.set_title("Nightly defect-image rate per class (drift)")
+    ax.set_ylim(0, max(0.05, max(max(p["rate"].values()) for p in series) * 1.15))
+    ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def write(cfg: Config, results: list, state: dict) -> str:
     out = cfg.report
     storage.makedirs(out)
@@ -85,6 +130,20 @@ def write(cfg: Config, results: list, state: dict) -> str:
             for name in _copy_pngs(eval_dir, eval_dir, ""):
                 lines.append(f"![{name}](evaluation/{name})")
             lines.append("")
+
+    from steel import score_io
+
+    records = score_io.read_run_records(cfg.score.out)
+    chart = drift_chart(records)
+    if chart:
+        storage.write_bytes(storage.join(out, "drift.png"), chart)
+        last = records[-1]
+        lines += ["## Nightly scoring", "",
+                  f"{len(records)} runs recorded under `{cfg.score.out}/runs/`; the last: {last.get('status')} "
+                  f"(run {last.get('run_id')}, bundle {(last.get('bundle') or {}).get('version')}, "
+                  f"{last.get('images_in', 0)} new images, {last.get('errors', 0)} errors, "
+                  f"{last.get('transient_failures', 0)} transient failures).", "",
+                  "![Nightly defect-image rate per class](drift.png)", ""]
 
     thresholds = None
     try:

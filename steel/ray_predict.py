@@ -82,7 +82,7 @@ class ProbabilityActor(CascadeActor):
                **{f"seg_{k}": np.zeros((n, *sizes[k]), np.float16) for k in CLASSES}}
         ok = np.flatnonzero(errors == "")
         if ok.size:
-            results = self._predict(np.asarray(batch["image"])[ok], [ids[i] for i in ok])
+            results = self._predict(np.asarray(batch["image"])[ok])
             for i, res in zip(ok, results):
                 if isinstance(res, Exception):
                     raise RuntimeError(f"{batch['file'][i]}: the cascade failed on this validation image: "

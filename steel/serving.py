@@ -61,14 +61,13 @@ DEPLOYMENT = "SteelEndpoint"
 def resolve_bundle(bundle_uri: str) -> tuple[str, str]:
     """``(uri, version)`` of the bundle this endpoint serves; the version goes into every answer.
 
-    The one place the endpoint learns a bundle's version: today the manifest's ``version`` if it has
-    one, else its ``updated_at`` (``created_at``) time stamp.
+    :func:`steel.bundle.resolve_bundle`, as batch scoring resolves it: a versioned root's ``CURRENT``
+    pointer is read once, here, so a replica serves one immutable version until it is redeployed.
     """
-    from steel.bundle import read_manifest
+    from steel.bundle import resolve_bundle as resolve
 
-    manifest = read_manifest(bundle_uri)
-    version = manifest.get("version") or manifest.get("updated_at") or manifest.get("created_at") or "unknown"
-    return str(bundle_uri), str(version)
+    resolved = resolve(bundle_uri)
+    return resolved.uri, resolved.version
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +168,7 @@ class Scorer:
                  "image": np.stack(images) if n else np.zeros((0, score_io.HEIGHT, score_io.WIDTH, 3), np.uint8)}
         self.batches += 1
         self.images += n
-        out = self.actor(batch)  # raises when a batch of one image fails (CascadeActor isolates larger ones)
+        out = self.actor(batch)  # an image whose prediction failed comes back with its error (500)
         answers: list[dict | RequestError] = []
         for i in range(n):
             if out["error"][i]:

@@ -173,9 +173,17 @@ def test_shard_files_resume_state_and_recovery(tmp_path):
     df = score_io.read_rows_file(score_io.shard_uri(out, "part-a", "parquet"))
     assert list(df["ClassId"]) == [1, 2, 3, 4] and list(df["EncodedPixels"]) == ["1 3", "", "", "10 2"]
     assert df["p_class_3"].iloc[0] == pytest.approx(0.2) and df["area_4"].iloc[0] == 2
-    # No manifest: the shard's images are recovered from its files.
+    # The index file written after the shard is the record of its images.
+    index = json.loads(storage.read_text(score_io.index_uri(out, "part-a")))
+    assert index["images"] == ["x.jpg", "y.jpg"] and (index["scored"], index["errors"]) == (1, 1)
+    done, owner = score_io.done_images(out, None)
+    assert owner == {"x.jpg": "part-a", "y.jpg": "part-a"} and not done["part-a"].get("recovered")
+    # Killed between the shard and its index: the shard's images are recovered from its files.
+    storage.delete(score_io.index_uri(out, "part-a"))
     done, owner = score_io.done_images(out, None)
     assert owner == {"x.jpg": "part-a", "y.jpg": "part-a"} and done["part-a"]["recovered"]
+    errors = score_io.read_errors_file(score_io.errors_uri(out, "part-a"))
+    assert list(errors["kind"]) == ["decode"]
     # A stale errors file of a shard that never completed is removed; complete ones stay.
     storage.write_text(score_io.errors_uri(out, "part-b"), "ImageId,file,reason\n")
     assert score_io.remove_orphan_errors(out, {"part-a"}) == ["part-b"]
@@ -202,11 +210,13 @@ def test_cascade_actor_isolates_failing_images_and_passes_errors():
     assert list(out["error"][[0, 2]]) == ["", ""]
     assert out["error"][1] == "scoring failed: RuntimeError: black image"
     assert out["error"][3] == "empty file (0 bytes)"
+    assert list(out["error_kind"]) == ["", "transient", "", "decode"]  # a predictor failure is never a row
     assert out["mask_1"][0] and rle.area(out["mask_1"][0]) == out["area_1"][0] > 0
     assert json.loads(out["stats"][0]) == {"images": 2, "seg_calls": 2}
     # decode stage without a filesystem reads through steel.storage
     dec = decode_batch({"shard": ["s"], "image_id": ["z"], "file": ["/no/such/file.jpg"], "path": ["x"]})
     assert dec["error"][0].startswith("could not read the file: FileNotFoundError")
+    assert dec["error_kind"][0] == "transient"
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,8 +259,16 @@ def test_score_local_with_bad_inputs_and_merge(ray_local, stand_in, tmp_path):
     assert set(errors["file"]) == {storage.join(images, n) for n in BAD_FILES}
     manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
     assert manifest["counts"]["images_in"] == 14 and manifest["totals"]["images"] == 14
-    assert sorted(i for s in manifest["shards"].values() for i in s["images"]) == sorted(good + list(BAD_FILES))
+    done, _ = score_io.done_images(out)
+    assert sorted(i for s in done.values() for i in s["images"]) == sorted(good + list(BAD_FILES))
     assert storage.exists(storage.join(out, "_SUCCESS"))
+    assert set(errors["kind"]) == {"decode"}
+    # 5 permanent errors out of 14 is above the default max_error_rate (5%): an operator is told.
+    assert summary["problems"] == ["permanent-error rate 35.7% (5/14) is above score.max_error_rate 5.0%"]
+    record = json.loads(storage.read_text(score_io.run_record_uri(out, summary["run_id"])))
+    assert (record["images_in"], record["scored"], record["errors"], record["transient_failures"]) == (14, 9, 5, 0)
+    assert record["defect_image_rate"] == {"1": 1.0, "2": 0.0, "3": 0.0, "4": 0.0}
+    assert record["bundle"] == {"uri": "unused-bundle", "version": "unversioned"} and record["ended_at"]
     assert "9 scored, 5 errors" in format_summary(summary)
 
     sub = str(tmp_path / "submission.csv")
@@ -288,7 +306,7 @@ def test_resume_after_crash_then_incremental_run(ray_local, stand_in, tmp_path, 
     assert (resumed["shards_skipped"], resumed["shards_written"]) == (2, 2)
     check_output(out, set(first))
     manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
-    assert sum(1 for s in manifest["shards"].values() if s.get("recovered")) == 2
+    assert len(storage.list_files(storage.join(out, "index"))) == 4  # the 2 crashed-run shards got theirs
 
     # Nightly: new images arrive (one in a subfolder with a clashing file name); only they are scored.
     new = ["b00.jpg", "b01.jpg", "late/a00.jpg"]
@@ -301,7 +319,9 @@ def test_resume_after_crash_then_incremental_run(ray_local, stand_in, tmp_path, 
     check_output(out, set(first) | set(new))
     manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
     assert manifest["totals"] == {"shards": 5, "images": 15, "scored": 15, "errors": 0}
-    assert len(manifest["runs"]) == 2
+    records = score_io.read_run_records(out)
+    assert [r["status"] for r in records] == ["failed", "ok", "ok"]
+    assert [r["images_in"] for r in records[1:]] == [6, 3]
     s = merge.merge(out, str(tmp_path / "sub.csv"))
     assert (s["images"], s["rows"]) == (15, 60)
 
@@ -406,28 +426,27 @@ def test_cli_scores_s3_images_with_a_tiny_real_bundle(ray_local, s3_bucket, tmp_
 
 
 def test_cli_flags_override_the_config(tmp_path, monkeypatch, capsys):
-    import contextlib
-
-    from steel import ray_session, scoring
+    from steel import scoring
     from steel.cli import main
 
     seen = {}
 
-    def fake_score(bundle, images, out, cfg, thresholds=None):
+    def fake_score(bundle, images, out, cfg, thresholds=None, ray_address=None):
         seen.update(bundle=bundle, images=images, out=out, cfg=cfg, thresholds=thresholds)
-        return {"images_uri": images, "out": out, "images_listed": 3, "images_already_scored": 0,
-                "images_in": 3, "scored": 0, "errors": 3, "shards_written": 1, "shards_skipped": 0,
-                "error_reasons": {"empty file": 3}, "error_examples": [], "gating": {},
-                "timings": {"total_s": 1.0, "images_per_s": 3.0}}
+        summary = {"images_uri": images, "out": out, "images_listed": 3, "images_already_scored": 0,
+                   "images_in": 3, "scored": 0, "errors": 3, "shards_written": 1, "shards_skipped": 0,
+                   "error_reasons": {"empty file": 3}, "error_examples": [], "gating": {},
+                   "timings": {"total_s": 1.0, "images_per_s": 3.0}}
+        return {**summary, "problems": scoring.exit_problems(summary, cfg)}
 
     monkeypatch.setattr(scoring, "score", fake_score)
-    monkeypatch.setattr(ray_session, "ray_session", lambda address=None: contextlib.nullcontext())
     config = tmp_path / "c.yaml"
     config.write_text("bundle: /b\ndata:\n  root: /data\nscore:\n  out: /o\n  actors: 3\n  batch_size: 5\n")
     rc = main(["score", "--config", str(config), "--batch-size", "2", "--tta", "hv", "--allow-resize",
                "--image-formats", "jpeg,png", "--gpus-per-actor", "0.5"])
     assert rc == 1  # nothing could be scored
-    assert "no image could be scored" in capsys.readouterr().err
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "FAILED" in last and "no image could be scored" in last and "permanent-error rate 100.0%" in last
     cfg = seen["cfg"]
     assert (seen["bundle"], seen["images"], seen["out"]) == ("/b", "/data/test_images", "/o")
     assert (cfg.actors, cfg.batch_size, cfg.tta, cfg.allow_resize, cfg.gpus_per_actor) == (3, 2, "hv", True, 0.5)

@@ -1,0 +1,421 @@
+"""Nightly scoring that survives a real night (issue 9): transient faults, exit status, partitions,
+bundle versions, faults from a real S3 server through a fault-injecting proxy, and kill tests.
+
+Unit tests need no Ray. Integration tests use the session's local Ray (``ray_local``) or, for the
+kill tests, driver processes joined to a separate Ray head (``ray_head``) so that SIGKILLing a
+driver's process group does not take a Ray down. All use the light stand-in predictor of
+test_scoring.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from steel import bundle as bundle_lib
+from steel import merge, score_io, storage
+from steel.config import ScoreConfig
+from steel.thresholds import default_thresholds
+from tests.test_scoring import BrightPredictor, check_output, jpeg_bytes, write_images
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def stand_in():
+    import ray.cloudpickle
+
+    import tests.test_scoring as mod
+
+    ray.cloudpickle.register_pickle_by_value(mod)
+    yield BrightPredictor
+    ray.cloudpickle.unregister_pickle_by_value(mod)
+
+
+def index_ids(out: str) -> set[str]:
+    done, _ = score_io.done_images(out)
+    return {i for e in done.values() for i in e["images"]}
+
+
+# --------------------------------------------------------------------------------------------
+# Unit tests (no Ray)
+# --------------------------------------------------------------------------------------------
+
+def test_retry_backs_off_with_jitter_and_never_retries_permanent_errors():
+    waits, calls = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 4:
+            raise ConnectionResetError("reset by peer")
+        return "ok"
+
+    assert score_io.retry(flaky, retries=5, backoff_s=1.0, sleep=waits.append) == "ok"
+    assert len(calls) == 4 and len(waits) == 3
+    for attempt, w in enumerate(waits):  # 1, 2, 4 s, each times a jitter in [0.5, 1]
+        assert 0.5 * 2 ** attempt <= w <= 2 ** attempt
+    calls.clear()
+    with pytest.raises(ConnectionResetError):
+        score_io.retry(flaky, retries=1, backoff_s=0.0, sleep=waits.append)
+    assert len(calls) == 2  # bounded
+    calls.clear()
+
+    def bad():
+        calls.append(1)
+        raise score_io.BadImage("empty file (0 bytes)")
+
+    with pytest.raises(score_io.BadImage):
+        score_io.retry(bad, retries=5, backoff_s=0.0)
+    assert len(calls) == 1
+
+
+class ResourceExhaustedError(RuntimeError):
+    """Named like TensorFlow's OOM error (what steel.scoring.is_oom recognises)."""
+
+
+class OOMPredictor(BrightPredictor):
+    """Runs out of memory on batches larger than 2 images; fails twice then works on 'flaky' batches."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def predict(self, images):
+        self.sizes.append(len(images))
+        if len(images) > 2:
+            raise ResourceExhaustedError(f"OOM when allocating tensor for {len(images)} images")
+        return super().predict(images)
+
+
+def test_oom_retries_with_smaller_batches_and_predictor_failures_are_transient():
+    from steel.scoring import CascadeActor
+
+    images = np.stack([score_io.decode_image(jpeg_bytes(i)) for i in range(5)])
+    batch = {"shard": np.array(["s"] * 5, dtype=object), "image_id": np.array(list("abcde"), dtype=object),
+             "file": np.array(list("abcde"), dtype=object), "image": images,
+             "error": np.array([""] * 5, dtype=object), "error_kind": np.array([""] * 5, dtype=object)}
+    actor = CascadeActor(OOMPredictor, retries=0)
+    out = actor(batch)
+    assert list(out["error"]) == [""] * 5 and all(out["mask_1"])
+    assert actor.predictor.sizes == [5, 2, 3, 1, 2]  # halved (5 -> 2 + 3 -> 2 + 1 + 2), not failed
+
+    class Flaky(BrightPredictor):
+        calls = 0
+
+        def predict(self, images):
+            Flaky.calls += 1
+            if Flaky.calls <= 2:
+                raise ConnectionError("model server went away")
+            return super().predict(images)
+
+    out = CascadeActor(Flaky, retries=2, backoff_s=0.0)(batch)
+    assert list(out["error"]) == [""] * 5 and Flaky.calls == 3
+
+
+def test_since_lists_only_new_date_partitions(tmp_path):
+    root = str(tmp_path / "archive")
+    for day in ("dt=2026-11-27", "dt=2026-11-28", "2026-11-29", "dt=2026-11-30"):
+        write_images(storage.join(root, day), ["a.jpg", "cam2/b.jpg"])
+    write_images(root, ["loose.jpg"])
+    inputs = score_io.list_inputs(root, since="2026-11-29")
+    assert list(inputs) == ["2026-11-29/a.jpg", "2026-11-29/cam2/b.jpg", "dt=2026-11-30/a.jpg",
+                            "dt=2026-11-30/cam2/b.jpg"]
+    assert len(score_io.list_inputs(root)) == 9  # without --since: everything, same ids
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        score_io.list_inputs(root, since="29/11/2026")
+
+
+def test_exit_rules_one_per_reason():
+    from steel.scoring import exit_problems
+
+    cfg = ScoreConfig(max_error_rate=0.1)
+    base = {"images_uri": "s3://plant/archive", "images_in": 20, "scored": 20, "errors": 0,
+            "transient_failures": 0, "transient_reasons": {}}
+    assert exit_problems(base, cfg) == []
+    assert exit_problems({**base, "scored": 18, "errors": 2}, cfg) == []  # 10% is not above 10%
+    [p] = exit_problems({**base, "scored": 17, "errors": 3}, cfg)
+    assert p.startswith("permanent-error rate 15.0% (3/20) is above score.max_error_rate 10.0%")
+    [p] = exit_problems({**base, "scored": 17, "transient_failures": 3,
+                         "transient_reasons": {"could not read the file": 3}}, cfg)
+    assert "3 images failed after 4 retries and were not recorded" in p and "could not read the file x3" in p
+    nothing = {**base, "images_in": 0, "scored": 0}
+    assert exit_problems(nothing, cfg) == []
+    [p] = exit_problems(nothing, cfg, expect_new=True)
+    assert "no new images under s3://plant/archive" in p and "camera feed" in p
+
+
+def test_bundle_versions_resolve_once_and_publish_immutably(tmp_path):
+    from tests.test_scoring import tiny_models
+
+    built, specs = tiny_models()
+    work, root = str(tmp_path / "work"), str(tmp_path / "bundles")
+    bundle_lib.save_bundle(work, built, specs, {"test": "tiny"})
+    direct = bundle_lib.resolve_bundle(work)
+    assert direct.uri == work and direct.version.startswith("b-") and direct.pointer is None
+    v1 = bundle_lib.publish_bundle(work, root)
+    assert v1.version == direct.version  # the same content has the same version, direct or published
+    assert bundle_lib.resolve_bundle(root) == bundle_lib.ResolvedBundle(
+        storage.join(root, "versions", v1.version), v1.version, storage.join(root, "CURRENT"))
+    assert bundle_lib.read_manifest(v1.uri)["version"] == v1.version
+
+    bundle_lib.write_thresholds(work, {**default_thresholds(), "binary": 0.9})
+    v2 = bundle_lib.publish_bundle(work, root, promote=False)
+    assert v2.version != v1.version and bundle_lib.resolve_bundle(root).version == v1.version
+    bundle_lib.promote_bundle(root, v2.version)
+    assert bundle_lib.resolve_bundle(root).uri == v2.uri
+    assert bundle_lib.read_thresholds(v1.uri) is None  # the old version folder is untouched
+    with pytest.raises(FileNotFoundError, match="no such bundle version"):
+        bundle_lib.promote_bundle(root, "b-000000000000")
+    with pytest.raises(FileNotFoundError, match="nor a versioned bundle root"):
+        bundle_lib.resolve_bundle(str(tmp_path / "nothing"))
+
+    # The pipeline's publish stage (after train + tune) publishes and promotes the working bundle.
+    from steel.config import Config
+    from steel.pipeline import Pipeline
+
+    bundle_lib.write_thresholds(work, {**default_thresholds(), "binary": 0.8})
+    skipped, summary, outputs = Pipeline(Config(bundle=work, bundle_versions=root)).publish()
+    assert not skipped and bundle_lib.resolve_bundle(root).version == outputs["version"] not in (v1.version, v2.version)
+    assert Pipeline(Config(bundle=work, bundle_versions=root)).publish()[0]  # nothing new: skipped
+
+
+# --------------------------------------------------------------------------------------------
+# Integration: local Ray, stand-in predictor
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(240)
+def test_bundle_promoted_during_a_run_and_lease_refusal(ray_local, stand_in, tmp_path, monkeypatch, capsys):
+    from steel import lease, scoring
+    from steel.cli import main
+    from tests.test_scoring import tiny_models
+
+    built, specs = tiny_models()
+    root, work = str(tmp_path / "bundles"), str(tmp_path / "work")
+    bundle_lib.save_bundle(work, built, specs, {"test": "tiny"})
+    v1 = bundle_lib.publish_bundle(work, root)
+    bundle_lib.write_thresholds(work, {**default_thresholds(), "binary": 0.7})
+    images, out = str(tmp_path / "images"), str(tmp_path / "out")
+    write_images(images, [f"p{i}.jpg" for i in range(6)])
+    seen = {}
+
+    def promote_midway(point):  # training publishes and promotes v2 while the run is scoring
+        if point == "mid_shard" and "v2" not in seen:
+            seen["v2"] = bundle_lib.publish_bundle(work, root)
+            seen["holder"] = lease.read_holder(out)
+            # A second run on the same output is refused at once, naming the holder.
+            seen["rc"] = main(["score", "--bundle", root, "--images", images, "--out", out])
+
+    monkeypatch.setattr(scoring, "_hook", promote_midway)
+    cfg = ScoreConfig(batch_size=2, images_per_shard=2, format="parquet")
+    summary = scoring.score(root, images, out, cfg, predictor_factory=stand_in)
+    assert seen["v2"].version != v1.version and bundle_lib.resolve_bundle(root).version == seen["v2"].version
+    assert summary["bundle"] == {"uri": v1.uri, "version": v1.version} and summary["scored"] == 6
+    rows = pd.concat([score_io.read_rows_file(u) for u in score_io.complete_shards(out).values()])
+    assert set(rows["bundle_version"]) == {v1.version} and set(rows["scored_at"]) == {summary["started_at"]}
+    record = json.loads(storage.read_text(score_io.run_record_uri(out, summary["run_id"])))
+    assert record["bundle"]["version"] == v1.version
+    assert seen["rc"] == 3 and seen["holder"]["run_id"] == summary["run_id"]
+    err = capsys.readouterr().err
+    assert "another run holds the lease" in err and f"run {summary['run_id']} on" in err
+    assert lease.read_holder(out) is None  # released at the end
+
+
+@pytest.mark.timeout(300)
+def test_s3_faults_through_a_proxy_are_retried_and_persistent_ones_fail_the_run(
+        ray_local, stand_in, s3_endpoint, s3_bucket, tmp_path):
+    from steel.scoring import score
+    from tests.faulty_proxy import FaultyProxy
+
+    images, out = f"s3://{s3_bucket}/archive", f"s3://{s3_bucket}/scores"
+    first = [f"f{i:02d}.jpg" for i in range(8)]
+    write_images(images, first)
+    cfg = ScoreConfig(batch_size=3, images_per_shard=3, format="parquet", retries=8, retry_backoff_s=0.01)
+    with FaultyProxy(s3_endpoint, rate=0.2, first_n=8, seed=3) as proxy:
+        storage.set_endpoint(proxy.url)
+        try:
+            # Intermittent: every key's first 8 GETs/PUTs fail (more than botocore's 5 and pyarrow's 3
+            # attempts, so only our retries get through), plus 20% at random: 503 SlowDown or a drop.
+            s = score("stand-in", images, out, cfg, predictor_factory=stand_in)
+            assert (s["scored"], s["errors"], s["transient_failures"], s["problems"]) == (8, 0, 0, [])
+            faulted = {k for (m, k), n in proxy.faults_per_key.items() if n}
+            assert any(k.endswith(".jpg") for k in faulted) and any("/shards/" in k for k in faulted)
+            assert all(proxy.per_key[("GET", f"/{s3_bucket}/archive/{n}")] > 8 for n in first)
+            proxy.set(rate=0.0, first_n=0)  # the test's own reads below have no retries
+            from steel import lease
+            assert lease.read_holder(out) is None, proxy.faults_per_key
+            assert storage.exists(storage.join(out, "_SUCCESS")) and not storage.list_files(
+                storage.join(out, "errors"))
+            check_output(out, set(first))
+
+            # Persistent: two new images can never be read; the rest of the night goes on.
+            new = [f"g{i}.jpg" for i in range(5)]
+            write_images(images, new, start=50)
+            proxy.set(rate=0.1, persist=["/g1.jpg", "/g3.jpg"])
+            s = score("stand-in", images, out, cfg, predictor_factory=stand_in)
+            proxy.set(rate=0.0)
+            assert (s["images_in"], s["scored"], s["transient_failures"]) == (5, 3, 2)
+            assert s["problems"] and "2 images failed after 8 retries" in s["problems"][0]
+            assert index_ids(out) == set(first) | {"g0.jpg", "g2.jpg", "g4.jpg"}  # g1, g3 not recorded
+            assert not storage.exists(storage.join(out, "_SUCCESS"))
+            with pytest.raises(merge.MergeError, match="not finished"):
+                merge.merge(out, str(tmp_path / "s.csv"))
+            record = json.loads(storage.read_text(score_io.run_record_uri(out, s["run_id"])))
+            assert record["status"] == "incomplete" and record["transient_failures"] == 2
+
+            # Faults cleared: the re-run scores exactly the two.
+            proxy.set(rate=0.0, persist=[])
+            s = score("stand-in", images, out, cfg, predictor_factory=stand_in)
+            assert (s["images_in"], s["scored"], s["problems"]) == (2, 2, [])
+            assert s["images_already_scored"] == 11
+        finally:
+            storage.set_endpoint(None)
+    check_output(out, set(first) | set(new))
+    assert merge.merge(out, str(tmp_path / "s.csv"))["images"] == 13
+
+
+# --------------------------------------------------------------------------------------------
+# Kill tests: driver processes joined to a Ray head, SIGKILLed at named points
+# --------------------------------------------------------------------------------------------
+
+class Jobs:
+    """Scoring jobs (tests/score_driver.py) on the Ray head, each a driver we can SIGKILL."""
+
+    def __init__(self, dashboard: str):
+        from ray.job_submission import JobSubmissionClient
+
+        from tests.test_train_job import _auth_headers
+
+        self.client = JobSubmissionClient(dashboard, headers=_auth_headers())
+
+    def submit(self, images: str, out: str, env: dict | None = None) -> str:
+        deadline = time.time() + 120  # the head's job agent needs a while after the dashboard opens
+        while True:
+            try:
+                return self.client.submit_job(
+                    entrypoint=f"python -m tests.score_driver {images} {out}",
+                    runtime_env={"working_dir": str(REPO), "env_vars": env or {},
+                                 "excludes": [".venv", "runs", ".git", "**/__pycache__", "*.egg-info"]})
+            except RuntimeError as e:
+                if "No available agent" not in str(e) or time.time() > deadline:
+                    raise
+                time.sleep(2)
+
+    def wait(self, job: str, timeout: float = 240) -> str:
+        from ray.job_submission import JobStatus
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = self.client.get_job_status(job)
+            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                return status
+            time.sleep(1)
+        raise TimeoutError(f"job {job} still running after {timeout} s")
+
+    def logs(self, job: str) -> str:
+        return self.client.get_job_logs(job)[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_kill_at_each_point_then_rerun_loses_nothing(ray_head, tmp_path):
+    from tests.score_driver import LOCK_TTL_S
+
+    from ray.job_submission import JobStatus
+
+    images, out = str(tmp_path / "archive"), str(tmp_path / "out")
+    jobs = Jobs(ray_head)
+    day1 = [f"dt=2026-11-28/a{i}.jpg" for i in range(4)]
+    write_images(images, day1)
+    job = jobs.submit(images, out)
+    assert jobs.wait(job) == JobStatus.SUCCEEDED, jobs.logs(job)
+    day2 = [f"dt=2026-11-29/b{i:02d}.jpg" for i in range(9)]
+    write_images(images, day2, start=20)
+
+    for point in ("listed", "mid_shard", "shard_written", "before_success"):
+        marker = tmp_path / f"paused-{point}"
+        job = jobs.submit(images, out, {"STEEL_SCORE_PAUSE_AT": point, "STEEL_SCORE_PAUSE_FILE": str(marker)})
+        deadline = time.time() + 240
+        while not marker.exists() or len(marker.read_text().split()) < 2:
+            assert jobs.client.get_job_status(job) in (JobStatus.PENDING, JobStatus.RUNNING), jobs.logs(job)
+            assert time.time() < deadline, f"never reached {point}"
+            time.sleep(0.2)
+        pid = int(marker.read_text().split()[1])
+        group = os.getpgid(pid)  # the job's own process group (its shell and the driver), not ours
+        assert group not in (os.getpgid(0), os.getpgid(os.getppid()))
+        os.killpg(group, signal.SIGKILL)
+        assert jobs.wait(job, 60) != JobStatus.SUCCEEDED
+        with pytest.raises(merge.MergeError, match="not finished"):
+            merge.merge(out, str(tmp_path / "s.csv"))
+        if point == "shard_written":  # a shard without its index: recovered by the next run
+            assert len(score_io.complete_shards(out)) == len(storage.list_files(storage.join(out, "index"))) + 1
+        time.sleep(LOCK_TTL_S + 0.5)  # the killed run's lease goes stale; the next run takes it over
+
+    assert index_ids(out) == set(day1) | set(day2)  # the last killed run had written every shard
+    job = jobs.submit(images, out)
+    assert jobs.wait(job) == JobStatus.SUCCEEDED, jobs.logs(job)
+    check_output(out, set(day1) | set(day2))
+    s = merge.merge(out, str(tmp_path / "s.csv"))
+    assert (s["images"], s["rows"]) == (13, 52)
+    records = score_io.read_run_records(out)
+    # Runs killed earlier leave no record; the one killed before _SUCCESS had written its record.
+    assert [r["status"] for r in records] == ["ok", "ok", "ok"]
+    assert records[-1]["took_over_from"]["heartbeat"] and records[-1]["images_in"] == 0
+
+
+def test_drift_chart_from_run_records(tmp_path):
+    from steel.pipeline_report import drift_chart, drift_series
+
+    def rec(started, scored, defects):
+        return {"started_at": started, "scored": scored, "defect_images": dict(zip("1234", defects))}
+
+    records = [rec("2026-11-28T01:00:00Z", 100, (10, 0, 40, 5)), rec("2026-11-29T01:00:00Z", 50, (5, 1, 20, 0)),
+               rec("2026-11-29T03:00:00Z", 150, (45, 3, 60, 0)),  # a second run that night: weighted
+               {"started_at": "2026-11-30T01:00:00Z", "status": "failed"}]
+    series = drift_series(records)
+    assert [p["night"] for p in series] == ["2026-11-28", "2026-11-29"]
+    assert series[1]["scored"] == 200 and series[1]["rate"] == {"1": 0.25, "2": 0.02, "3": 0.4, "4": 0.0}
+    png = drift_chart(records)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and drift_chart(records[3:]) is None
+
+
+@pytest.mark.timeout(180)
+def test_metrics_reach_rays_prometheus_endpoint(ray_local):
+    """The counters CascadeActor increments are exported on the node's Prometheus endpoint."""
+    import urllib.request
+
+    import ray
+
+    from steel.scoring import _Metrics
+
+    @ray.remote(num_cpus=0)
+    class Scorer:
+        def __init__(self):
+            self.m = _Metrics()
+
+        def work(self):
+            self.m.inc("scored", 7)
+            self.m.inc("errors", 2, {"kind": "decode"})
+            self.m.inc("defects", 3, {"class_id": "3"})
+            return self.m.ok
+
+    actor = Scorer.remote()
+    assert ray.get(actor.work.remote())
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline, text = time.time() + 120, ""
+    while time.time() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        if "steel_images_scored" in text and "steel_defect_images" in text:
+            break
+        time.sleep(2)
+    ray.kill(actor)
+    lines = [ln for ln in text.splitlines() if ln.startswith("ray_steel_") or ln.startswith("steel_")]
+    assert any("steel_images_scored" in ln and ln.endswith(" 7.0") for ln in lines), lines
+    assert any("steel_score_errors" in ln and 'kind="decode"' in ln for ln in lines), lines
+    assert any("steel_defect_images" in ln and 'class_id="3"' in ln for ln in lines), lines
