@@ -24,7 +24,7 @@ import sys
 
 def cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML run config (bundle, score.*, storage_endpoint, ray_address)")
-    parser.add_argument("--bundle", help="model bundle URI (default: the config's bundle)")
+    parser.add_argument("--bundle", help="model bundle URI or versioned root (default: the config's bundle_versions, else bundle)")
     parser.add_argument("--images", help="folder / S3 prefix of images (default: score.images or data test_images)")
     parser.add_argument("--out", help="output folder URI (default: score.out)")
     parser.add_argument("--actors", type=int, help="cascade actors (model replicas)")
@@ -58,7 +58,7 @@ def cli_main(args: argparse.Namespace) -> int:
         if args.image_formats else None,
     }
     score_cfg = dataclasses.replace(cfg.score, **{k: v for k, v in changes.items() if v is not None})
-    bundle = args.bundle or cfg.bundle
+    bundle = args.bundle or cfg.bundle_versions or cfg.bundle  # the promoted version when there is one
     images = args.images or score_cfg.images or cfg.data.path("test_images")
     out = args.out or score_cfg.out
     if cfg.storage_endpoint:

@@ -114,7 +114,7 @@ def test_there_are_s3_configs():
 @pytest.mark.parametrize("name", S3_CONFIGS)
 def test_training_role_writes_every_output_of_training(name):
     c = _config(name)
-    for uri in (c["train"]["output"], c["bundle"], c["report"]):
+    for uri in (c["train"]["output"], c["bundle"], c["report"], c.get("bundle_versions") or c["bundle"]):
         assert can_write("steel-train", uri), f"steel-train cannot write {uri}"
     assert can_read("steel-train", c["data"]["root"])
 
@@ -126,7 +126,7 @@ def test_scoring_role_reads_bundle_and_images_and_writes_scores(name):
     assert nightly.get("--images") and nightly.get("--out"), "nightly CronJob has no --images/--out"
     for uri in (c["score"]["out"], nightly["--out"]):
         assert can_write("steel-score", uri), f"steel-score cannot write {uri}"
-    for uri in (c["bundle"], c["score"]["images"], nightly["--images"]):
+    for uri in (c["bundle"], c.get("bundle_versions") or c["bundle"], c["score"]["images"], nightly["--images"]):
         assert can_read("steel-score", uri), f"steel-score cannot read {uri}"
 
 
