@@ -78,6 +78,7 @@ class ProbabilityActor(CascadeActor):
         errors = np.asarray(batch["error"], dtype=object).copy()
         sizes = self.predictor.sizes
         out = {"image_id": np.asarray(ids, dtype=object), "error": errors,
+               "error_kind": np.asarray(batch.get("error_kind", np.where(errors == "", "", "decode")), dtype=object),
                "p_defect": np.full(n, np.nan, np.float32), "p_class": np.full((n, 4), np.nan, np.float32),
                **{f"seg_{k}": np.zeros((n, *sizes[k]), np.float16) for k in CLASSES}}
         ok = np.flatnonzero(errors == "")
@@ -107,6 +108,17 @@ def _items(image_ids: Sequence[str], images_uri: str) -> tuple[list[dict], Any]:
     return items, fs
 
 
+def _skip_reason(batch: dict, i: int) -> str:
+    """The reason to leave row ``i`` out: only an undecodable file is skipped. A transient failure
+    (storage, network, predictor) that outlived scoring's retries fails the pass instead, so tuning
+    never quietly drops validation images."""
+    reason = str(batch["error"][i])
+    if str(batch.get("error_kind", [""] * (i + 1))[i]) == "transient":
+        raise RuntimeError(f"{batch['image_id'][i]}: failed after retries ({reason}); tuning needs every "
+                           f"validation image: run it again once the store answers")
+    return reason
+
+
 def _formats(score_cfg) -> tuple[str, ...]:
     from steel import score_io
 
@@ -130,7 +142,7 @@ def predict_probabilities(cascade_factory: Callable[[], Any], image_ids: Sequenc
         for i, image_id in enumerate(batch["image_id"]):
             image_id = str(image_id)
             if batch["error"][i]:
-                skipped[image_id] = str(batch["error"][i])
+                skipped[image_id] = _skip_reason(batch, i)
                 continue
             got[image_id] = (batch["p_defect"][i], batch["p_class"][i], [batch[f"seg_{k}"][i] for k in CLASSES])
     kept = [str(i) for i in image_ids if str(i) in got]
@@ -163,7 +175,7 @@ def predict_masks(cascade_factory: Callable[[], Any], image_ids: Sequence[str], 
             if batch["stats"][i]:
                 _add_stats(gating, json.loads(batch["stats"][i]))
             if batch["error"][i]:
-                log.warning("skipping %s: %s", image_id, batch["error"][i])
+                log.warning("skipping %s: %s", image_id, _skip_reason(batch, i))
                 continue
             used.append(str(image_id))
             rows.extend({"ImageId": str(image_id), "ClassId": k, "EncodedPixels": str(batch[f"mask_{k}"][i])}

@@ -30,6 +30,7 @@ threshold, and (optionally) the full-resolution Dice of the tuned cascade on the
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -778,6 +779,7 @@ def write_fixed(cfg, bundle_uri: str | None = None, full_check: bool = True, bat
     th = fixed_thresholds(cfg)
     summary: dict = {"mode": "fixed", "thresholds": th, "source": th["source"]}
     if full_check:
+        from steel import storage
         from steel.scoring import BundleCascade
 
         labels, data_fp = validation_labels(cfg)

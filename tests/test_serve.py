@@ -485,7 +485,9 @@ def test_app_builder_reads_bundle_config_and_overrides(tmp_path):
                                "set": ["serve.autoscaling={min_replicas: 1, max_replicas: 3}", "serve.gpus_per_replica=1"]})
     d = app._bound_deployment
     factory, uri, version, score_cfg, serve_cfg = d.init_args
-    assert (uri, version) == (str(bundle), "2026-01-02T00:00:00Z")
+    # The version batch scoring records for this bundle (a direct folder: a hash of weights and thresholds).
+    assert (uri, version) == (str(bundle), bundle_lib.resolve_bundle(str(bundle)).version)
+    assert version.startswith("b-")
     assert factory.thresholds["binary"] == 0.25 and factory.tta == "h" == score_cfg.tta  # tuned TTA, as batch
     assert factory.threads is None  # GPU replicas keep TensorFlow's default pools
     assert d.ray_actor_options["num_gpus"] == 1 and d._deployment_config.autoscaling_config.max_replicas == 3
