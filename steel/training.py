@@ -699,6 +699,23 @@ def _completed(bundle_uri: str, name: str, key: str) -> bool:
     return metrics.get("train_key") == key and storage.exists(storage.join(bundle_uri, f"{name}.weights.h5"))
 
 
+def _check_bundle_kind(bundle_uri: str, names: list[str]) -> None:
+    """A bundle holds one kind: the cascade's models or the unified one (a Cascade runs either, not both)."""
+    from steel import bundle
+
+    try:
+        have = list(bundle.read_manifest(bundle_uri)["models"])
+    except FileNotFoundError:
+        return
+    unified = {n == "unified" for n in names}
+    if have and len(unified) == 1 and {n == "unified" for n in have} != unified:
+        raise ValueError(f"bundle {bundle_uri} holds {', '.join(have)}: it cannot also hold "
+                         f"{', '.join(names)} (one bundle, one kind); choose another bundle URI "
+                         f"(e.g. --set bundle=...) or remove that one")
+    if len(unified) > 1:
+        raise ValueError(f"models {', '.join(names)}: train the cascade's models and 'unified' into separate bundles")
+
+
 def load_splits(cfg) -> tuple[dict, str]:
     """Labels of ``cfg.data``, the seed's split, and its fingerprint."""
     from steel import dataset, storage
@@ -732,6 +749,7 @@ def train_models(cfg, models: list[str] | None = None) -> dict[str, dict]:
         raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(ALL_MODEL_NAMES)}")
     if cfg.storage_endpoint:
         storage.set_endpoint(cfg.storage_endpoint)
+    _check_bundle_kind(cfg.bundle, names)
     fault = parse_fault(os.environ.get(FAULT_ENV))
     if cfg.train.use_gpu:  # before reading any data: fail at once when the GPU nodes' TensorFlow sees none
         from steel.devices import check_ray_gpus

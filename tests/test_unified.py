@@ -189,7 +189,7 @@ def test_unified_trains_resumes_reloads_tunes_and_scores(tiny_root, tmp_path, ra
 
     s = merge.merge(str(out), str(tmp_path / "submission.csv"))
     assert (s["images"], s["rows"], s["errors"]) == (n_images, 4 * n_images, 0)
-    sub = pd.read_csv(tmp_path / "submission.csv").fillna("")
+    sub = pd.read_csv(tmp_path / "submission.csv", dtype={"EncodedPixels": str}, keep_default_na=False)
     for r_ in sub.itertuples():
         if r_.EncodedPixels:
             rle.decode(r_.EncodedPixels)  # valid RLE
