@@ -123,7 +123,7 @@ def f1_m(y_true, y_pred):
 
 
 CUSTOM_OBJECTS: dict = {f.__name__: f for f in
-                        (dice_coef, class_dice_coef, dice_loss, bce_dice_loss, precision_m, recall_m, f1_m)}
+                        (dice_coef, dice_loss, bce_dice_loss, precision_m, recall_m, f1_m)}
 CLASSIFIER_METRICS = (precision_m, recall_m, f1_m)
 SEGMENTER_METRICS = (dice_coef,)
 
