@@ -29,6 +29,12 @@ def _weights_bytes(bundle: str) -> int:
     return sum(os.path.getsize(os.path.join(bundle, f)) for f in os.listdir(bundle) if f.endswith(".weights.h5"))
 
 
+def _recorded_seconds(bundle: str) -> float:
+    from steel.bundle import read_manifest
+
+    return float(sum(m.get("training_seconds") or 0.0 for m in read_manifest(bundle)["models"].values()))
+
+
 def _scoring_rate(bundle: str, images_dir: str, n: int, batch: int = 16) -> float:
     import numpy as np
 
@@ -60,7 +66,8 @@ def run_kind(kind: str, base: str, out: str, overrides: list[str]) -> dict:
         "mean_dice": ev.get("mean_dice"),
         "per_class": ev.get("per_class"),
         "baseline": ev.get("baseline_all_empty"),
-        "train_s": stages["train"]["seconds"],
+        # A train stage skipped as done (a re-run): the bundle's recorded training seconds instead.
+        "train_s": stages["train"]["seconds"] if not stages["train"]["skipped"] else _recorded_seconds(cfg.bundle),
         "score_images_per_s": _scoring_rate(cfg.bundle, cfg.data.path("test_images"), 96),
         "bundle_mb": _weights_bytes(cfg.bundle) / 1e6,
     }
