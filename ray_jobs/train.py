@@ -30,14 +30,14 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def selected_models(values: list[str], default: list[str]) -> list[str]:
     """``--model`` values (repeatable / comma-separated, ``all``) -> model names, checked."""
-    from steel.config import MODEL_NAMES
+    from steel.config import ALL_MODEL_NAMES
 
     names = [v.strip() for value in values for v in value.split(",") if v.strip()]
     if not names or "all" in names:
         return list(default)
-    unknown = [n for n in names if n not in MODEL_NAMES]
+    unknown = [n for n in names if n not in ALL_MODEL_NAMES]
     if unknown:
-        raise ValueError(f"--model {unknown[0]!r}: choose all or one of {', '.join(MODEL_NAMES)}")
+        raise ValueError(f"--model {unknown[0]!r}: choose all or one of {', '.join(ALL_MODEL_NAMES)}")
     return list(dict.fromkeys(names))
 
 
@@ -61,7 +61,7 @@ def cli_main(args: argparse.Namespace) -> int:
     from steel.training import train_models
 
     cfg = load_config(args.config, args.overrides)
-    models = selected_models(args.models, cfg.train.models)
+    models = selected_models(args.models, cfg.train.model_names())
     if cfg.storage_endpoint:
         storage.set_endpoint(cfg.storage_endpoint)
     ensure_data(cfg)

@@ -95,7 +95,8 @@ def segmenter_augment(images: np.ndarray, masks: np.ndarray, rng: np.random.Gene
 
     Args:
         images: ``N x H x W x 3`` (uint8 or float).
-        masks: ``N x H x W`` or ``N x H x W x 1`` (any dtype; > 0 is defect).
+        masks: ``N x H x W`` or ``N x H x W x C`` (any dtype; > 0 is defect; C > 1: one channel per
+            class, as the unified model's targets: blackout paints out every class and empties all).
         rng: the source of all randomness (same state -> same result).
         blackout_prob: chance, per image with a non-empty mask, to paint the defect out and empty the mask.
         flips: random horizontal and vertical flips (each with probability 0.5), image and mask together.
@@ -107,8 +108,8 @@ def segmenter_augment(images: np.ndarray, masks: np.ndarray, rng: np.random.Gene
     """
     arr = _check_images(images)
     m = np.asarray(masks)
-    if m.shape[:3] != arr.shape[:3] or m.ndim not in (3, 4) or (m.ndim == 4 and m.shape[-1] != 1):
-        raise ValueError(f"masks must be shaped (N, H, W) or (N, H, W, 1) matching images {arr.shape}, got {m.shape}")
+    if m.shape[:3] != arr.shape[:3] or m.ndim not in (3, 4):
+        raise ValueError(f"masks must be shaped (N, H, W) or (N, H, W, C) matching images {arr.shape}, got {m.shape}")
     if not 0.0 <= blackout_prob <= 1.0:
         raise ValueError(f"blackout_prob must be in [0, 1], got {blackout_prob}")
     if blackout_fill not in BLACKOUT_FILLS:
@@ -138,7 +139,7 @@ def segmenter_augment(images: np.ndarray, masks: np.ndarray, rng: np.random.Gene
     if blackout_prob > 0:
         chosen = rng.random(n) < blackout_prob
         for i in np.flatnonzero(chosen):
-            defect = out_mask[i].reshape(arr.shape[1:3]) > 0
+            defect = (out_mask[i].reshape(*arr.shape[1:3], -1) > 0).any(axis=-1)
             if not defect.any():
                 continue
             out_img[i] = blackout(out_img[i], defect, rng, fill=blackout_fill)

@@ -135,10 +135,10 @@ def _sha256(path: str) -> str:
 
 
 def _check_name(name: str) -> None:
-    from steel.config import MODEL_NAMES
+    from steel.config import ALL_MODEL_NAMES
 
-    if name not in MODEL_NAMES:
-        raise BundleError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
+    if name not in ALL_MODEL_NAMES:
+        raise BundleError(f"unknown model {name!r}; choose from {', '.join(ALL_MODEL_NAMES)}")
 
 
 def _write_weights(uri: str, name: str, model) -> tuple[str, str]:

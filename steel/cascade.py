@@ -19,7 +19,14 @@ Flip test-time augmentation (``tta``: none | h | v | hv, for all models or per m
 averages each model's probabilities over flipped copies of its input; segmentation outputs are
 flipped back before averaging. ``hv`` uses four views: identity, h, v and both.
 
-:attr:`Cascade.stats` counts the work done and the work the gates saved (in images).
+The ``unified`` kind (one network, ``steel.models``): ``models`` is ``{"unified": f}`` with ``f``
+returning ``[cls (N, 5), mask (N, H, W, 4)]``. Each batch goes through it once (per TTA view), and
+the steps above read that one output instead of calling models: the binary gate is ``cls[:, 0]``,
+the class probabilities ``cls[:, 1:]``, the class-k map ``mask[..., k - 1]``; thresholds, area
+filters, RLE and :meth:`Cascade.predict_probabilities` (tuning) are the same code for both kinds.
+
+:attr:`Cascade.stats` counts the work done and the work the gates saved (in images; for the unified
+kind ``forward_passes`` is the real work, the gate counts say which outputs were used).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from steel import rle
 from steel.thresholds import CLASSES, TTA_MODES, validate_thresholds
 
 MODEL_NAMES: tuple[str, ...] = ("binary", "multilabel", "seg1", "seg2", "seg3", "seg4")
+UNIFIED = "unified"
 SHAPE: tuple[int, int] = rle.SHAPE
 
 # Flip views per TTA mode: (flip rows / vertical, flip columns / horizontal).
@@ -77,20 +85,20 @@ def mask_from_prob(prob: np.ndarray, pixel: float, min_area: int, max_area: int,
     return mask, area
 
 
-def _normalise_tta(tta: str | Mapping[str, str] | None) -> dict[str, str]:
+def _normalise_tta(tta: str | Mapping[str, str] | None, names: Sequence[str] = MODEL_NAMES) -> dict[str, str]:
     if tta is None:
         tta = "none"
     if isinstance(tta, str):
         if tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}; got {tta!r}")
-        return {name: tta for name in MODEL_NAMES}
+        return {name: tta for name in names}
     if not isinstance(tta, Mapping):
         raise ValueError(f"tta must be a mode string or a mapping model name -> mode, got {type(tta).__name__}")
-    unknown = sorted(set(tta) - set(MODEL_NAMES))
+    unknown = sorted(set(tta) - set(names))
     if unknown:
-        raise ValueError(f"tta: unknown model {unknown[0]!r}; models are {', '.join(MODEL_NAMES)}")
+        raise ValueError(f"tta: unknown model {unknown[0]!r}; models are {', '.join(names)}")
     out = {}
-    for name in MODEL_NAMES:
+    for name in names:
         mode = tta.get(name, "none")
         if mode not in TTA_MODES:
             raise ValueError(f"tta[{name!r}] must be one of {', '.join(TTA_MODES)}; got {mode!r}")
@@ -115,10 +123,12 @@ def _as_batch(images: Any) -> np.ndarray:
 
 
 class Cascade:
-    """Gated inference with six models and a thresholds mapping (see the module docstring).
+    """Gated inference with six models, or the one unified model, and a thresholds mapping (see the
+    module docstring).
 
     Args:
-        models: model name (binary, multilabel, seg1..seg4) -> callable(float32 NHWC) -> probabilities.
+        models: model name (binary, multilabel, seg1..seg4) -> callable(float32 NHWC) -> probabilities;
+            or ``{"unified": callable -> [cls (N, 5), mask (N, H, W, 4)]}``.
         input_sizes: model name -> (H, W) the model takes.
         thresholds: a thresholds mapping (:mod:`steel.thresholds` schema); validated here.
         tta: none | h | v | hv, or a mapping model name -> mode (missing models: none).
@@ -131,18 +141,21 @@ class Cascade:
                  input_sizes: Mapping[str, Sequence[int]], thresholds: dict,
                  tta: str | Mapping[str, str] = "none", batch_size: int | None = None,
                  preprocessing: Mapping[str, str] | None = None):
-        missing = [n for n in MODEL_NAMES if n not in models]
+        self.kind = UNIFIED if UNIFIED in models else "cascade"
+        names = (UNIFIED,) if self.kind == UNIFIED else MODEL_NAMES
+        self.names = names
+        missing = [n for n in names if n not in models]
         if missing:
-            raise ValueError(f"Cascade needs all six models; missing {', '.join(missing)}")
-        unknown = sorted(set(models) - set(MODEL_NAMES))
+            raise ValueError(f"Cascade needs all six models (or one 'unified'); missing {', '.join(missing)}")
+        unknown = sorted(set(models) - set(names))
         if unknown:
-            raise ValueError(f"Cascade: unknown model {unknown[0]!r}; models are {', '.join(MODEL_NAMES)}")
-        for name in MODEL_NAMES:
+            raise ValueError(f"Cascade: unknown model {unknown[0]!r}; models are {', '.join(names)}")
+        for name in names:
             if not callable(models[name]):
                 raise ValueError(f"model {name!r} is not callable (got {type(models[name]).__name__})")
         self.models = dict(models)
         self.input_sizes: dict[str, tuple[int, int]] = {}
-        for name in MODEL_NAMES:
+        for name in names:
             if name not in input_sizes:
                 raise ValueError(f"input_sizes: missing the input size (H, W) of model {name!r}")
             size = tuple(int(v) for v in input_sizes[name])
@@ -150,12 +163,12 @@ class Cascade:
                 raise ValueError(f"input_sizes[{name!r}] must be (H, W) with positive values, got {input_sizes[name]!r}")
             self.input_sizes[name] = size  # type: ignore[assignment]
         preprocessing = dict(preprocessing or {})
-        unknown = sorted(set(preprocessing) - set(MODEL_NAMES))
+        unknown = sorted(set(preprocessing) - set(names))
         if unknown:
-            raise ValueError(f"preprocessing: unknown model {unknown[0]!r}; models are {', '.join(MODEL_NAMES)}")
-        self.preprocessing = {name: image_io.preprocessing_of(preprocessing.get(name)) for name in MODEL_NAMES}
+            raise ValueError(f"preprocessing: unknown model {unknown[0]!r}; models are {', '.join(names)}")
+        self.preprocessing = {name: image_io.preprocessing_of(preprocessing.get(name)) for name in names}
         self.thresholds = validate_thresholds(thresholds)
-        self.tta = _normalise_tta(tta)
+        self.tta = _normalise_tta(tta, names)
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
@@ -228,19 +241,34 @@ class Cascade:
                     view = view[:, ::-1]
                 if flip_h:
                     view = view[:, :, ::-1]
-                out = self._check_output(name, self.models[name](np.ascontiguousarray(view)), view.shape[0])
-                if out.ndim == 3:  # segmentation map (n, h, w): undo the flip
-                    if flip_v:
-                        out = out[:, ::-1]
-                    if flip_h:
-                        out = out[:, :, ::-1]
-                acc = out if acc is None else acc + out
+                outs = self._check_output(name, self.models[name](np.ascontiguousarray(view)), view.shape[0])
+                outs = list(outs) if isinstance(outs, tuple) else [outs]
+                for i, out in enumerate(outs):
+                    if out.ndim >= 3:  # segmentation map (n, h, w[, c]): undo the flip
+                        if flip_v:
+                            out = out[:, ::-1]
+                        if flip_h:
+                            out = out[:, :, ::-1]
+                        outs[i] = out
+                acc = outs if acc is None else [a + o for a, o in zip(acc, outs)]
                 self._stats["forward_passes"] += view.shape[0]
-            parts.append(acc / np.float32(len(views)))
-        return np.concatenate(parts, axis=0)
+            parts.append([a / np.float32(len(views)) for a in acc])
+        joined = [np.concatenate([p[i] for p in parts], axis=0) for i in range(len(parts[0]))] if parts else []
+        if name == UNIFIED:
+            return tuple(joined) if joined else (np.zeros((0, 5), np.float32),
+                                                 np.zeros((0, *self.input_sizes[name], 4), np.float32))
+        return joined[0]
 
     @staticmethod
-    def _check_output(name: str, out: Any, n: int) -> np.ndarray:
+    def _check_output(name: str, out: Any, n: int):
+        if name == UNIFIED:
+            if not isinstance(out, (list, tuple)) or len(out) != 2:
+                raise ValueError(f"unified model must return [cls (N, 5), mask (N, H, W, 4)], got {type(out).__name__}")
+            cls, mask = (np.asarray(o.numpy() if hasattr(o, "numpy") else o, dtype=np.float32) for o in out)
+            if cls.shape != (n, 5) or mask.ndim != 4 or mask.shape[0] != n or mask.shape[3] != 4:
+                raise ValueError(f"unified model must return [cls (N, 5), mask (N, H, W, 4)], got shapes "
+                                 f"{cls.shape}, {mask.shape} for a batch of {n} images")
+            return cls, mask
         if hasattr(out, "numpy"):
             out = out.numpy()
         out = np.asarray(out, dtype=np.float32)
@@ -274,6 +302,17 @@ class Cascade:
         return cache[(size, prep)]
 
     def _run(self, name: str, images: np.ndarray, index: np.ndarray, cache: dict) -> np.ndarray:
+        if self.kind == UNIFIED:  # one forward pass of every image per batch; the steps read its outputs
+            if UNIFIED not in cache:
+                cache[UNIFIED] = self._call(UNIFIED, self._inputs(images, UNIFIED, cache))
+            cls, mask = cache[UNIFIED]
+            if name == "binary":
+                out = cls[:, 0]
+            elif name == "multilabel":
+                out = cls[:, 1:]
+            else:
+                out = mask[..., int(name[3:]) - 1]
+            return out if index.size == out.shape[0] else out[index]
         x = self._inputs(images, name, cache)
         if index.size != x.shape[0]:
             x = x[index]
@@ -360,7 +399,7 @@ class Cascade:
         for k in CLASSES:
             name = f"seg{k}"
             if not n:
-                h, w = seg_size or self.input_sizes[name]
+                h, w = seg_size or self.input_sizes[self.names[-1]]
                 result["seg"][k] = np.zeros((0, int(h), int(w)), dtype=seg_dtype)
                 continue
             probs = self._run(name, images, everyone, cache)
@@ -375,6 +414,13 @@ class Cascade:
         for k in CLASSES:
             s["seg_calls_per_class"][k] += n
         return result
+
+
+def to_numpy(out: Any):
+    """A model's output as numpy: one array, or a tuple of arrays for a multi-output model (unified)."""
+    if isinstance(out, (list, tuple)):
+        return tuple(to_numpy(o) for o in out)
+    return np.asarray(out.numpy() if hasattr(out, "numpy") else out)
 
 
 def keras_callable(model: Any, traced: bool = True) -> Callable[[np.ndarray], np.ndarray]:
@@ -393,14 +439,13 @@ def keras_callable(model: Any, traced: bool = True) -> Callable[[np.ndarray], np
         fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
 
         def call(x: np.ndarray) -> np.ndarray:
-            return fn(tf.convert_to_tensor(x, tf.float32)).numpy()
+            return to_numpy(fn(tf.convert_to_tensor(x, tf.float32)))
     elif hasattr(model, "predict_on_batch"):
         def call(x: np.ndarray) -> np.ndarray:
-            return np.asarray(model.predict_on_batch(x))
+            return to_numpy(model.predict_on_batch(x))
     else:
         def call(x: np.ndarray) -> np.ndarray:
-            out = model(x, training=False)
-            return np.asarray(out.numpy() if hasattr(out, "numpy") else out)
+            return to_numpy(model(x, training=False))
     call.model = model  # type: ignore[attr-defined]
     return call
 
@@ -416,6 +461,6 @@ def rows_from_predictions(predictions: Sequence[dict]) -> list[dict]:
     return rows
 
 
-__all__ = ["Cascade", "MODEL_NAMES", "resize_prob", "mask_from_prob",
+__all__ = ["Cascade", "MODEL_NAMES", "UNIFIED", "to_numpy", "resize_prob", "mask_from_prob",
            "keras_callable", "rows_from_predictions"]
 

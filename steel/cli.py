@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("steel.synth", "write a synthetic Severstal-like dataset (Kaggle layout)"),
     "eda": ("steel.eda", "exploratory analysis report of a dataset (plots, area thresholds JSON)"),
     "evaluate": ("steel.evaluate", "mean Dice of a submission against truth"),
-    "train": ("ray_jobs.train", "train the six models data-parallel on Ray Train"),
+    "train": ("ray_jobs.train", "train the models (six-model cascade or unified) data-parallel on Ray Train"),
     "tune": ("ray_jobs.tune", "tune cascade thresholds on the validation split"),
     "score": ("ray_jobs.score", "batch-score images with a bundle on Ray Data"),
     "serve": ("ray_jobs.serve", "serve a bundle's cascade as an HTTP endpoint (Ray Serve)"),

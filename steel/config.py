@@ -19,6 +19,11 @@ from typing import Any
 import yaml
 
 MODEL_NAMES: tuple[str, ...] = ("binary", "multilabel", "seg1", "seg2", "seg3", "seg4")
+# ``train.kind``: the seed's six-model cascade, or one network (U-Net with 4 class channels beside a
+# 5-output classification head; ``steel.models``) that the same Cascade runs (``steel.cascade``).
+UNIFIED = "unified"
+KINDS: dict[str, tuple[str, ...]] = {"cascade": MODEL_NAMES, "unified": (UNIFIED,)}
+ALL_MODEL_NAMES: tuple[str, ...] = (*MODEL_NAMES, UNIFIED)
 
 
 class ConfigError(ValueError):
@@ -78,6 +83,8 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     output: str = "runs/quickstart/train"  # Ray Train storage_path (local or s3://)
+    # cascade: the six models of ``models``; unified: one network (architecture from ``segmenter``).
+    kind: str = "cascade"
     models: list[str] = field(default_factory=lambda: list(MODEL_NAMES))
     num_workers: int = 2
     use_gpu: bool = False
@@ -100,15 +107,24 @@ class TrainConfig:
     )
     augment: bool = True
     blackout_prob: float = 0.2  # segmenters: chance to paint the defect out and relabel as clean
+    # unified: loss = mask loss + cls_loss_weight * classification loss (steel.training._compile).
+    cls_loss_weight: float = 1.0
+    # unified: cap of the per-output positive weights of the classification BCE (neg/pos of the
+    # training split, clipped to [1, cap]); 1 switches the re-weighting off.
+    max_pos_weight: float = 10.0
 
     def epochs_for(self, name: str) -> int:
         """Epochs model ``name`` trains for: ``epochs_by_model[name]``, else ``epochs``."""
         return int(self.epochs_by_model.get(name, self.epochs))
 
+    def model_names(self) -> list[str]:
+        """The models this training produces: ``models`` (cascade) or ``["unified"]``."""
+        return list(self.models) if self.kind == "cascade" else [UNIFIED]
+
     def _kind(self, name: str) -> ModelConfig:
-        if name not in MODEL_NAMES:
-            raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
-        return self.segmenter if name.startswith("seg") else self.classifier
+        if name not in ALL_MODEL_NAMES:
+            raise ValueError(f"unknown model {name!r}; choose from {', '.join(ALL_MODEL_NAMES)}")
+        return self.segmenter if name.startswith("seg") or name == UNIFIED else self.classifier
 
     def batch_for(self, name: str) -> int:
         """Per-worker batch of model ``name``: its kind's ``per_worker_batch``, else ``per_worker_batch``."""
@@ -292,10 +308,16 @@ def _check(obj, prefix: str) -> None:
         for name in ("num_workers", "epochs", "per_worker_batch", "base_batch", "cpus_per_worker"):
             if getattr(obj, name) < 1:
                 raise ConfigError(f"{p}{name}: must be at least 1, got {getattr(obj, name)}")
-        unknown = [m for m in obj.epochs_by_model if m not in MODEL_NAMES]
+        if obj.kind not in KINDS:
+            raise ConfigError(f"{p}kind: must be one of {', '.join(KINDS)}, got {obj.kind!r}")
+        if not obj.cls_loss_weight >= 0:
+            raise ConfigError(f"{p}cls_loss_weight: must not be negative, got {obj.cls_loss_weight}")
+        if not obj.max_pos_weight >= 1:
+            raise ConfigError(f"{p}max_pos_weight: must be at least 1, got {obj.max_pos_weight}")
+        unknown = [m for m in obj.epochs_by_model if m not in ALL_MODEL_NAMES]
         if unknown:
             raise ConfigError(f"{p}epochs_by_model: unknown model {unknown[0]!r}; choose from "
-                              f"{', '.join(MODEL_NAMES)}")
+                              f"{', '.join(ALL_MODEL_NAMES)}")
         for m, n in obj.epochs_by_model.items():
             if n < 1:
                 raise ConfigError(f"{p}epochs_by_model.{m}: must be at least 1, got {n}")

@@ -244,7 +244,7 @@ def fingerprint(splits: Mapping[str, pd.DataFrame | Iterable[str]]) -> str:
 
 def subset(wide_df: pd.DataFrame, model_name: str) -> pd.DataFrame:
     """Rows a model trains on: binary = all, multilabel = images with a defect, segK = images with class K."""
-    if model_name == "binary":
+    if model_name in ("binary", "unified"):  # the unified model learns from every image
         return wide_df
     if model_name == "multilabel":
         return wide_df[wide_df["hasDefect"] == 1]

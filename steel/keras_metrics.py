@@ -52,6 +52,53 @@ def bce_dice_loss(y_true, y_pred):
     return per_sample + dice_loss(y_true, y_pred)
 
 
+def class_dice_coef(y_true, y_pred, smooth: float = SMOOTH):
+    """Mean over the last axis (classes) of each class's soft Dice over the batch.
+
+    The unified model's mask metric and loss: a rare class counts as much as a frequent one, where
+    :func:`dice_coef` over all channels at once would be mostly class 3's.
+    """
+    y_true, y_pred = _f32(y_true, y_pred)
+    channels = tf.shape(y_true)[-1]
+    t = tf.reshape(y_true, [-1, channels])
+    p = tf.reshape(y_pred, [-1, channels])
+    dice = (2.0 * tf.reduce_sum(t * p, axis=0) + smooth) / (tf.reduce_sum(t, axis=0) + tf.reduce_sum(p, axis=0) + smooth)
+    return tf.reduce_mean(dice)
+
+
+def unified_mask_loss(kind: str):
+    """Mask loss of the unified model: per-sample mean pixel BCE (``bce_dice``) + ``1 - class_dice_coef``."""
+    if kind not in ("dice", "bce_dice"):
+        raise ValueError(f"unknown segmentation loss {kind!r}; choose from dice, bce_dice")
+
+    def unified_mask_loss(y_true, y_pred):
+        y_true, y_pred = _f32(y_true, y_pred)
+        dice = 1.0 - class_dice_coef(y_true, y_pred)
+        if kind == "dice":
+            return dice
+        bce = keras.losses.binary_crossentropy(y_true, y_pred)
+        return tf.reduce_mean(tf.reshape(bce, [tf.shape(bce)[0], -1]), axis=1) + dice
+
+    return unified_mask_loss
+
+
+def weighted_bce(pos_weight):
+    """Binary cross-entropy per sample with a positive weight per output (class imbalance).
+
+    ``-(w_k y log p + (1 - y) log(1 - p))`` averaged over the outputs: with ``w_k = neg_k / pos_k``
+    a rare class's few positives weigh as much in the loss as its many negatives.
+    """
+    weights = tf.constant([float(w) for w in pos_weight], tf.float32)
+
+    def weighted_bce(y_true, y_pred):
+        y_true, y_pred = _f32(y_true, y_pred)
+        p = tf.clip_by_value(y_pred, EPSILON, 1.0 - EPSILON)
+        loss = -(weights * y_true * tf.math.log(p) + (1.0 - y_true) * tf.math.log(1.0 - p))
+        return tf.reduce_mean(loss, axis=-1)
+
+    return weighted_bce
+
+
 def recall_m(y_true, y_pred):
     """Recall of predictions rounded at 0.5: ``TP / (P + eps)`` over the batch."""
     y_true, y_pred = _f32(y_true, y_pred)
@@ -89,5 +136,5 @@ def segmenter_loss(kind: str):
     return losses[kind]
 
 
-__all__ = ["dice_coef", "dice_loss", "bce_dice_loss", "precision_m", "recall_m", "f1_m",
+__all__ = ["class_dice_coef", "unified_mask_loss", "weighted_bce", "dice_coef", "dice_loss", "bce_dice_loss", "precision_m", "recall_m", "f1_m",
            "CUSTOM_OBJECTS", "CLASSIFIER_METRICS", "SEGMENTER_METRICS", "segmenter_loss"]

@@ -9,6 +9,10 @@ the two model builders, the registry of the six model names, and the public fact
 - ``multilabel``: the same head with 4 sigmoid outputs (23,523,692 parameters).
 - ``seg1`` .. ``seg4``: ``segmentation_models.Unet(encoder, classes=1, activation='sigmoid')``, one
   per defect class (efficientnetb1: 12,641,169 parameters).
+- ``unified`` (``train.kind: unified``): one network instead of the six. The same U-Net with 4 sigmoid
+  mask channels (one per class), and beside it a classification head on the encoder's deepest
+  features (GlobalAveragePooling2D -> Dense 5 sigmoid: any defect, then classes 1..4). Two outputs,
+  ``[cls (N, 5), mask (N, H, W, 4)]``; it takes the ``segmenter`` section's architecture settings.
 
 Every model takes float32 RGB of its ``input_size``, scaled as its spec's ``preprocessing`` says
 (:func:`steel.images.preprocess`): by default the scaling its encoder was pretrained with
@@ -36,7 +40,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from steel.config import MODEL_NAMES
+from steel.config import ALL_MODEL_NAMES, MODEL_NAMES, UNIFIED
 from steel.images import preprocess, resize  # noqa: F401 - re-exported: the one implementation
 
 # ---------------------------------------------------------------------
@@ -117,15 +121,22 @@ def class_of(name: str) -> int:
     return int(name[3:])
 
 
-def num_outputs(name: str) -> int:
-    """Sigmoid outputs of a classifier (binary 1, multilabel 4) or channels of a U-Net mask (1)."""
+def is_unet(name: str) -> bool:
+    """True for the models with a U-Net decoder: ``seg1`` .. ``seg4`` and ``unified``."""
     _check_name(name)
-    return 4 if name == "multilabel" else 1
+    return name.startswith("seg") or name == UNIFIED
+
+
+def num_outputs(name: str) -> int:
+    """Sigmoid outputs of a classifier (binary 1, multilabel 4), channels of a U-Net mask (1), or of
+    the unified model's classification head (5: any defect + 4 classes; its mask has 4 channels)."""
+    _check_name(name)
+    return {"multilabel": 4, UNIFIED: 5}.get(name, 1)
 
 
 def _check_name(name: str) -> None:
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
+    if name not in ALL_MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(ALL_MODEL_NAMES)}")
 
 
 def _check_size(size, what: str) -> tuple[int, int]:
@@ -192,12 +203,12 @@ def resolve_spec(name: str, encoder: str | None = None, input_size=None, encoder
     Returns a JSON-friendly dict with the keys of :data:`SPEC_KEYS` (tuples become lists). This is
     what a bundle manifest stores and what :func:`build` accepts back as keyword arguments.
     """
-    seg = is_segmenter(name)
+    seg = is_unet(name)
     defaults = SEGMENTER_DEFAULTS if seg else CLASSIFIER_DEFAULTS
     encoder = defaults["encoder"] if encoder is None else str(encoder).lower()
     allowed = SEGMENTER_ENCODERS if seg else CLASSIFIER_ENCODERS
     if encoder not in allowed:
-        kind = "U-Net (seg1..seg4)" if seg else "classifier (binary, multilabel)"
+        kind = "U-Net (seg1..seg4, unified)" if seg else "classifier (binary, multilabel)"
         raise ValueError(f"unknown {kind} encoder {encoder!r} for model {name!r}; "
                          f"choose from {', '.join(allowed)}")
     h, w = _check_size(defaults["input_size"] if input_size is None else input_size, "input_size")
@@ -353,6 +364,29 @@ def _build_segmenter(name: str, spec: dict, weights: str | None):
     return keras.Model(unet.input, outputs, name=name)
 
 
+def _build_unified(name: str, spec: dict, weights: str | None):
+    """U-Net with 4 sigmoid mask channels + a 5-output sigmoid head on the encoder's deepest features.
+
+    The head reads the tensor the decoder starts from (the input of ``decoder_stage0_upsampling``:
+    ``top_activation`` for EfficientNets, ``simplecnn_top_conv`` for simplecnn), so it works for every
+    registered backbone without a per-encoder layer name.
+    """
+    from steel.keras_env import keras
+
+    sm = _sm()
+    h, w = spec["input_size"]
+    unet = sm.Unet(
+        spec["encoder"], classes=4, activation="sigmoid", input_shape=(h, w, 3),
+        encoder_weights=weights, decoder_filters=tuple(spec["decoder_filters"]),
+    )
+    mask = keras.layers.Activation("sigmoid", dtype="float32", name="mask")(unet.get_layer("final_conv").output)
+    deepest = unet.get_layer("decoder_stage0_upsampling").input
+    x = keras.layers.GlobalAveragePooling2D(name="cls_pool")(deepest)
+    x = keras.layers.Dropout(DROPOUT, name="cls_dropout")(x)
+    cls = keras.layers.Dense(5, activation="sigmoid", dtype="float32", name="cls")(x)
+    return keras.Model(unet.input, [cls, mask], name=name)
+
+
 def _unit_preprocessing(x, **_kwargs):
     """``simplecnn``'s preprocessing as segmentation_models' ``get_preprocessing`` hands it out."""
     from steel.images import preprocess as _preprocess
@@ -391,7 +425,7 @@ def _sm():
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
-    kind: str  # "classifier" | "segmenter"
+    kind: str  # "classifier" | "segmenter" | "unified"
     outputs: int
     builder: Callable[[str, dict, str | None], Any]  # (name, resolved spec, Keras weights arg) -> Model
     description: str
@@ -405,8 +439,10 @@ REGISTRY: dict[str, ModelEntry] = {
     **{f"seg{k}": ModelEntry(f"seg{k}", "segmenter", 1, _build_segmenter,
                              f"U-Net mask of class {k}, trained on images with class {k}")
        for k in range(1, 5)},
+    UNIFIED: ModelEntry(UNIFIED, "unified", 5, _build_unified,
+                        "one network: 4-class U-Net + any-defect/4-class head, trained on all images"),
 }
-assert tuple(REGISTRY) == MODEL_NAMES
+assert tuple(REGISTRY) == ALL_MODEL_NAMES
 
 
 # ---------------------------------------------------------------------
@@ -418,7 +454,8 @@ def build(name: str, encoder: str | None = None, input_size=None, encoder_weight
     """Build one of the six cascade models (uncompiled ``tf_keras.Model``).
 
     Args:
-        name: one of ``binary``, ``multilabel``, ``seg1``, ``seg2``, ``seg3``, ``seg4``.
+        name: one of ``binary``, ``multilabel``, ``seg1``, ``seg2``, ``seg3``, ``seg4``, ``unified``
+            (U-Net settings: encoder, input size, decoder filters as the segmenters).
         encoder: backbone name. Classifiers: ``xception`` (default, the seed), ``efficientnetb0``,
             ``efficientnetb1``, ``mobilenetv2`` (alpha 1.0), ``mobilenetv2_035`` (alpha 0.35),
             ``simplecnn`` (4 conv blocks: tests and the CPU quickstart). U-Nets: ``efficientnetb1`` (default, the seed),
@@ -439,7 +476,7 @@ def build(name: str, encoder: str | None = None, input_size=None, encoder_weight
     Returns:
         ``tf_keras.Model`` named ``name``: input float32 ``(H, W, 3)`` scaled per ``preprocessing``; output
         ``(1,)`` / ``(4,)`` sigmoid probabilities for classifiers, ``(H, W, 1)`` sigmoid mask for
-        U-Nets, always float32.
+        U-Nets, ``[cls (5,), mask (H, W, 4)]`` for ``unified``; always float32.
 
     Raises:
         ValueError: unknown model or encoder (the message lists the allowed values), bad input size,
@@ -474,7 +511,7 @@ def set_bn_momentum(model, momentum: float) -> int:
 
 def model_config(name: str, train_cfg):
     """The ``ModelConfig`` section of ``train_cfg`` that applies to ``name`` (classifier or segmenter)."""
-    return train_cfg.segmenter if is_segmenter(name) else train_cfg.classifier
+    return train_cfg.segmenter if is_unet(name) else train_cfg.classifier
 
 
 def model_spec(name: str, train_cfg) -> dict:
@@ -503,5 +540,5 @@ def build_from_spec(name: str, spec: dict, encoder_weights: str | None = "none")
 __all__ = [
     "MODEL_NAMES", "REGISTRY", "CLASSIFIER_ENCODERS", "SEGMENTER_ENCODERS", "SPEC_KEYS",
     "build", "build_from_config", "build_from_spec", "model_spec", "model_config", "resolve_spec",
-    "preprocess", "resize", "DEFAULT_PREPROCESSING", "is_segmenter", "class_of", "num_outputs",
+    "preprocess", "resize", "DEFAULT_PREPROCESSING", "is_segmenter", "is_unet", "class_of", "num_outputs",
 ]

@@ -147,7 +147,9 @@ def static_callable(model) -> Callable[[np.ndarray], np.ndarray]:
                      input_signature=[tf.TensorSpec(shape, tf.float32)])
 
     def call(x: np.ndarray) -> np.ndarray:
-        return fn(tf.convert_to_tensor(x, dtype=tf.float32)).numpy()
+        from steel.cascade import to_numpy
+
+        return to_numpy(fn(tf.convert_to_tensor(x, dtype=tf.float32)))
 
     call.model = model  # type: ignore[attr-defined]
     return call

@@ -7,6 +7,10 @@ a lazy ``ray.data.Dataset`` with two columns:
 - ``label``: float32 ``[1]`` (binary: ``hasDefect``), ``[4]`` (multilabel: ``hasDefect_1..4``) or
   ``H x W x 1`` (segK: the class-K mask, decoded from ``Defect_K`` with :func:`steel.rle.decode`).
 
+The ``unified`` model has two label columns instead of ``label``: ``cls`` float32 ``[5]``
+(``hasDefect``, ``hasDefect_1..4``) and ``mask`` float32 ``H x W x 4`` (the four class masks, decoded
+the same way as segK's, one channel each).
+
 Which images: :func:`steel.dataset.subset` (binary = all, multilabel = defect images, segK = images
 with class K). Only those files are read (``read_binary_files`` on the explicit list of paths through
 the pyarrow filesystem of :func:`steel.storage.resolve`, so custom S3 endpoints work). The JPEG bytes
@@ -35,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from steel import rle
-from steel.config import MODEL_NAMES
+from steel.config import ALL_MODEL_NAMES, UNIFIED
 
 CLASSES = (1, 2, 3, 4)
 # Rows per map_batches call: small, because a decoded 256x1600 RGB frame is 1.2 MB and each output
@@ -44,9 +48,21 @@ MAP_BATCH = 8
 
 
 def is_segmenter(name: str) -> bool:
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model name {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+    if name not in ALL_MODEL_NAMES:
+        raise ValueError(f"unknown model name {name!r}; expected one of {', '.join(ALL_MODEL_NAMES)}")
     return name.startswith("seg")
+
+
+def label_columns(name: str) -> list[str]:
+    """Label columns of ``name``'s dataset: ``["cls", "mask"]`` (unified) or ``["label"]``."""
+    return ["cls", "mask"] if name == UNIFIED else ["label"]
+
+
+def _mask_classes(name: str) -> tuple[int, ...]:
+    """Classes whose masks make ``name``'s target: (k,) for segK, all four for unified, () otherwise."""
+    if name == UNIFIED:
+        return CLASSES
+    return (int(name[3:]),) if is_segmenter(name) else ()
 
 
 def model_rows(table: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -62,9 +78,14 @@ def model_rows(table: pd.DataFrame, name: str) -> pd.DataFrame:
 
 
 def label_lookup(table: pd.DataFrame, name: str) -> dict[str, Any]:
-    """``ImageId -> label`` for ``name``: float32 arrays for classifiers, the RLE string for segmenters."""
+    """``ImageId -> label`` for ``name``: float32 arrays for classifiers, the RLE string for segmenters,
+    ``(cls float32 [5], [4 RLE strings])`` for unified."""
     rows = model_rows(table, name)
     ids = rows["ImageId"].astype(str).tolist()
+    if name == UNIFIED:
+        cls = rows[["hasDefect", *(f"hasDefect_{k}" for k in CLASSES)]].to_numpy(np.float32)
+        rles = rows[[f"Defect_{k}" for k in CLASSES]].fillna("").astype(str).to_numpy().tolist()
+        return dict(zip(ids, zip(cls, rles)))
     if name == "binary":
         values = rows["hasDefect"].to_numpy(np.float32)[:, None]
         return dict(zip(ids, values))
@@ -87,9 +108,10 @@ def prepare_batch(batch: dict[str, np.ndarray], *, name: str, labels: dict[str, 
     """
     from steel import images as image_io
 
-    seg = is_segmenter(name)
+    mask_classes = _mask_classes(name)
+    unified = name == UNIFIED
     size = (int(input_size[0]), int(input_size[1]))
-    images, targets = [], []
+    images, targets, cls = [], [], []
     for path, data in zip(batch["path"], batch["bytes"]):
         path = str(path)
         image_id = posixpath.basename(path.replace("\\", "/"))
@@ -99,26 +121,41 @@ def prepare_batch(batch: dict[str, np.ndarray], *, name: str, labels: dict[str, 
             img = image_io.decode(bytes(data))
         except image_io.BadImage as e:
             raise ValueError(f"{path}: {e}") from None
-        if seg:
-            try:
-                mask = rle.decode(labels[image_id], shape=img.shape[:2])
-            except rle.RLEError as e:
-                raise ValueError(f"{path}: bad Defect_{name[3:]} RLE for image of shape "
-                                 f"{img.shape[:2]}: {e}") from None
-            targets.append(image_io.resize(mask[None], size, nearest=True)[0])
+        if mask_classes:
+            label = labels[image_id]
+            if unified:
+                cls.append(np.asarray(label[0], np.float32))
+            rles = label[1] if unified else [label]
+            channels = []
+            for k, text in zip(mask_classes, rles):
+                try:
+                    mask = rle.decode(text, shape=img.shape[:2])
+                except rle.RLEError as e:
+                    raise ValueError(f"{path}: bad Defect_{k} RLE for image of shape "
+                                     f"{img.shape[:2]}: {e}") from None
+                channels.append(image_io.resize(mask[None], size, nearest=True)[0])
+            targets.append(np.stack(channels, axis=-1) if unified else channels[0])
         else:
             targets.append(np.asarray(labels[image_id], np.float32))
         images.append(image_io.resize(img[None], size)[0])
     image_arr = np.stack(images) if images else np.zeros((0, *size, 3), np.uint8)
-    if seg:
-        label_arr = np.stack(targets) if targets else np.zeros((0, *size), np.uint8)
+    if mask_classes:
+        empty = (0, *size, 4) if unified else (0, *size)
+        label_arr = np.stack(targets) if targets else np.zeros(empty, np.uint8)
     else:
         label_arr = np.stack(targets) if targets else np.zeros((0, 4 if name == "multilabel" else 1),
                                                                np.float32)
+    had_defect = label_arr.reshape(len(label_arr), -1).any(axis=1) if unified else None
     if augment and len(images):
         image_arr, label_arr = _augment(name, image_arr, label_arr, blackout_prob, seed)
     out_images = image_io.preprocess(image_arr, preprocessing)
-    if seg:
+    if unified:
+        cls_arr = np.stack(cls) if cls else np.zeros((0, 5), np.float32)
+        # Blackout painted every defect out of these images: they are clean now, for the head too.
+        blacked = had_defect & ~label_arr.reshape(len(label_arr), -1).any(axis=1)
+        cls_arr[blacked] = 0.0
+        return {"image": out_images, "cls": cls_arr, "mask": (label_arr > 0).astype(np.float32)}
+    if mask_classes:
         out_labels = (label_arr > 0).astype(np.float32)[..., None]
     else:
         out_labels = label_arr.astype(np.float32)
@@ -131,7 +168,7 @@ def _augment(name: str, images: np.ndarray, labels: np.ndarray, blackout_prob: f
     from steel import augment
 
     rng = np.random.default_rng(seed)
-    if is_segmenter(name):
+    if _mask_classes(name):
         return augment.augment_segmentation(images, labels, blackout_prob=blackout_prob, rng=rng)
     return augment.augment_classifier(images, rng=rng), labels
 
@@ -192,7 +229,7 @@ def build_datasets(splits: dict[str, pd.DataFrame], images_uri: str, name: str, 
 
     spec = model_spec(name, train_cfg)  # the spec the bundle records: same size and preprocessing
     size, prep = tuple(spec["input_size"]), spec["preprocessing"]
-    blackout = train_cfg.blackout_prob if is_segmenter(name) else 0.0
+    blackout = train_cfg.blackout_prob if _mask_classes(name) else 0.0
     datasets = {"train": build_dataset(splits["train"], images_uri, name, size, augment=train_cfg.augment,
                                        blackout_prob=blackout, shuffle=True, preprocessing=prep)}
     if not model_rows(splits["val"], name).empty:  # a rare class may have no validation image
@@ -206,4 +243,4 @@ def split_sizes(splits: dict[str, pd.DataFrame], name: str) -> dict[str, int]:
 
 
 __all__ = ["build_dataset", "build_datasets", "label_lookup", "model_rows", "prepare_batch",
-           "image_paths", "split_sizes", "MAP_BATCH"]
+           "image_paths", "split_sizes", "label_columns", "MAP_BATCH"]

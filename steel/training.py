@@ -68,8 +68,28 @@ FAULT_ENV = "STEEL_TRAIN_FAIL_AT"  # test hook: "epoch=E,rank=R,marker=PATH" fai
 
 
 def monitor_metric(name: str) -> str:
-    """Validation metric that picks the best epoch: ``val_dice_coef`` (U-Nets) or ``val_f1_m``."""
+    """Validation metric that picks the best epoch: ``val_dice_coef`` (U-Nets), ``val_f1_m``
+    (classifiers) or, for the unified model, its mask's mean per-class Dice."""
+    if name == "unified":
+        return "val_mask_class_dice_coef"
     return "val_dice_coef" if name.startswith("seg") else "val_f1_m"
+
+
+def pos_weights(train_rows, max_weight: float) -> list[float]:
+    """Positive weights of the unified head's 5 outputs (any defect, classes 1..4) from the training
+    rows: ``neg / pos`` clipped to ``[1, max_weight]`` (a class absent from the rows gets ``max_weight``).
+
+    Class imbalance is handled here, in the loss, rather than by sampling: every image is seen once
+    per epoch (clean ones teach "no defect"), and the few class-2 positives weigh like the many
+    negatives, up to the cap (an uncapped 1:300 weight makes the early epochs unstable).
+    """
+    cols = ["hasDefect", "hasDefect_1", "hasDefect_2", "hasDefect_3", "hasDefect_4"]
+    n = len(train_rows)
+    out = []
+    for c in cols:
+        pos = float(train_rows[c].sum())
+        out.append(float(max_weight) if pos == 0 else float(min(max(( n - pos) / pos, 1.0), max_weight)))
+    return out
 
 
 def scaled_lr(base_lr: float, per_worker_batch: int, num_workers: int, base_batch: int) -> float:
@@ -163,6 +183,9 @@ def _type_specs(name: str, input_size):
 
     h, w = int(input_size[0]), int(input_size[1])
     image = tf.TensorSpec(shape=(None, h, w, 3), dtype=tf.float32, name="image")
+    if name == "unified":
+        return image, {"cls": tf.TensorSpec(shape=(None, 5), dtype=tf.float32, name="cls"),
+                       "mask": tf.TensorSpec(shape=(None, h, w, 4), dtype=tf.float32, name="mask")}
     if name.startswith("seg"):
         label = tf.TensorSpec(shape=(None, h, w, 1), dtype=tf.float32, name="label")
     else:
@@ -170,7 +193,8 @@ def _type_specs(name: str, input_size):
     return image, label
 
 
-def _distributed(strategy, shard, batch_size: int, specs, shuffle_buffer: int | None, passes: int = 1):
+def _distributed(strategy, shard, batch_size: int, specs, shuffle_buffer: int | None, passes: int = 1,
+                 label_columns=("label",)):
     """This worker's shard as a Keras-ready distributed dataset (no re-batching, no auto-shard).
 
     ``passes``: the shard is read that many times in a row; every pass calls the generator again,
@@ -180,8 +204,9 @@ def _distributed(strategy, shard, batch_size: int, specs, shuffle_buffer: int | 
     barrier (every worker must start every epoch).
     """
     image_spec, label_spec = specs
+    labels = list(label_columns) if len(label_columns) > 1 else label_columns[0]
     tf_ds = shard.to_tf(
-        feature_columns="image", label_columns="label", batch_size=batch_size,
+        feature_columns="image", label_columns=labels, batch_size=batch_size,
         feature_type_spec=image_spec, label_type_spec=label_spec,
         local_shuffle_buffer_size=shuffle_buffer,
     )
@@ -229,10 +254,18 @@ def _epoch_reporter(on_end, on_begin, validate=None):
     return EpochReporter()
 
 
-def _compile(model, name: str, lr_schedule, seg_loss: str):
+def _compile(model, name: str, lr_schedule, seg_loss: str, cls_loss_weight: float = 1.0,
+             pos_weight=None):
     from steel import keras_metrics as km
     from steel.keras_env import keras
 
+    if name == "unified":
+        # One joint loss: mask loss (per-class Dice, so rare classes count) + weighted head BCE.
+        loss = {"cls": km.weighted_bce(pos_weight or [1.0] * 5), "mask": km.unified_mask_loss(seg_loss)}
+        metrics = {"cls": [km.f1_m, _images_metric()], "mask": [km.class_dice_coef]}
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr_schedule), loss=loss, metrics=metrics,
+                      loss_weights={"cls": float(cls_loss_weight), "mask": 1.0})
+        return
     if name.startswith("seg"):
         loss = km.segmenter_loss(seg_loss)
         metrics = [km.dice_coef, _images_metric()]
@@ -292,7 +325,7 @@ def train_loop(config: dict) -> None:
         model = models.build_from_config(name, train_cfg)
         decay = epochs * steps if train_cfg.lr_schedule == "cosine" else None
         schedule = warmup_schedule(peak_lr, int(round(train_cfg.warmup_epochs * steps)), decay)
-        _compile(model, name, schedule, train_cfg.seg_loss)
+        _compile(model, name, schedule, train_cfg.seg_loss, train_cfg.cls_loss_weight, config.get("pos_weight"))
 
     if rank == 0:
         print(f"[{name}] {world} workers ready: model built in {time.time() - t_start:.1f}s "
@@ -335,11 +368,15 @@ def train_loop(config: dict) -> None:
     # which cost 4-10 s per epoch on the quickstart. Validation runs from the epoch callback on a
     # fresh pass of the validation shard (a repeated one lets workers' prefetching reach different
     # epochs of it, and streaming_split then waits for ever at its epoch barrier).
-    train_ds = _distributed(strategy, train_shard, batch, specs, shuffle_buffer, passes=max(1, epochs - start_epoch))
+    from steel.train_data import label_columns
+
+    columns = label_columns(name)
+    train_ds = _distributed(strategy, train_shard, batch, specs, shuffle_buffer, passes=max(1, epochs - start_epoch),
+                            label_columns=columns)
     validate = None
     if val_shard is not None:
         def validate():
-            val_ds = _distributed(strategy, val_shard, batch, specs, None)
+            val_ds = _distributed(strategy, val_shard, batch, specs, None, label_columns=columns)
             return model.evaluate(val_ds, steps=val_steps, verbose=0, return_dict=True)
 
     def end_of_epoch(epoch: int, logs: dict, seconds: float, train_seconds: float) -> None:
@@ -348,7 +385,7 @@ def train_loop(config: dict) -> None:
         metrics.update(epoch=epoch, seconds=round(seconds, 3),
                        lr=float(schedule(model.optimizer.iterations - 1)),
                        train_seconds=round(train_seconds, 3),
-                       images_per_s_per_worker=round(metrics.get("images", steps * batch * world) / world
+                       images_per_s_per_worker=round(metrics.get("images", metrics.get("cls_images", steps * batch * world)) / world
                                                      / max(train_seconds, 1e-9), 3))
         improved = _is_better(metrics.get(monitor), best)
         if improved:
@@ -504,6 +541,7 @@ def train_one(cfg, name: str, splits: dict, images_uri: str, fault: dict | None 
         train_loop_config={"name": name, "train": cfg.to_dict()["train"], "epochs": tc.epochs_for(name),
                            "steps_per_epoch": p["steps_per_epoch"], "val_steps": p["val_steps"],
                            "num_workers": tc.num_workers, "resume_key": key,
+                           "pos_weight": pos_weights(splits["train"], tc.max_pos_weight) if name == "unified" else None,
                            "fault": fault if fault and fault.get("model", name) == name else None},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker,
@@ -636,9 +674,12 @@ def train_key(name: str, cfg, data_fingerprint: str) -> str:
     from steel import models
 
     train = cfg.to_dict()["train"]
-    # Only what shapes this model: its own epochs count, not the other models' (epochs_by_model).
-    relevant = {k: v for k, v in train.items()
-                if k not in ("output", "models", "max_failures", "epochs", "epochs_by_model")}
+    # Only what shapes this model: its own epochs count, not the other models' (epochs_by_model);
+    # the unified model's loss settings only for it (cascade keys stay what they were before them).
+    skip = {"output", "models", "max_failures", "epochs", "epochs_by_model", "kind"}
+    if name != "unified":
+        skip |= {"cls_loss_weight", "max_pos_weight"}
+    relevant = {k: v for k, v in train.items() if k not in skip}
     relevant["epochs"] = cfg.train.epochs_for(name)
     payload = json.dumps({"name": name, "spec": models.model_spec(name, cfg.train), "train": relevant,
                           "data": data_fingerprint}, sort_keys=True, default=str)
@@ -656,6 +697,23 @@ def _completed(bundle_uri: str, name: str, key: str) -> bool:
     entry = (manifest.get("models") or {}).get(name) or {}
     metrics = entry.get("metrics") or {}
     return metrics.get("train_key") == key and storage.exists(storage.join(bundle_uri, f"{name}.weights.h5"))
+
+
+def _check_bundle_kind(bundle_uri: str, names: list[str]) -> None:
+    """A bundle holds one kind: the cascade's models or the unified one (a Cascade runs either, not both)."""
+    from steel import bundle
+
+    try:
+        have = list(bundle.read_manifest(bundle_uri)["models"])
+    except FileNotFoundError:
+        return
+    unified = {n == "unified" for n in names}
+    if have and len(unified) == 1 and {n == "unified" for n in have} != unified:
+        raise ValueError(f"bundle {bundle_uri} holds {', '.join(have)}: it cannot also hold "
+                         f"{', '.join(names)} (one bundle, one kind); choose another bundle URI "
+                         f"(e.g. --set bundle=...) or remove that one")
+    if len(unified) > 1:
+        raise ValueError(f"models {', '.join(names)}: train the cascade's models and 'unified' into separate bundles")
 
 
 def load_splits(cfg) -> tuple[dict, str]:
@@ -683,14 +741,15 @@ def train_models(cfg, models: list[str] | None = None) -> dict[str, dict]:
     "monitor", "epochs", "seconds", "history"}``.
     """
     from steel import bundle, storage
-    from steel.config import MODEL_NAMES
+    from steel.config import ALL_MODEL_NAMES
 
-    names = list(models or cfg.train.models)
-    unknown = [n for n in names if n not in MODEL_NAMES]
+    names = list(models or cfg.train.model_names())
+    unknown = [n for n in names if n not in ALL_MODEL_NAMES]
     if unknown:
-        raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(MODEL_NAMES)}")
+        raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(ALL_MODEL_NAMES)}")
     if cfg.storage_endpoint:
         storage.set_endpoint(cfg.storage_endpoint)
+    _check_bundle_kind(cfg.bundle, names)
     fault = parse_fault(os.environ.get(FAULT_ENV))
     if cfg.train.use_gpu:  # before reading any data: fail at once when the GPU nodes' TensorFlow sees none
         from steel.devices import check_ray_gpus
@@ -742,4 +801,4 @@ def _print_summary(results: dict[str, dict]) -> None:
 __all__ = ["train_loop", "train_models", "train_one", "plan", "scaled_lr", "warmup_schedule", "monitor_metric",
            "load_trained", "write_history", "history_frame", "plot_history", "write_tensorboard", "train_key",
            "run_name", "other_runs",
-           "parse_fault", "load_splits", "FAULT_ENV"]
+           "parse_fault", "load_splits", "pos_weights", "FAULT_ENV"]

@@ -192,8 +192,9 @@ def predict_cache(cascade_factory: Callable[[], Any], labels, images_uri: str, s
 
 def cache_sizes(input_sizes: dict[str, Sequence[int]], cache_size: Sequence[int] | None = None) -> dict[int, tuple]:
     """{class: (h, w)} of the cached maps: ``cache_size`` for every class, else each segmenter's input
-    size halved until at most 64*400 cells (:func:`default_cache_size`)."""
-    return {k: tuple(int(v) for v in cache_size) if cache_size else default_cache_size(input_sizes[f"seg{k}"])
+    size (the unified model's for every class) halved until at most 64*400 cells (:func:`default_cache_size`)."""
+    return {k: tuple(int(v) for v in cache_size) if cache_size
+            else default_cache_size(input_sizes[f"seg{k}"] if f"seg{k}" in input_sizes else input_sizes["unified"])
             for k in CLASSES}
 
 
