@@ -121,7 +121,8 @@ def test_write_fixed_checks_the_deployed_cascade_on_the_validation_split(tmp_pat
     kw_seg = dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none", decoder_filters=(8, 8, 4, 4, 4))
     specs = {n: models.resolve_spec(n, **(kw_seg if models.is_segmenter(n) else kw_cls)) for n in MODEL_NAMES}
     bundle.save_bundle(str(tmp_path / "bundle"), {n: models.build(n, **specs[n]) for n in MODEL_NAMES}, specs, {})
-    cfg = load_config(SEED, [f"data.root={root}", f"bundle={tmp_path}/bundle"])
+    # The seed config asks for GPU actors; this machine has none (tuning would refuse or wait for one).
+    cfg = load_config(SEED, [f"data.root={root}", f"bundle={tmp_path}/bundle", "score.gpus_per_actor=0"])
     summary = tuning.write_fixed(cfg, stamp="s1")
     v = summary["validation"]
     labels, _ = tuning.validation_labels(cfg)
