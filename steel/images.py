@@ -95,14 +95,15 @@ def decode(data: bytes, allow_resize: bool = False, formats=DEFAULT_IMAGE_FORMAT
     return arr
 
 
-def _size(size) -> tuple[int, int]:
+def check_size(size, what: str = "size") -> tuple[int, int]:
+    """``(h, w)`` from a pair of positive integers; ValueError naming ``what`` otherwise."""
     try:
         h, w = (int(v) for v in size)
         ok = [h, w] == list(size)
     except (TypeError, ValueError):
         ok = False
     if not ok or h <= 0 or w <= 0:
-        raise ValueError(f"size must be two positive integers (H, W), got {size!r}")
+        raise ValueError(f"{what} must be two positive integers (H, W), got {size!r}")
     return h, w
 
 
@@ -114,7 +115,7 @@ def resize(images: np.ndarray, size, nearest: bool = False) -> np.ndarray:
     """
     import cv2
 
-    h, w = _size(size)
+    h, w = check_size(size)
     arr = np.asarray(images)
     if arr.ndim not in (3, 4):
         raise ValueError(f"expected a batch shaped (N, H, W) or (N, H, W, C), got {arr.shape}")

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from steel.config import ALL_MODEL_NAMES, MODEL_NAMES, UNIFIED
+from steel.images import check_size as _check_size
 from steel.images import preprocess, resize  # noqa: F401 - re-exported: the one implementation
 
 # ---------------------------------------------------------------------
@@ -137,17 +138,6 @@ def num_outputs(name: str) -> int:
 def _check_name(name: str) -> None:
     if name not in ALL_MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(ALL_MODEL_NAMES)}")
-
-
-def _check_size(size, what: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in size)
-        ok = [h, w] == list(size)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok or h <= 0 or w <= 0:
-        raise ValueError(f"{what} must be two positive integers (H, W), got {size!r}")
-    return h, w
 
 
 @contextlib.contextmanager
