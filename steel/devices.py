@@ -49,12 +49,19 @@ def require_gpu(what: str) -> list[str]:
 def check_ray_gpus(what: str, num_gpus: float) -> list[str]:
     """Driver-side check: run :func:`require_gpu` in a Ray task holding ``num_gpus`` GPUs.
 
-    Waits, like the real work would, while the cluster has no free GPU (an autoscaler may be
-    adding one). Raises :class:`NoGPUError` when the task's TensorFlow sees none.
+    On a cluster it waits, like the real work would, while there is no GPU (an autoscaler may be
+    adding one); on a one-machine Ray this process started, no GPU can appear, so it raises at once.
+    Raises :class:`NoGPUError` when the task's TensorFlow sees none.
     """
     import ray
 
     if not ray.cluster_resources().get("GPU"):
+        from steel.ray_session import started_local
+
+        if started_local():  # a Ray this process started on one machine: no GPU node can ever join
+            raise NoGPUError(f"{what} asks for a GPU, but this machine's Ray has none "
+                             f"({socket.gethostname()}: no GPU detected). Set the setting to run on CPU "
+                             f"(train.use_gpu: false / score.gpus_per_actor: 0) or join a cluster with GPU nodes.")
         log.warning("%s asks for GPUs but the Ray cluster has none now; waiting for a GPU node", what)
     ref = ray.remote(num_gpus=num_gpus, num_cpus=0, max_retries=0)(require_gpu).remote(what)
     try:

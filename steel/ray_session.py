@@ -30,8 +30,17 @@ def local_cpus(cfg=None) -> int:
     return max(os.cpu_count() or 1, need)
 
 
+_started_local = False  # ensure_ray started a one-machine Ray here (no autoscaler can add nodes to it)
+
+
+def started_local() -> bool:
+    """True when this process started its own single-machine Ray (rather than joining a cluster)."""
+    return _started_local
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Initialise Ray if needed; returns True if this call started the session."""
+    global _started_local
     import ray
 
     from steel.keras_env import runtime_env
@@ -45,6 +54,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         kwargs = {"num_cpus": num_cpus or local_cpus(), "include_dashboard": False}
         env = {**(env or {}), "worker_process_setup_hook": "steel.ray_session.quiet_worker_logs"}
     ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, **kwargs)
+    _started_local = not joining
     log.info("Ray resources: %s", ray.cluster_resources())
     return True
 

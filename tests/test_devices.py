@@ -117,3 +117,20 @@ def test_gpu_settings_fail_at_once_where_tensorflow_sees_no_gpu(tmp_path):
     # The driver checks stop before any work: nothing written.
     assert not (tmp_path / "work" / "scores" / "shards").exists()
     assert not (tmp_path / "work" / "bundle").exists()
+
+
+@pytest.mark.timeout(60)
+def test_local_ray_without_gpus_fails_at_once(monkeypatch):
+    """A one-machine Ray this process started has no autoscaler: no GPU can appear, so no waiting."""
+    import ray
+
+    from steel import devices, ray_session
+
+    submitted = []
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(ray, "remote", lambda *a, **k: submitted.append((a, k)) or (_ for _ in ()).throw(
+        AssertionError("a GPU task was submitted")))
+    monkeypatch.setattr(ray_session, "_started_local", True)
+    with pytest.raises(devices.NoGPUError, match="train.use_gpu: true.*this machine's Ray has none"):
+        devices.check_ray_gpus("train.use_gpu: true", 1)
+    assert submitted == []
