@@ -381,7 +381,7 @@ def test_steel_tune_on_a_tiny_real_bundle(tmp_path, capsys, ray_local):
     from steel.tuning import PredictionCache, read_image
 
     first = PredictionCache.load(cache)
-    x = models.preprocess(np.stack([read_image(f"{data}/train_images/{i}") for i in first.image_ids[:3]]), (32, 160))
+    x = to_input(np.stack([read_image(f"{data}/train_images/{i}") for i in first.image_ids[:3]]), specs["binary"])
     np.testing.assert_allclose(first.p_defect[:3], built["binary"](x, training=False).numpy()[:, 0], atol=1e-4)
 
     assert main(args) == 0  # same bundle, TTA, size, labels: the cache is reused
