@@ -6,7 +6,7 @@
 
 The models run once over the validation images on Ray actors (scoring's pipeline; GPU actors with
 ``score.gpus_per_actor``), the search then runs in this process on the cached probabilities.
-``--cache`` reuses a saved cache only when it was made by the same models, TTA, cache size and
+``--cache`` reuses a saved cache only when it was made by the same models, TTA, cache size, pixel grid and
 validation labels; otherwise it is recomputed and overwritten. Writes ``<bundle>/thresholds.json``
 (with the validation score before and after) and ``<bundle>/tuning/dice_vs_*.png``. With
 ``tune.mode: fixed`` in the config it searches nothing: it writes the seed's hand-set thresholds (area
@@ -26,8 +26,8 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", choices=("none", "h", "v", "hv"), help="flip TTA (default: tune.tta)")
     parser.add_argument("--rounds", type=int, default=4, help="coordinate-ascent rounds at most (default 4)")
     parser.add_argument("--cache-size", nargs=2, type=int, metavar=("H", "W"),
-                        help="resolution of the cached segmentation maps (default: segmenter input, "
-                             "at most 64x400 cells)")
+                        help="also keep the segmentation maps at this resolution in the cache (default: "
+                             "none; the search scores exact full-resolution tables the actors count)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per inference batch (default 8)")
     parser.add_argument("--no-full-check", dest="full_check", action="store_false",
                         help="skip the full-resolution Dice of the tuned cascade (a second inference pass)")

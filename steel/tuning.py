@@ -3,25 +3,28 @@
 The models run **once** over the validation images (:func:`predict_cache`), on Ray actors through
 scoring's own pipeline (:mod:`steel.ray_predict`; GPU actors with ``score.gpus_per_actor``; the
 driver runs no model): binary and multilabel probabilities and every segmenter's probability map
-for every image (ungated), the maps downsampled to a cache resolution (``cv2.INTER_AREA``) in the
-actor and kept as float16. A saved cache (``--cache``) carries its key (:func:`cache_key`: the
-models' weights sha256 and specs, TTA, cache size, validation labels) and is reused only for the
-same key; a stale one is recomputed. Truth masks are brought to the same
-resolution as *coverage fractions* (share of each cache cell covered by the full-resolution mask),
-and their exact full-resolution areas are kept.
+for every image (ungated), reduced in the actor to the exact tables below (and, with a cache size,
+the maps downsampled with ``cv2.INTER_AREA`` and kept as float16 beside their truth as coverage
+fractions). A saved cache (``--cache``) carries its key (:func:`cache_key`: the models' weights
+sha256 and specs, TTA, cache size, validation labels, pixel grid) and is reused only for the same
+key; a stale one is recomputed.
 
-The search (:func:`search`) is numpy only. For class k and a pixel threshold p, a predicted mask at
-cache resolution is ``seg_k >= p``; its full-resolution area is ``count * (256*1600)/(h*w)`` and its
-overlap with the truth is ``sum(mask * truth_fraction) * (256*1600)/(h*w)``. One histogram pass per
-class gives these for every p of the grid at once, so each candidate thresholds set is scored with a
-few vector operations over images:
+The search (:func:`search`) is numpy only and scores what the cascade deploys. With the images'
+truth, the actors also count, for every pixel threshold p of the grid, each class map's mask as
+:func:`steel.cascade.mask_from_prob` makes it (resized to 256 x 1600 with ``cv2.INTER_LINEAR``,
+``>= p`` in float32) and its area and overlap with the truth in full-resolution pixels
+(:func:`steel.ray_predict.full_tables`; ``PredictionCache.full_*``). Then each candidate
+thresholds set is scored with a few vector operations over images:
 
     dice(i, k) = 2 |X∩Y| / (|X| + |Y|)   if image i passes t_bin and t_k and min_area_k <= |X| <= max_area_k
                = 1 if |Y| == 0 else 0     otherwise (empty prediction)
 
 averaged over **all** (image, class) pairs (empty/empty = 1), as the competition metric.
+A cache without these tables (cached maps only, e.g. an older ``--cache`` file) is scored the old,
+approximate way: a mask at cache resolution is ``seg_k >= p``, its area ``count * (256*1600)/(h*w)``
+and its overlap ``sum(mask * truth_fraction)`` times the same factor (one histogram pass per class).
 Coordinate ascent over grids, for several rounds: t_bin (each candidate scored with every class's
-(t_k, p_k) re-chosen for it), then per class (t_k, p_k) jointly and min_area_k. A value only changes
+(t_k, p_k) re-chosen for it), then per class (t_k, p_k) jointly, min_area_k and max_area_k. A value only changes
 when a candidate scores strictly higher, so the result never scores below the starting thresholds
 on the cached predictions. :func:`tune` wires it to a config and a bundle:
 writes ``thresholds.json`` (with before/after scores) and ``tuning/*.png`` plots of Dice against each
@@ -52,6 +55,9 @@ PROB_GRID: tuple[float, ...] = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2).t
 PIXEL_GRID: tuple[float, ...] = tuple(np.round(np.arange(0.1, 0.901, 0.05), 2).tolist())
 AREA_GRID: tuple[int, ...] = (0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 1200, 1500, 2000, 2500,
                               3000, 3500, 4000, 5000, 6000, 8000, 10000)
+# max_area: from a small blob to the whole image (the seed's bounds are 10,000-160,000).
+MAX_AREA_GRID: tuple[int, ...] = (2000, 4000, 6000, 8000, 10000, 15000, 20000, 30000, 50000, 80000, 127000, 160000,
+                                  250000, FULL_PIXELS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,6 +74,12 @@ class PredictionCache:
         seg: {k: (N, h_k, w_k) float16} segmenter probability maps at cache resolution.
         truth_frac: {k: (N, h_k, w_k) float16} share of each cache cell covered by the truth mask.
         truth_area: (N, 4) int64 truth areas in full-resolution pixels.
+        full_edges, full_area, full_inter: optional exact tables of the deployed cascade
+            (:func:`steel.ray_predict.full_tables`): pixel thresholds (P,) float32, and per image,
+            class and threshold the 256 x 1600 mask's area and its overlap with the truth,
+            (N, 4, P) int64. With them :class:`Evaluator` scores exactly what scoring writes, and
+            ``seg``/``truth_frac`` may be empty. full_soft: optional (N, 4, 3) soft Dice sums of
+            each segmenter map (:func:`steel.ray_predict.soft_sums`).
     """
 
     image_ids: list[str]
@@ -77,6 +89,10 @@ class PredictionCache:
     truth_frac: dict[int, np.ndarray]
     truth_area: np.ndarray
     meta: dict = field(default_factory=dict)
+    full_edges: np.ndarray | None = None
+    full_area: np.ndarray | None = None
+    full_inter: np.ndarray | None = None
+    full_soft: np.ndarray | None = None
 
     def __post_init__(self):
         n = len(self.image_ids)
@@ -86,6 +102,16 @@ class PredictionCache:
         if self.p_defect.shape != (n,) or self.p_class.shape != (n, 4) or self.truth_area.shape != (n, 4):
             raise ValueError(f"cache shapes disagree with {n} images: p_defect {self.p_defect.shape}, "
                              f"p_class {self.p_class.shape}, truth_area {self.truth_area.shape}")
+        if self.full_edges is not None:
+            self.full_edges = np.asarray(self.full_edges, np.float32).reshape(-1)
+            p = self.full_edges.size
+            self.full_area = np.asarray(self.full_area, np.int64)
+            self.full_inter = np.asarray(self.full_inter, np.int64)
+            if self.full_area.shape != (n, 4, p) or self.full_inter.shape != (n, 4, p):
+                raise ValueError(f"full-resolution tables must be (N={n}, 4, P={p}), got {self.full_area.shape} "
+                                 f"and {self.full_inter.shape}")
+            if not self.seg and not self.truth_frac:
+                return
         for k in CLASSES:
             if k not in self.seg or k not in self.truth_frac:
                 raise ValueError(f"cache has no segmentation / truth maps for class {k}")
@@ -95,6 +121,11 @@ class PredictionCache:
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    @property
+    def exact(self) -> bool:
+        """Whether the cache holds the deployed cascade's full-resolution tables."""
+        return self.full_edges is not None
 
     def scale(self, k: int) -> float:
         """Full-resolution pixels per cache cell of class k."""
@@ -107,17 +138,24 @@ class PredictionCache:
                   "p_class": self.p_class, "truth_area": self.truth_area,
                   "meta": np.asarray(json.dumps(self.meta))}
         for k in CLASSES:
-            arrays[f"seg{k}"] = self.seg[k]
-            arrays[f"truth{k}"] = self.truth_frac[k]
+            if k in self.seg:
+                arrays[f"seg{k}"] = self.seg[k]
+                arrays[f"truth{k}"] = self.truth_frac[k]
+        if self.exact:
+            arrays.update(full_edges=self.full_edges, full_area=self.full_area, full_inter=self.full_inter)
+            if self.full_soft is not None:
+                arrays["full_soft"] = self.full_soft
         with open(path, "wb") as f:
             np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: str) -> "PredictionCache":
         with np.load(path, allow_pickle=False) as z:
+            full = {name: z[name] for name in ("full_edges", "full_area", "full_inter", "full_soft") if name in z.files}
             return cls(image_ids=z["image_ids"].tolist(), p_defect=z["p_defect"], p_class=z["p_class"],
-                       seg={k: z[f"seg{k}"] for k in CLASSES}, truth_frac={k: z[f"truth{k}"] for k in CLASSES},
-                       truth_area=z["truth_area"], meta=json.loads(str(z["meta"])))
+                       seg={k: z[f"seg{k}"] for k in CLASSES if f"seg{k}" in z.files},
+                       truth_frac={k: z[f"truth{k}"] for k in CLASSES if f"truth{k}" in z.files},
+                       truth_area=z["truth_area"], meta=json.loads(str(z["meta"])), **full)
 
 
 def default_cache_size(input_size: Sequence[int], max_pixels: int = MAX_CACHE_PIXELS) -> tuple[int, int]:
@@ -154,8 +192,9 @@ def read_image(uri: str) -> np.ndarray:
         raise ValueError(f"{uri}: {e}") from None
 
 
-def predict_cache(cascade_factory: Callable[[], Any], labels, images_uri: str, sizes: dict[int, tuple[int, int]],
-                  score_cfg=None, key: dict | None = None) -> PredictionCache:
+def predict_cache(cascade_factory: Callable[[], Any], labels, images_uri: str,
+                  sizes: dict[int, tuple[int, int]] | None, score_cfg=None, key: dict | None = None,
+                  pixels: Sequence[float] | None = None) -> PredictionCache:
     """Run every model once over the labelled images, on Ray actors, and cache probabilities.
 
     Args:
@@ -163,30 +202,45 @@ def predict_cache(cascade_factory: Callable[[], Any], labels, images_uri: str, s
             :class:`steel.scoring.BundleCascade` (its thresholds are not used here).
         labels: wide label table (ImageId, Defect_1..4) of the images to predict.
         images_uri: folder URI holding the images.
-        sizes: {class: (h, w)} of the cached maps (see :func:`cache_sizes`).
+        sizes: {class: (h, w)} of the cached maps (see :func:`cache_sizes`); None: no maps (then
+            ``pixels`` is needed).
         score_cfg: :class:`steel.config.ScoreConfig` of the actor pool (actors, batch_size,
             gpus_per_actor); default values if None.
         key: the cache's identity (:func:`cache_key`), stored in ``meta["key"]``.
+        pixels: pixel thresholds at which the actors also count the deployed cascade's exact
+            full-resolution areas and overlaps (``full_*`` tables; what :class:`Evaluator` then scores).
     Unreadable images are logged and left out (the cache's ``meta["skipped"]`` lists them).
     The driver runs no model: see :mod:`steel.ray_predict`.
     """
     from steel.config import ScoreConfig
     from steel.ray_predict import predict_probabilities
 
+    if sizes is None and not pixels:
+        raise ValueError("predict_cache needs cache sizes, pixel thresholds, or both")
     ids = [str(i) for i in labels["ImageId"].tolist()]
-    pred = predict_probabilities(cascade_factory, ids, images_uri, sizes, score_cfg or ScoreConfig())
-    if not pred["image_ids"]:
-        raise ValueError(f"no readable validation images in {images_uri} ({len(pred['skipped'])} skipped)")
     rows = labels.assign(ImageId=labels["ImageId"].astype(str)).drop_duplicates("ImageId").set_index("ImageId")
+    codes = {i: [str(c) if isinstance(c, str) else "" for c in r] for i, r in
+             zip(rows.index, rows[[f"Defect_{k}" for k in CLASSES]].itertuples(index=False))}
+    pred = predict_probabilities(cascade_factory, ids, images_uri, sizes, score_cfg or ScoreConfig(),
+                                 truth=codes if pixels else None, edges=pixels)
+    if not pred["image_ids"]:
+        raise ValueError(f"no readable images in {images_uri} ({len(pred['skipped'])} skipped)")
     rows = rows.loc[pred["image_ids"]]
     truth_frac, truth_area = {}, np.zeros((len(rows), 4), dtype=np.int64)
     for j, k in enumerate(CLASSES):
-        truth_frac[k], truth_area[:, j] = truth_maps(rows[f"Defect_{k}"].fillna("").astype(str).tolist(), sizes[k])
+        column = rows[f"Defect_{k}"].fillna("").astype(str).tolist()
+        if sizes:
+            truth_frac[k], truth_area[:, j] = truth_maps(column, sizes[k])
+        else:
+            truth_area[:, j] = [rle.area(c) if c.strip() else 0 for c in column]
+    full = {"full_edges": pred["edges"], "full_area": pred["area"], "full_inter": pred["inter"],
+            "full_soft": pred["soft"]} if pixels else {}
     return PredictionCache(
         image_ids=pred["image_ids"], p_defect=pred["p_defect"], p_class=pred["p_class"], seg=pred["seg"],
         truth_frac=truth_frac, truth_area=truth_area,
-        meta={"cache_size": {str(k): list(sizes[k]) for k in CLASSES}, "skipped": pred["skipped"],
-              "tta": getattr(cascade_factory, "tta", None), "key": key},
+        meta={"cache_size": {str(k): list(sizes[k]) for k in CLASSES} if sizes else None,
+              "skipped": pred["skipped"], "tta": getattr(cascade_factory, "tta", None), "key": key},
+        **full,
     )
 
 
@@ -214,19 +268,22 @@ def bundle_identity(bundle_uri: str) -> dict:
     return identity
 
 
-def cache_key(identity: dict, tta: str, sizes: dict[int, Sequence[int]], labels) -> dict:
-    """Identity of a prediction cache: the models, the TTA, the cache sizes and the labelled images.
+def cache_key(identity: dict, tta: str, sizes: dict[int, Sequence[int]] | None, labels,
+              pixels: Sequence[float] | None = None) -> dict:
+    """Identity of a prediction cache: the models, the TTA, the cache sizes (None: no maps), the
+    labelled images and the pixel thresholds of the exact tables (None: none).
 
     A cache made with other models (another bundle or version, retrained weights), another TTA,
-    resolution or validation set is stale: :func:`load_cache` refuses it.
+    resolution, validation set or pixel grid is stale: :func:`load_cache` refuses it.
     """
     import hashlib
 
     cols = ["ImageId", *(f"Defect_{k}" for k in CLASSES)]
     table = labels[cols].astype(str).to_csv(index=False).encode()
     return {"models": hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest(),
-            "tta": str(tta), "cache_size": {str(k): [int(v) for v in sizes[k]] for k in CLASSES},
-            "labels": hashlib.sha256(table).hexdigest()}
+            "tta": str(tta), "cache_size": {str(k): [int(v) for v in sizes[k]] for k in CLASSES} if sizes else None,
+            "labels": hashlib.sha256(table).hexdigest(),
+            "pixels": sorted(set(float(v) for v in pixels)) if pixels else None}
 
 
 def load_cache(path: str, key: dict) -> PredictionCache | None:
@@ -242,7 +299,7 @@ def load_cache(path: str, key: dict) -> PredictionCache | None:
         return None
     have = cache.meta.get("key") or {}
     if have != key:
-        what = [name for name in ("models", "tta", "cache_size", "labels") if have.get(name) != key.get(name)]
+        what = [name for name in ("models", "tta", "cache_size", "labels", "pixels") if have.get(name) != key.get(name)]
         log.warning("prediction cache %s is stale (%s changed): recomputing it",
                     path, ", ".join(what) if have else "made without a key")
         return None
@@ -268,7 +325,12 @@ class Evaluator:
         self._inter: dict[int, np.ndarray] = {}  # (P, N) full-resolution overlap with truth
         self._pixel_values = sorted(set(float(v) for v in pixel_values))
         for k in CLASSES:
-            self._build(k, self._pixel_values)
+            if cache.exact:  # the deployed cascade's own areas and overlaps
+                self._edges[k] = cache.full_edges
+                self._count[k] = np.ascontiguousarray(cache.full_area[:, k - 1, :].T.astype(np.float64))
+                self._inter[k] = np.ascontiguousarray(cache.full_inter[:, k - 1, :].T.astype(np.float64))
+            else:
+                self._build(k, self._pixel_values)
 
     def _build(self, k: int, values: Sequence[float]) -> None:
         """Histogram pass: for each image, cells (and truth coverage) at or above each threshold."""
@@ -301,8 +363,17 @@ class Evaluator:
         j = int(np.searchsorted(edges, np.float32(pixel)))
         if j < edges.size and edges[j] == np.float32(pixel):
             return j
+        if self.cache.exact:
+            raise ValueError(f"pixel threshold {pixel} was not counted by the actors (exact tables hold "
+                             f"{', '.join(f'{v:g}' for v in edges)}); add it to the grid")
         self._build(k, [*edges.tolist(), float(pixel)])
         return self._row(k, pixel)
+
+    def kept(self, k: int, t_bin: float, prob: float, pixel: float, min_area: float, max_area: float) -> np.ndarray:
+        """(N,) bool: whether the cascade writes a (non-empty) class-k mask for each image."""
+        c = self.cache
+        area = self._count[k][self._row(k, pixel)]
+        return (c.p_defect >= t_bin) & (c.p_class[:, k - 1] >= prob) & (area > 0) & (area >= min_area) & (area <= max_area)
 
     def class_dice(self, k: int, t_bin: float, prob: float, pixel: float, min_area: float,
                    max_area: float) -> np.ndarray:
@@ -312,7 +383,7 @@ class Evaluator:
         row = self._row(k, pixel)
         area, inter = self._count[k][row], self._inter[k][row]
         truth = c.truth_area[:, j].astype(np.float64)
-        keep = (c.p_defect >= t_bin) & (c.p_class[:, j] >= prob) & (area > 0) & (area >= min_area) & (area <= max_area)
+        keep = self.kept(k, t_bin, prob, pixel, min_area, max_area)
         denom = np.where(keep, area + truth, 1.0)
         return np.where(keep, 2.0 * inter / denom, (truth == 0).astype(np.float64))
 
@@ -362,9 +433,10 @@ class Grids:
     prob: Sequence[float] = PROB_GRID
     pixel: Sequence[float] = PIXEL_GRID
     min_area: Sequence[int] = AREA_GRID
+    max_area: Sequence[int] = MAX_AREA_GRID
 
     def to_dict(self) -> dict:
-        return {k: list(getattr(self, k)) for k in ("binary", "prob", "pixel", "min_area")}
+        return {k: list(getattr(self, k)) for k in ("binary", "prob", "pixel", "min_area", "max_area")}
 
 
 def _candidates(grid: Sequence[float], current: float) -> list[float]:
@@ -377,7 +449,7 @@ def search(cache: PredictionCache, start: dict, grids: Grids | None = None, roun
 
     Each round: (1) t_bin, scoring every candidate with each class's (t_k, p_k) re-chosen jointly
     for it (a gate threshold is only useful together with the thresholds behind it); (2) per class,
-    (t_k, p_k) jointly, then min_area_k. A value changes only if the score rises strictly.
+    (t_k, p_k) jointly, then min_area_k, then max_area_k. A value changes only if the score rises strictly.
     Stops after ``rounds`` or a round without change.
 
     Returns ``{"thresholds", "before", "after", "per_class_before", "per_class_after", "rounds",
@@ -447,22 +519,24 @@ def search(cache: PredictionCache, start: dict, grids: Grids | None = None, roun
                 per_class[k] = score_k
                 best = float(np.mean(list(per_class.values())))
                 changed = True
-            ck = th["classes"][str(k)]
-            best_v, best_k = ck["min_area"], per_class[k]
-            for value in _candidates(grids.min_area, ck["min_area"]):
-                value = int(value)
-                if value == ck["min_area"] or value > ck["max_area"]:
-                    continue
-                d = float(ev.class_dice(k, th["binary"], ck["prob"], ck["pixel"], value, ck["max_area"]).mean())
-                if d > best_k + 1e-12:
-                    best_v, best_k = value, d
-            if best_v != ck["min_area"]:
-                th = set_class(th, k, min_area=best_v)
-                per_class[k] = best_k
-                best = float(np.mean(list(per_class.values())))
-                steps.append({"round": r + 1, "param": f"classes.{k}.min_area", "old": ck["min_area"],
-                              "new": best_v, "score": best})
-                changed = True
+            for name, grid in (("min_area", grids.min_area), ("max_area", grids.max_area)):
+                ck = th["classes"][str(k)]
+                best_v, best_k = ck[name], per_class[k]
+                for value in _candidates(grid, ck[name]):
+                    value = int(value)
+                    bounds = {"min_area": ck["min_area"], "max_area": ck["max_area"], name: value}
+                    if value == ck[name] or bounds["min_area"] > bounds["max_area"]:
+                        continue
+                    d = float(ev.class_dice(k, th["binary"], ck["prob"], ck["pixel"], **bounds).mean())
+                    if d > best_k + 1e-12:
+                        best_v, best_k = value, d
+                if best_v != ck[name]:
+                    th = set_class(th, k, **{name: best_v})
+                    per_class[k] = best_k
+                    best = float(np.mean(list(per_class.values())))
+                    steps.append({"round": r + 1, "param": f"classes.{k}.{name}", "old": ck[name],
+                                  "new": best_v, "score": best})
+                    changed = True
         if not changed:
             break
     th = validate_thresholds(th)
@@ -493,7 +567,7 @@ def sweep(ev: Evaluator, th: dict, k: int | None, param: str, values: Sequence[f
 
 
 def plot_curves(ev: Evaluator, start: dict, final: dict, grids: Grids) -> dict[str, bytes]:
-    """PNG bytes: ``dice_vs_binary.png`` and ``dice_vs_class{k}.png`` (prob, pixel, min_area panels)."""
+    """PNG bytes: ``dice_vs_binary.png`` and ``dice_vs_class{k}.png`` (prob, pixel, min_area, max_area panels)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -521,14 +595,17 @@ def plot_curves(ev: Evaluator, start: dict, final: dict, grids: Grids) -> dict[s
     fig.subplots_adjust(left=0.12, right=0.97, bottom=0.13, top=0.9)
     files["dice_vs_binary.png"] = png(fig)
     for k in CLASSES:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
         ck, c0 = final["classes"][str(k)], start["classes"][str(k)]
         for ax, (param, grid, label) in zip(axes, (("prob", grids.prob, "t_k (multilabel prob)"),
                                                    ("pixel", grids.pixel, "p_k (pixel prob)"),
-                                                   ("min_area", grids.min_area, "min_area_k (pixels)"))):
+                                                   ("min_area", grids.min_area, "min_area_k (pixels)"),
+                                                   ("max_area", grids.max_area, "max_area_k (pixels)"))):
             xs = _candidates(grid, ck[param])
             if param == "min_area":
                 xs = [x for x in xs if x <= ck["max_area"]]
+            if param == "max_area":
+                xs = [x for x in xs if x >= ck["min_area"]]
             ax.plot(xs, sweep(ev, final, k, param, xs), marker="o", ms=3)
             ax.axvline(ck[param], color="k", ls="--", lw=1, label=f"tuned {ck[param]:g}")
             ax.axvline(c0[param], color="grey", ls=":", lw=1, label=f"start {c0[param]:g}")
@@ -549,6 +626,17 @@ def _class_args(th: dict, k: int) -> dict:
 # --------------------------------------------------------------------------------------------
 # Full-resolution check and the job
 # --------------------------------------------------------------------------------------------
+
+AGREEMENT = 0.001  # tuning's score and the deployed cascade's must agree this closely
+
+
+def pixel_grid(grids: Grids, *thresholds: dict) -> list[float]:
+    """The pixel thresholds the actors count at: the grid's and every given thresholds set's."""
+    values = set(float(v) for v in grids.pixel)
+    for th in thresholds:
+        values |= {float(th["classes"][str(k)]["pixel"]) for k in CLASSES}
+    return sorted(values)
+
 
 def full_resolution_dice(cascade_factory: Callable[[], Any], labels, images_uri: str, score_cfg=None) -> dict:
     """Mean Dice (overall, per class) at 256x1600 of the thresholded cascade against the labels' masks.
@@ -612,7 +700,7 @@ def _ray_for_models(ray_address: str | None, score_cfg) -> None:
 def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start: dict | None = None,
          grids: Grids | None = None, rounds: int = 4, cache_size: Sequence[int] | None = None,
          batch_size: int = 8, full_check: bool = True, cache_path: str | None = None, tta: str | None = None,
-         predictor=None, labels=None, ray_address: str | None = None) -> dict:
+         predictor=None, labels=None, ray_address: str | None = None, seed_thresholds: dict | None = None) -> dict:
     """Tune thresholds for a bundle on the config's validation split and write them into the bundle.
 
     The models run on Ray actors (scoring's pipeline and actor pool, ``cfg.score``'s actors and
@@ -625,7 +713,8 @@ def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start:
             tell whether thresholds were tuned for the current models).
         start: starting thresholds (default: the bundle's thresholds.json, else the seed's).
         grids, rounds: the search grids and the maximum number of coordinate-ascent rounds.
-        cache_size: (h, w) of the cached maps (default: segmenter input, at most 64*400 cells).
+        cache_size: (h, w) of segmenter maps to keep in the cache beside the exact tables (default:
+            none; the search does not need them).
         batch_size: images per actor batch.
         full_check: also run the tuned cascade at full resolution on the validation images.
         cache_path: local .npz to reuse or write the prediction cache to. It is reused only when it
@@ -636,8 +725,12 @@ def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start:
             :class:`steel.scoring.BundleCascade` of the bundle.
         labels: validation table to use instead of the config's split (tests).
         ray_address: Ray to start or join when this process has not initialised Ray yet.
+        seed_thresholds: the seed's fixed thresholds to report beside the tuned ones (default:
+            :func:`fixed_thresholds` of the config; the seed's published ones when ``labels`` is given).
     Returns a summary dict (``before``, ``after``, ``per_class_before/after``, ``thresholds``,
-    ``cache`` ("computed", "reused" or "recomputed"), ``files``...).
+    ``seed`` (the fixed thresholds' Dice on the same images), ``deployed_check`` (search score vs
+    the deployed cascade's, with ``full_check``), ``cache`` ("computed", "reused" or "recomputed"),
+    ``files``...).
     """
     import dataclasses
     import os
@@ -675,12 +768,13 @@ def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start:
     if predictor is None:
         predictor = BundleCascade(str(bundle_uri), start, tta, endpoint=storage.current_endpoint())
     predictor = dataclasses.replace(predictor, thresholds=start, tta=tta)
-    if cache_size is None and manifest is None:
-        raise ValueError("cache_size is needed when the bundle has no manifest.json to read input sizes from")
-    sizes = cache_sizes({name: m["spec"]["input_size"] for name, m in (manifest or {}).get("models", {}).items()},
-                        cache_size)
+    sizes = cache_sizes({}, cache_size) if cache_size else None
+    grids = grids or Grids()
+    seed = seed_thresholds if seed_thresholds is not None else (
+        fixed_thresholds(cfg) if data_fp else th.default_thresholds())
+    pixels = pixel_grid(grids, start, seed)
     identity = bundle_identity(bundle_uri) if manifest is not None else {"predictor": type(predictor).__qualname__}
-    key = cache_key(identity, tta, sizes, labels)
+    key = cache_key(identity, tta, sizes, labels, pixels)
     score_cfg = dataclasses.replace(cfg.score, batch_size=batch_size, tta=tta, allow_resize=False)
     images_uri = cfg.data.path("train_images")
 
@@ -698,11 +792,10 @@ def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start:
     else:
         cache_state = "recomputed" if cache_path and os.path.exists(cache_path) else "computed"
         ray_ready()
-        cache = predict_cache(predictor, labels, images_uri, sizes, score_cfg, key=key)
+        cache = predict_cache(predictor, labels, images_uri, sizes, score_cfg, key=key, pixels=pixels)
         if cache_path:
             cache.save(cache_path)
     t_pred = time.time() - t0
-    grids = grids or Grids()
     result = search(cache, start, grids, rounds=rounds)
     t_search = time.time() - t0 - t_pred
     final = result["thresholds"]
@@ -715,7 +808,11 @@ def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start:
         "cache_size": cache.meta.get("cache_size"), "skipped_images": len(cache.meta.get("skipped", [])),
         "cache_key": key, "rounds": result["rounds"], "changes": result["steps"], "grids": grids.to_dict(),
         "start": {k: start[k] for k in ("binary", "classes")},
-        "note": "before/after: mean Dice on cached validation predictions at cache resolution",
+        "seed": {"thresholds": {k: seed[k] for k in ("binary", "classes")}, "source": seed.get("source"),
+                 "mean_dice": result["evaluator"].score(seed),
+                 "per_class": {str(k): v for k, v in result["evaluator"].per_class(seed).items()}},
+        "note": "before/after/seed: mean Dice of the deployed cascade (256x1600 masks: linear resize, "
+                "full-resolution areas) on the validation predictions",
         "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if full_check:
@@ -724,6 +821,12 @@ def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start:
         full = full_resolution_dice(tuned, labels[labels["ImageId"].astype(str).isin(set(cache.image_ids))],
                                     images_uri, score_cfg)
         validation["full_resolution_after"] = {k: full[k] for k in ("mean_dice", "per_class", "n_images")}
+        validation["deployed_check"] = {"search": result["after"], "deployed": full["mean_dice"],
+                                        "difference": abs(result["after"] - full["mean_dice"]),
+                                        "agree": abs(result["after"] - full["mean_dice"]) <= AGREEMENT}
+        if not validation["deployed_check"]["agree"]:
+            log.warning("tuning's score %.4f and the deployed cascade's %.4f differ by more than %g",
+                        result["after"], full["mean_dice"], AGREEMENT)
         validation["gating"] = {k: v for k, v in full["stats"].items() if k != "seg_calls_per_class"}
     final["validation"] = validation
     _write_thresholds(bundle_uri, final)
@@ -736,6 +839,7 @@ def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start:
         "before": result["before"], "after": result["after"],
         "per_class_before": validation["per_class_before"], "per_class_after": validation["per_class_after"],
         "full_resolution_after": validation.get("full_resolution_after"),
+        "deployed_check": validation.get("deployed_check"), "seed": validation["seed"],
         "n_images": len(cache), "thresholds": {k: final[k] for k in ("binary", "classes", "tta")},
         "changes": len(result["steps"]), "files": files, "cache": cache_state,
         "seconds": {"predict": round(t_pred, 2), "search": round(t_search, 2), "total": round(time.time() - t0, 2)},
@@ -805,17 +909,24 @@ def format_summary(s: dict) -> str:
         lines.extend(f"class {k}: prob {c['prob']:.2f} pixel {c['pixel']:.2f} area {c['min_area']}-{c['max_area']}"
                      for k, c in th["classes"].items())
         return "\n".join(lines)
-    lines = [f"validation mean Dice (cached, {s['n_images']} images): {s['before']:.4f} -> {s['after']:.4f} "
+    lines = [f"validation mean Dice ({s['n_images']} images): {s['before']:.4f} -> {s['after']:.4f} "
              f"({s['changes']} threshold changes)", f"validation predictions: {s.get('cache', 'computed')}"]
-    full = s.get("full_resolution_after")
-    if full:
-        lines.append(f"full-resolution mean Dice of the tuned cascade: {full['mean_dice']:.4f}")
+    seed = s.get("seed")
+    if seed:
+        lines.append(f"seed's fixed thresholds on the same images: {seed['mean_dice']:.4f} "
+                     f"(tuned {s['after']:.4f})")
+    check = s.get("deployed_check")
+    if check:
+        lines.append(f"deployed check: search {check['search']:.4f}, deployed cascade {check['deployed']:.4f} "
+                     f"(|difference| {check['difference']:.5f}, {'within' if check['agree'] else 'NOT within'} "
+                     f"{AGREEMENT})")
     th = s["thresholds"]
     lines.append(f"t_bin {th['binary']:.2f}")
     for k in CLASSES:
         c = th["classes"][str(k)]
+        seed_k = f", seed {seed['per_class'][str(k)]:.4f}" if seed else ""
         lines.append(f"class {k}: prob {c['prob']:.2f} pixel {c['pixel']:.2f} area {c['min_area']}-{c['max_area']}"
-                     f"  Dice {s['per_class_before'][str(k)]:.4f} -> {s['per_class_after'][str(k)]:.4f}")
+                     f"  Dice {s['per_class_before'][str(k)]:.4f} -> {s['per_class_after'][str(k)]:.4f}{seed_k}")
     lines.append("files: " + ", ".join(s["files"]))
     lines.append("seconds: " + ", ".join(f"{k} {v}" for k, v in s["seconds"].items()))
     return "\n".join(lines)
@@ -825,4 +936,4 @@ __all__ = ["PredictionCache", "Evaluator", "Grids", "search", "sweep", "plot_cur
            "cache_sizes", "cache_key", "load_cache", "bundle_identity",
            "truth_maps", "read_image", "full_resolution_dice", "validation_labels", "tune", "format_summary",
            "fixed_thresholds", "write_fixed",
-           "default_cache_size"]
+           "default_cache_size", "pixel_grid", "AGREEMENT", "MAX_AREA_GRID"]

@@ -317,6 +317,9 @@ def test_tune_on_ray_actors_writes_thresholds_and_plots(tmp_path, ray_local, stu
     assert v["after"] == pytest.approx(summary["after"]) and v["before"] == pytest.approx(summary["before"])
     assert v["full_resolution_after"]["mean_dice"] == pytest.approx(1.0)
     assert v["full_resolution_after"]["n_images"] == 8
+    # The search scored the deployed cascade's own masks (exact full-resolution tables): same number.
+    assert v["deployed_check"]["agree"] and v["after"] == pytest.approx(v["full_resolution_after"]["mean_dice"], abs=1e-9)
+    assert 0 <= v["seed"]["mean_dice"] < v["after"]  # the seed's thresholds, scored on the same images
     assert v["gating"]["multilabel_calls_saved"] == 4  # summed over the actors' batches
     assert sorted(p.name for p in (bundle / "tuning").iterdir()) == [
         "dice_vs_binary.png", *(f"dice_vs_class{k}.png" for k in range(1, 5))]
@@ -329,6 +332,8 @@ def test_tune_on_ray_actors_writes_thresholds_and_plots(tmp_path, ray_local, stu
     np.testing.assert_allclose(cache.p_defect, [0.9 if i % 2 == 0 else 0.78 for i in range(8)], atol=1e-6)
     assert cache.seg[2].shape == (8, 16, 80) and float(cache.seg[2][0, 0, 0]) == pytest.approx(0.95, abs=1e-3)
     assert cache.meta["skipped"][0]["ImageId"] == "broken.jpg"
+    assert cache.exact and cache.full_area.shape == (8, 4, len(cache.full_edges))
+    assert cache.full_area[0, 0, list(cache.full_edges).index(np.float32(0.5))] == H * 160  # left 160 columns
     # A second run reuses the cached predictions and, starting from the tuned values, changes nothing.
     again = tune(cfg, bundle_uri=str(bundle), predictor=StubCascade(start), labels=labels, start=saved,
                  cache_path=str(tmp_path / "cache.npz"), cache_size=(16, 80), full_check=False)
@@ -397,3 +402,57 @@ def test_steel_tune_on_a_tiny_real_bundle(tmp_path, capsys, ray_local):
     assert second.image_ids == first.image_ids and not np.allclose(second.p_defect, first.p_defect)
     np.testing.assert_array_equal(second.p_class, first.p_class)  # the other models did not change
     assert second.meta["key"]["models"] != first.meta["key"]["models"]
+
+
+# ------------------------------------------------------------------------- exact (deployed) tables
+
+def test_full_tables_count_what_the_cascade_deploys():
+    """Area and overlap per pixel threshold equal mask_from_prob's mask (linear resize to 256x1600)."""
+    from steel.cascade import mask_from_prob
+    from steel.ray_predict import full_tables
+
+    rng = np.random.default_rng(5)
+    prob = rng.random((8, 40)).astype(np.float32)
+    truth = np.zeros((H, W), np.uint8)
+    truth[40:200, 100:900] = 1
+    edges = np.asarray([0.1, 0.3, 0.5, 0.7, 0.9], np.float32)
+    area, inter = full_tables(prob, truth, edges)
+    for j, p in enumerate(edges.tolist()):
+        mask, raw = mask_from_prob(prob, p, 0, H * W)
+        assert area[j] == raw == mask.sum() and inter[j] == int((mask & truth).sum())
+    assert (np.diff(area) <= 0).all()  # higher threshold, smaller mask
+    assert full_tables(prob, None, edges)[1].sum() == 0
+
+
+def exact_cache(n=40, seed=0) -> PredictionCache:
+    """A cache of exact tables only: one pixel threshold (0.5); class 1 truth areas 3000 on even images,
+    predictions that match them plus huge false masks (200,000 px) on odd images."""
+    rng = np.random.default_rng(seed)
+    truth_area = np.zeros((n, 4), np.int64)
+    area = np.zeros((n, 4, 1), np.int64)
+    inter = np.zeros((n, 4, 1), np.int64)
+    for i in range(n):
+        if i % 2 == 0:
+            truth_area[i, 0] = area[i, 0, 0] = inter[i, 0, 0] = 3000
+        else:
+            area[i, 0, 0] = 200_000 + int(rng.integers(0, 1000))
+    return PredictionCache([f"{i}.jpg" for i in range(n)], np.ones(n, np.float32), np.ones((n, 4), np.float32),
+                           {}, {}, truth_area, full_edges=np.asarray([0.5], np.float32), full_area=area,
+                           full_inter=inter)
+
+
+def test_search_tunes_max_area_on_exact_tables(tmp_path):
+    cache = exact_cache()
+    start = wide_open()
+    for k in range(1, 5):
+        start["classes"][str(k)].update(prob=0.5, pixel=0.5)
+    result = search(cache, start, Grids(pixel=(0.5,)))
+    c1 = result["thresholds"]["classes"]["1"]
+    assert 3000 <= c1["max_area"] < 200_000  # the huge false masks are filtered out
+    assert result["per_class_before"][1] == pytest.approx(0.5) and result["per_class_after"][1] == pytest.approx(1.0)
+    assert any(step["param"] == "classes.1.max_area" for step in result["steps"])
+    with pytest.raises(ValueError, match="not counted by the actors"):
+        Evaluator(cache).class_dice(1, 0.5, 0.5, 0.3, 0, H * W)  # a pixel threshold the tables lack
+    cache.save(str(tmp_path / "exact.npz"))
+    again = PredictionCache.load(str(tmp_path / "exact.npz"))
+    assert again.exact and not again.seg and Evaluator(again).score(start) == pytest.approx(Evaluator(cache).score(start))
