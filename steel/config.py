@@ -149,6 +149,15 @@ class TuneConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """The pipeline's evaluate stage (steel.protocol): the seed's tables on the labelled splits."""
+
+    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])  # [] to skip them
+    # Images per split at most (a seeded sample above it; the tables say so); null: every image.
+    max_images_per_split: int | None = 1000
+
+
+@dataclass
 class ScoreConfig:
     images: str | None = None  # default: data test_images
     out: str = "runs/quickstart/scores"
@@ -210,6 +219,7 @@ class Config:
     bundle_versions: str | None = None
     tune: TuneConfig = field(default_factory=TuneConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     report: str = "runs/quickstart/report"
 
@@ -361,6 +371,13 @@ def _check(obj, prefix: str) -> None:
                               f"{obj.min_replicas}..{obj.max_replicas}")
         if obj.target_ongoing_requests <= 0:
             raise ConfigError(f"{p}target_ongoing_requests: must be positive, got {obj.target_ongoing_requests}")
+    if isinstance(obj, EvaluateConfig):
+        unknown = [v for v in obj.splits if v not in ("train", "val", "test")]
+        if unknown:
+            raise ConfigError(f"{p}splits: unknown split {unknown[0]!r}; choose from train, val, test")
+        if obj.max_images_per_split is not None and obj.max_images_per_split < 1:
+            raise ConfigError(f"{p}max_images_per_split: must be at least 1 (or null: every image), "
+                              f"got {obj.max_images_per_split}")
     if isinstance(obj, ScoreConfig) and obj.format not in ("csv", "parquet"):
         raise ConfigError(f"{p}format: must be 'csv' or 'parquet', got {obj.format!r}")
 

@@ -40,6 +40,17 @@ class Pipeline:
         self.cfg = cfg
         self.results: list[StageResult] = []
         self.state: dict = {}
+        self._tmp: str | None = None  # this run's scratch folder (tuning's validation predictions)
+
+    @property
+    def _val_cache(self) -> str:
+        """Local file for tuning's validation predictions, which the evaluate stage reuses."""
+        import os
+        import tempfile
+
+        if self._tmp is None:
+            self._tmp = tempfile.mkdtemp(prefix="steel-run-")
+        return os.path.join(self._tmp, "val.npz")
 
     # -- helpers ------------------------------------------------------------------------------
     def _stage(self, name, fn):
@@ -141,8 +152,12 @@ class Pipeline:
                           f"{v.get('after', float('nan')):.4f}; {storage.join(self.cfg.bundle, 'thresholds.json')}"), {}
         from steel import tuning
 
-        result = tuning.tune(self.cfg, bundle_uri=self.cfg.bundle, stamp=self._bundle_stamp())
-        return False, (f"validation mean Dice {result['before']:.4f} -> {result['after']:.4f}; "
+        result = tuning.tune(self.cfg, bundle_uri=self.cfg.bundle, stamp=self._bundle_stamp(),
+                             cache_path=self._val_cache)
+        check = result.get("deployed_check") or {}
+        return False, (f"validation mean Dice {result['before']:.4f} -> {result['after']:.4f} "
+                       f"(seed's fixed thresholds {result['seed']['mean_dice']:.4f}); deployed cascade "
+                       f"{check.get('deployed', float('nan')):.4f} (|difference| {check.get('difference', float('nan')):.5f}); "
                        f"{storage.join(self.cfg.bundle, 'thresholds.json')}"), result
 
     def _fixed_thresholds(self, existing: dict | None):
@@ -198,9 +213,70 @@ class Pipeline:
             f"({summary['images_in']} new this run) -> {out}"), summary
 
     def evaluate(self):
+        """The seed's tables on the labelled splits (:mod:`steel.protocol`), then, where the scored test
+        images have their own truth (synthetic sets), the scored submission against it."""
+        parts, out = [], {}
+        protocol = self._protocol()
+        if protocol:
+            out["protocol"] = protocol
+            parts.append("; ".join(
+                f"{name} split ({t['n_images']} images{', tuning predictions reused' if t.get('reused') else ''}) "
+                f"cascade mean Dice "
+                + ", ".join(f"{th} {c['mean_dice']:.4f}" for th, c in t["cascade"].items())
+                for name, t in protocol["splits"].items()))
         truth = self.truth_uri
         if truth is None:
-            return True, "no truth for the scored images: evaluation skipped", {}
+            parts.append("no separate truth for the scored images")
+        else:
+            ev = self._scored_test(truth)
+            out["evaluation"] = ev
+            parts.append(f"separate test set: held-out mean Dice {ev['mean_dice']:.4f} vs all-empty baseline "
+                         f"{ev['baseline_all_empty']:.4f} on {ev['n_images']} images")
+        return not out, "; ".join(parts), out
+
+    def _protocol(self) -> dict | None:
+        """The seed's per-split tables (``evaluate.splits``), written to ``<report>/protocol/metrics.json``."""
+        want = list(self.cfg.evaluate.splits)
+        if not want:
+            return None
+        import dataclasses
+        import os
+
+        from steel import bundle as bundle_lib
+        from steel import protocol, tuning
+        from steel import thresholds as th_lib
+        from steel.scoring import BundleCascade
+
+        splits = self.state.get("splits")
+        if splits is None:
+            self.split()
+            splits = self.state["splits"]
+        try:
+            deployed = th_lib.load_thresholds(self.cfg.bundle)
+        except FileNotFoundError:
+            deployed = th_lib.default_thresholds()
+        thresholds = {"deployed": deployed}
+        seed = tuning.fixed_thresholds(self.cfg)
+        if _core({**seed, "tta": deployed.get("tta")}) != _core(deployed):
+            thresholds["seed"] = seed
+        tta = self.cfg.score.tta or deployed.get("tta", "none")
+        score_cfg = dataclasses.replace(self.cfg.score, tta=tta, allow_resize=False)
+        tuning._ray_for_models(self.cfg.ray_address, score_cfg)
+        kind = "unified" if "unified" in (bundle_lib.read_manifest(self.cfg.bundle).get("models") or {}) else "cascade"
+        reuse = {}
+        if self._tmp is not None and os.path.exists(self._val_cache):
+            reuse["val"] = tuning.PredictionCache.load(self._val_cache)
+        result = protocol.evaluate_splits(
+            {name: splits[name] for name in want}, self.cfg.data.path("train_images"),
+            BundleCascade(str(self.cfg.bundle), deployed, tta, endpoint=storage.current_endpoint()),
+            thresholds, score_cfg, max_images=self.cfg.evaluate.max_images_per_split, seed=self.cfg.data.seed,
+            kind=kind, identity=tuning.bundle_identity(self.cfg.bundle), reuse=reuse)
+        storage.write_text(storage.join(self.cfg.report, "protocol", "metrics.json"), protocol.to_json(result))
+        self.state["protocol"] = result
+        return result
+
+    def _scored_test(self, truth: str) -> dict:
+        """The scored submission against the test set's own truth (the extra table)."""
         from steel import eval_report, merge
         from steel.evaluate import evaluate
 
@@ -215,8 +291,7 @@ class Pipeline:
                "baseline_all_empty": baseline,
                "baseline_per_class": baseline_per_class, "n_images": result["n_images"], "report": report}
         self.state["evaluation"] = out
-        return False, (f"held-out mean Dice {result['mean_dice']:.4f} vs all-empty baseline {baseline:.4f} "
-                       f"on {result['n_images']} images"), out
+        return out
 
     def _bundle_stamp(self) -> str:
         """Identifies the trained bundle, so thresholds tuned for an older bundle are redone."""
@@ -227,6 +302,15 @@ class Pipeline:
 
     # -- driver -------------------------------------------------------------------------------
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            if self._tmp is not None:
+                import shutil
+
+                shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _run(self) -> dict:
         t0 = time.time()
         self._stage("data", self.data)
         self._stage("split", self.split)
@@ -240,12 +324,40 @@ class Pipeline:
         path = pipeline_report.write(self.cfg, self.results, self.state)
         total = time.time() - t0
         print(f"[  report] {path}", flush=True)
-        ev = self.state.get("evaluation")
+        ev, pr = self.state.get("evaluation"), self.state.get("protocol")
+        if pr:
+            from steel import protocol
+
+            print("\n" + protocol.format_text(pr), flush=True)
         if ev:
-            print(f"\nmean Dice on {ev['n_images']} held-out images: model {ev['mean_dice']:.4f}, "
-                  f"all-empty baseline {ev['baseline_all_empty']:.4f}  ({total / 60:.1f} min)", flush=True)
-        return {"stages": [r.__dict__ for r in self.results], "evaluation": ev, "report": path,
+            print(f"\nseparate test set with its own truth ({ev['n_images']} images): mean Dice {ev['mean_dice']:.4f}, "
+                  f"all-empty baseline {ev['baseline_all_empty']:.4f}", flush=True)
+        print(final_line(pr, ev, total), flush=True)
+        return {"stages": [r.__dict__ for r in self.results], "evaluation": ev, "protocol": pr, "report": path,
                 "seconds": total}
+
+
+def final_line(protocol: dict | None, evaluation: dict | None, seconds: float) -> str:
+    """The run's last line: the cascade's mean Dice on the split it names (the seed's X_test when
+    evaluated, else the last split evaluated, else the separate test set)."""
+    took = f"({seconds / 60:.1f} min)"
+    if protocol and protocol["splits"]:
+        name = "test" if "test" in protocol["splits"] else list(protocol["splits"])[-1]
+        t = protocol["splits"][name]
+        cascade = t["cascade"]
+        seed = f", seed's fixed thresholds {cascade['seed']['mean_dice']:.4f}" if "seed" in cascade else ""
+        return (f"\nmean Dice of the cascade on the {name} split ({_images_of(t)} labelled images"
+                f"{', held out from training and tuning' if name == 'test' else ''}): "
+                f"{cascade['deployed']['mean_dice']:.4f}{seed}, all-empty baseline "
+                f"{cascade['deployed']['baseline_all_empty']:.4f}  {took}")
+    if evaluation:
+        return (f"\nmean Dice on the separate test set ({evaluation['n_images']} images with their own truth): "
+                f"model {evaluation['mean_dice']:.4f}, all-empty baseline {evaluation['baseline_all_empty']:.4f}  {took}")
+    return f"\nno labelled split evaluated and no truth for the scored images  {took}"
+
+
+def _images_of(t: dict) -> str:
+    return f"{t['n_images']} of {t['of']}" if t.get("sampled") else str(t["n_images"])
 
 
 def _core(thresholds: dict | None) -> dict | None:

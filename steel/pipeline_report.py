@@ -2,8 +2,8 @@
 
 Plots made by the stages (training curves in the bundle, threshold curves from tuning, confusion
 matrices and overlays from the evaluation) are copied next to ``report.md`` so the folder is
-self-contained, plus a per-class Dice chart of the model against the all-empty baseline, and the
-nightly drift chart (per-night defect-image rate per class, from the scoring run records).
+self-contained, plus the seed's per-split tables (:mod:`steel.protocol`), a per-class Dice chart of
+the model against the all-empty baseline on the separate test set, and the nightly drift chart (per-night defect-image rate per class, from the scoring run records).
 """
 
 from __future__ import annotations
@@ -114,10 +114,17 @@ def write(cfg: Config, results: list, state: dict) -> str:
         lines.append(f"| {r.name} | {'skipped' if r.skipped else 'ran'} | {r.seconds:.0f} | {r.summary} |")
     lines.append("")
 
+    pr = state.get("protocol")
+    if pr:
+        from steel import protocol
+
+        lines += protocol.markdown(pr)
+        lines += ["Numbers: [protocol/metrics.json](protocol/metrics.json).", ""]
     ev = state.get("evaluation")
     if ev:
-        lines += ["## Held-out evaluation", "",
-                  f"Mean Dice **{ev['mean_dice']:.4f}** on {ev['n_images']} images "
+        lines += ["## Held-out evaluation: the separate test set with its own truth", "",
+                  f"The scored test images (`steel score`'s submission) against their own truth: mean Dice "
+                  f"**{ev['mean_dice']:.4f}** on {ev['n_images']} images "
                   f"(all-empty baseline {ev['baseline_all_empty']:.4f}).", "",
                   "| class | Dice |", "|---|---:|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in ev["per_class"].items()]

@@ -62,6 +62,9 @@ def test_pipeline_runs_every_stage_and_writes_valid_outputs(first_run):
     for stage in ("data", "split", "train", "tune", "score", "evaluate"):
         assert f"{stage:>8}] done" in text or f"{stage:>8}] skipped" in text, stage
     assert "held-out mean Dice" in text and "all-empty baseline" in text
+    # The seed's protocol: tables for the labelled splits, and the last line names the split it reports.
+    assert "The seed's protocol: cascade mean Dice per split" in text and "Each model on each split" in text
+    assert text.strip().splitlines()[-1].startswith("mean Dice of the cascade on the test split (")
 
     data = Path(config["data"]["root"])
     assert (data / "train.csv").exists() and len(list((data / "test_images").glob("*.jpg"))) == 8
@@ -73,6 +76,8 @@ def test_pipeline_runs_every_stage_and_writes_valid_outputs(first_run):
         assert (root / "bundle" / "history" / f"{name}.csv").exists()
     thresholds = json.loads((root / "bundle" / "thresholds.json").read_text())
     assert thresholds["validation"]["after"] >= thresholds["validation"]["before"]
+    assert thresholds["validation"]["deployed_check"]["agree"]  # search score == deployed cascade's, within 0.001
+    assert "mean_dice" in thresholds["validation"]["seed"]
 
     scores = root / "scores"
     assert (scores / "_SUCCESS").exists()
@@ -90,6 +95,14 @@ def test_pipeline_runs_every_stage_and_writes_valid_outputs(first_run):
 
     report = (root / "report" / "report.md").read_text()
     assert "Held-out evaluation" in report and "all-empty baseline" in report
+    assert "## The seed's protocol: train / val / test splits" in report
+    metrics = json.loads((root / "report" / "protocol" / "metrics.json").read_text())
+    assert list(metrics["splits"]) == ["train", "val", "test"]
+    val = metrics["splits"]["val"]
+    assert val["n_images"] == thresholds["validation"]["n_images"]
+    # the val split's deployed Dice is tuning's score on the same images (both exact)
+    assert val["cascade"]["deployed"]["mean_dice"] == pytest.approx(thresholds["validation"]["after"], abs=1e-3)
+    assert {"binary", "multilabel", "seg1", "seg2", "seg3", "seg4"} == set(metrics["splits"]["test"]["models"])
     for line in report.splitlines():  # every image the report shows exists beside it
         if line.startswith("!["):
             target = line.split("](", 1)[1].rstrip(")")
