@@ -168,3 +168,16 @@ def test_evaluate_splits_on_ray_actors_equals_the_deployed_cascade(tmp_path, ray
     assert t["models"]["binary"]["accuracy"] == pytest.approx(share) and t["models"]["binary"]["recall"] == 1.0
     seg = [t["models"][f"seg{k}"] for k in range(1, 5) if t["models"][f"seg{k}"]["images"]]
     assert seg and all(0.5 < m["dice"] < 1 for m in seg)  # the stub marks 160 of the truth's 200 columns
+
+
+def test_final_line_names_the_split():
+    from steel.pipeline import final_line
+
+    t = protocol.split_tables(_cache(), {"deployed": default_thresholds(), "seed": default_thresholds()})
+    t.update(split="test", of=4, sampled=False, skipped=[])
+    line = final_line({"splits": {"val": t, "test": t}}, {"n_images": 9, "mean_dice": 0.5, "baseline_all_empty": 0.4}, 60)
+    assert line.strip().startswith("mean Dice of the cascade on the test split (4 labelled images, held out")
+    assert f"{t['cascade']['deployed']['mean_dice']:.4f}, seed's fixed thresholds" in line
+    assert "on the val split (4 labelled images)" in final_line({"splits": {"val": t}}, None, 60)
+    assert "separate test set (9 images" in final_line(None, {"n_images": 9, "mean_dice": 0.5,
+                                                              "baseline_all_empty": 0.4}, 60)
