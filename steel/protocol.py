@@ -162,7 +162,6 @@ def evaluate_splits(splits: dict, images_uri: str, cascade_factory, thresholds: 
         cache = (reuse or {}).get(name)
         tta = getattr(cascade_factory, "tta", None)
         if cache is None or identity is None or not reusable(cache, cache_key(identity, tta, None, chosen), pixels):
-            cache = None
             cache = predict_cache(cascade_factory, chosen, images_uri, None, score_cfg, pixels=pixels)
         tables = split_tables(cache, thresholds)
         tables.update(split=name, of=len(table), sampled=len(chosen) < len(table),
