@@ -158,7 +158,17 @@ def write(cfg: Config, results: list, state: dict) -> str:
     except FileNotFoundError:
         pass
     if thresholds:
-        lines += ["## Thresholds", "", "```json", json.dumps(thresholds, indent=2), "```", ""]
+        lines += ["## Thresholds", ""]
+        v = thresholds.get("validation") or {}
+        if "seed" in v and "after" in v:
+            lines += [f"Validation split ({v.get('n_images')} images): tuned thresholds **{v['after']:.4f}**, the seed's "
+                      f"fixed thresholds {v['seed']['mean_dice']:.4f} (start {v.get('before', float('nan')):.4f})."]
+            check = v.get("deployed_check")
+            if check:
+                lines += [f"The search scores the deployed cascade's masks: search {check['search']:.4f}, deployed "
+                          f"cascade {check['deployed']:.4f} (|difference| {check['difference']:.5f})."]
+            lines.append("")
+        lines += ["```json", json.dumps(thresholds, indent=2), "```", ""]
         for sub in ("tuning", "thresholds"):
             for name in _copy_pngs(storage.join(cfg.bundle, sub), out, "tuning_"):
                 lines.append(f"![{name}]({name})")

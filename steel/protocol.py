@@ -226,7 +226,8 @@ def _md(head: list[str], rows: list[list[str]]) -> list[str]:
 
 def _text(head: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-    fmt = lambda r: "  ".join(v.rjust(w) if i >= 2 else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
+    numeric = [i for i, h in enumerate(head) if h not in ("split", "images", "thresholds", "model")]
+    fmt = lambda r: "  ".join(v.rjust(w) if i in numeric else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
     return [fmt(head)] + [fmt(r) for r in rows]
 
 
