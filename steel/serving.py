@@ -7,7 +7,7 @@ model up, and answers (paths under the application's ``route_prefix``)::
     POST /score/batch          body: {"images": [{"id": NAME, "jpeg_b64": BASE64}, ...]}
                                                                    -> 200 {"bundle": ..., "results": [...]}
     GET  /healthz              the replica answers                 -> 200
-    GET  /ready                models loaded and warmed up         -> 200, else 503
+    GET  /ready                models loaded and warmed up         -> 200 (with counters), else 503
 
 A result is ``{"ImageId", "p_defect", "classes": [{"ClassId", "p_class", "EncodedPixels", "area"} x 4],
 "bundle_version"}``: the very rows batch scoring writes (``p_class`` is null where the binary gate
@@ -18,9 +18,12 @@ scored by :class:`steel.scoring.CascadeActor` around :class:`steel.scoring.Bundl
 thresholds and TTA resolved as batch scoring does (the bundle's ``thresholds.json``, ``score.tta``,
 ``score.allow_resize``, ``score.image_formats``); rows come from :func:`steel.score_io.result_rows`.
 
-**Batching.** Concurrent requests are grouped by ``serve.batch`` (``serve.max_batch_size``,
-``serve.batch_wait_timeout_s``) into one cascade call, run in a worker thread so the replica keeps
-answering health checks meanwhile.
+**Batching.** Each JPEG is decoded in a worker thread as its request arrives (libjpeg releases the
+GIL, so decoding overlaps the cascade); concurrent requests are then grouped by ``serve.batch``
+(``serve.max_batch_size``, ``serve.batch_wait_timeout_s``) into one cascade call, run in a worker
+thread so the replica keeps answering health checks meanwhile. ``/ready`` counts cascade calls,
+images, decoded images and the wall time spent decoding and in the cascade. ``serve.access_log``
+(default off) is Serve's log line per request in the proxy and the replica.
 
 **Errors.** A body over ``serve.max_image_bytes`` is refused with 413 before it is read in full (by its
 Content-Length when given, else while streaming); an image batch scoring would give an error row
