@@ -33,6 +33,7 @@ import base64
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -129,6 +130,74 @@ class Load:
         }
 
 
+# Where the CPU goes: processes of this run by role (the bench process is the clients).
+ROLES = (("ProxyActor", "http proxy"), ("ServeReplica", "replica"), ("ServeController", "serve controller"),
+         ("raylet", "ray core"), ("gcs_server", "ray core"), ("dashboard", "ray core"), ("log_monitor", "ray core"),
+         ("ray::", "other ray workers"))
+
+
+def _proc_cpu() -> dict[int, tuple[int, str, float]]:
+    """pid -> (parent pid, command line, CPU seconds so far), from /proc (Linux); {} elsewhere."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out = {}
+    for entry in os.scandir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry.name}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        out[int(entry.name)] = (int(fields[1]), cmd, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def _machine_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine."""
+    if not os.path.exists("/proc/stat"):
+        return 0, 0
+    with open("/proc/stat") as fh:
+        v = [int(x) for x in fh.readline().split()[1:8]]
+    return sum(v) - v[3] - v[4], sum(v)
+
+
+class CpuMeter:
+    """CPU seconds spent between ``start()`` and ``stop()`` by this run's processes, by role (clients =
+    this process, http proxy, replica, ray core, ...), and by everything else on the machine."""
+
+    def start(self) -> "CpuMeter":
+        self.before, self.machine = _proc_cpu(), _machine_cpu()
+        return self
+
+    def stop(self, requests: int) -> dict:
+        after, (busy1, total1) = _proc_cpu(), _machine_cpu()
+        me = os.getpid()
+
+        def role(pid: int) -> str:
+            if pid == me:
+                return "clients"
+            cmd, p = after[pid][1], pid
+            while p > 1 and p in after and p != me:
+                p = after[p][0]
+            if p != me:
+                return "not this run"
+            return next((name for key, name in ROLES if key in cmd), "other")
+
+        cpu: dict[str, float] = {}
+        for pid, (_, cmd, t) in after.items():
+            r = role(pid)
+            cpu[r] = cpu.get(r, 0.0) + t - self.before.get(pid, (0, cmd, 0.0))[2]
+        busy0, total0 = self.machine
+        out = {"machine_busy": round((busy1 - busy0) / max(1, total1 - total0), 3)}
+        out["cpu_ms_per_request"] = {k: round(1000 * v / max(1, requests), 2)
+                                     for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v > 0}
+        out["cpu_ms_per_request_this_run"] = round(sum(v for k, v in cpu.items() if k != "not this run")
+                                                   * 1000 / max(1, requests), 2)
+        return out
+
+
 def kill_replica(app: str, deployment: str) -> str:
     import ray
 
@@ -138,6 +207,46 @@ def kill_replica(app: str, deployment: str) -> str:
         raise RuntimeError(f"no replica actor named {prefix}*")
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
     return names[0]
+
+
+def batch_baseline(bundle: str, work: str, score_cfg) -> dict:
+    """Batch scoring (steel.scoring.score) of the images in ``work``; its steady-state and end-to-end images/s."""
+    from steel import scoring
+    from steel.config import ScoreConfig
+
+    # Steady state: images of every shard after the first, over the time between the first and the
+    # last shard written (from steel.scoring's "shard ... written" log lines); excludes Ray Data's
+    # start, the actor's start and the model load, which the end-to-end rate includes.
+    written: list[tuple[float, int]] = []
+
+    class ShardTimes(logging.Handler):
+        def emit(self, record):
+            if record.msg.startswith("shard %s written"):
+                written.append((record.created, int(record.args[1])))
+
+    slog = logging.getLogger("steel.scoring")
+    handler, level = ShardTimes(), slog.level
+    slog.addHandler(handler)
+    slog.setLevel(logging.INFO)
+    busy0, total0 = _machine_cpu()
+    try:
+        summary = scoring.score(bundle, os.path.join(work, "images"), os.path.join(work, "scores"),
+                                ScoreConfig(actors=score_cfg.actors, batch_size=score_cfg.batch_size,
+                                            images_per_shard=score_cfg.images_per_shard))
+    finally:
+        slog.removeHandler(handler)
+        slog.setLevel(level)
+    span = written[-1][0] - written[0][0] if len(written) > 1 else 0
+    batch_ips = round(sum(n for _, n in written[1:]) / span, 2) if span > 0 else summary["timings"]["images_per_s"]
+    busy1, total1 = _machine_cpu()
+    out = {"steady_images_per_s": batch_ips, "end_to_end_images_per_s": summary["timings"]["images_per_s"],
+           "images": summary["scored"], "score_s": summary["timings"]["score_s"],
+           "shards": len(written), "steady_span_s": round(span, 2),
+           "actors": score_cfg.actors, "batch_size": score_cfg.batch_size,
+           "machine_busy": round((busy1 - busy0) / max(1, total1 - total0), 3)}
+    print(f"batch scoring: {batch_ips} images/s steady state, {summary['timings']['images_per_s']} end to end "
+          f"({summary['scored']} images in {summary['timings']['score_s']} s)", flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -152,6 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--images-per-request", type=int, default=1,
                         help="1: POST /score; more: the batch form POST /score/batch (load phase only)")
     parser.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
+    parser.add_argument("--no-batch", action="store_true", help="skip the batch baseline (profiling the endpoint)")
+    parser.add_argument("--access-log", action="store_true", help="serve.access_log: a log line per request")
     args = parser.parse_args(argv)
 
     import steel.keras_env  # noqa: F401  (Keras variables before TensorFlow)
@@ -172,11 +283,13 @@ def main(argv: list[str] | None = None) -> dict:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
     score_cfg = load_config("configs/quickstart.yaml").score
-    serve_cfg = ServeConfig(port=port, max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_s)
+    serve_cfg = ServeConfig(port=port, max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_s,
+                            access_log=args.access_log)
     images = [(os.path.basename(p), open(p, "rb").read()) for p in paths]
     out: dict = {"bundle": bundle, "bundle_built_s": round(build_s, 1), "images": args.images,
                  "cpus": os.cpu_count(), "serve": {"max_batch_size": args.max_batch_size,
-                                                    "batch_wait_timeout_s": args.batch_wait_s, "replicas": 1}}
+                                                    "batch_wait_timeout_s": args.batch_wait_s, "replicas": 1,
+                                                    "access_log": args.access_log}}
     import ray
     import requests
 
@@ -188,35 +301,11 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         from ray import serve
 
-        # Steady state: images of every shard after the first, over the time between the first and the
-        # last shard written (from steel.scoring's "shard ... written" log lines); excludes Ray Data's
-        # start, the actor's start and the model load, which the end-to-end rate includes.
-        written: list[tuple[float, int]] = []
-
-        class ShardTimes(logging.Handler):
-            def emit(self, record):
-                if record.msg.startswith("shard %s written"):
-                    written.append((record.created, int(record.args[1])))
-
-        slog = logging.getLogger("steel.scoring")
-        handler, level = ShardTimes(), slog.level
-        slog.addHandler(handler)
-        slog.setLevel(logging.INFO)
-        try:
-            summary = scoring.score(bundle, os.path.join(work, "images"), os.path.join(work, "scores"),
-                                    ScoreConfig(actors=score_cfg.actors, batch_size=score_cfg.batch_size,
-                                                images_per_shard=score_cfg.images_per_shard))
-        finally:
-            slog.removeHandler(handler)
-            slog.setLevel(level)
-        span = written[-1][0] - written[0][0] if len(written) > 1 else 0
-        batch_ips = round(sum(n for _, n in written[1:]) / span, 2) if span > 0 else summary["timings"]["images_per_s"]
-        out["batch"] = {"steady_images_per_s": batch_ips, "end_to_end_images_per_s": summary["timings"]["images_per_s"],
-                        "images": summary["scored"], "score_s": summary["timings"]["score_s"],
-                        "shards": len(written), "steady_span_s": round(span, 2),
-                        "actors": score_cfg.actors, "batch_size": score_cfg.batch_size}
-        print(f"batch scoring: {batch_ips} images/s steady state, {summary['timings']['images_per_s']} end to end "
-              f"({summary['scored']} images in {summary['timings']['score_s']} s)", flush=True)
+        if args.no_batch:
+            batch_ips = None
+        else:
+            out["batch"] = batch_baseline(bundle, work, score_cfg)
+            batch_ips = out["batch"]["steady_images_per_s"]
         try:
             serving.start(serve_cfg)
             t0 = time.time()
@@ -226,10 +315,19 @@ def main(argv: list[str] | None = None) -> dict:
             Load(url, images[:8], 2).run(3)  # warm the proxy and the batch path; not measured
             ready = f"http://127.0.0.1:{port}/ready"
             before = requests.get(ready, timeout=60).json()
+            meter = CpuMeter().start()
             load = Load(url, images, args.clients, args.images_per_request).run(args.seconds)
+            load["cpu"] = meter.stop(load["ok"])
             after = requests.get(ready, timeout=60).json()
             batches = after["batches"] - before["batches"]
             load["mean_batch_size"] = round((after["images"] - before["images"]) / batches, 2) if batches else None
+            # Replica-side wall time: decoding (worker threads, concurrent) and cascade calls (one at a time).
+            decoded = after["decoded"] - before["decoded"]
+            score_s = after["score_s"] - before["score_s"]
+            load["replica"] = {
+                "decode_ms_per_image": round(1000 * (after["decode_s"] - before["decode_s"]) / decoded, 2) if decoded else None,
+                "cascade_ms_per_batch": round(1000 * score_s / batches, 2) if batches else None,
+                "cascade_busy": round(score_s / load["seconds"], 3)}
             load["ratio_to_batch"] = round(load["images_per_s"] / batch_ips, 3) if batch_ips else None
             load["p99_over_p50"] = round(load["p99_ms"] / load["p50_ms"], 2) if load["p50_ms"] else None
             out["load"] = load
@@ -249,6 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
             serve.shutdown()
     finally:
         ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)  # images, bundle and scores of this run
     load = out.get("load", {})
     out["targets"] = {
         "throughput_ratio>=0.8": load.get("ratio_to_batch") is not None and load["ratio_to_batch"] >= 0.8,

@@ -204,6 +204,7 @@ class ServeConfig:
     max_image_bytes: int = 4 * 1024 * 1024  # a bigger body is refused (413) before it is decoded
     max_images_per_request: int = 32  # the batch form
     request_timeout_s: float = 30.0  # a request that takes longer gets a 5xx, never a hang
+    access_log: bool = False  # a log line per request from the proxy and the replica (costs CPU per request)
 
 
 @dataclass

@@ -276,7 +276,8 @@ class CascadeActor:
         masks = np.full((n, 4), "", dtype=object)
         before = self._stats()
         if ok.size:
-            results = self._predict(np.asarray(batch["image"])[ok])
+            images = np.asarray(batch["image"])
+            results = self._predict(images if ok.size == n else images[ok])  # no copy when all decoded
             for i, res in zip(ok, results):
                 if isinstance(res, Exception):
                     errors[i], kinds[i] = f"scoring failed: {type(res).__name__}: {res}", "transient"

@@ -7,7 +7,7 @@ model up, and answers (paths under the application's ``route_prefix``)::
     POST /score/batch          body: {"images": [{"id": NAME, "jpeg_b64": BASE64}, ...]}
                                                                    -> 200 {"bundle": ..., "results": [...]}
     GET  /healthz              the replica answers                 -> 200
-    GET  /ready                models loaded and warmed up         -> 200, else 503
+    GET  /ready                models loaded and warmed up         -> 200 (with counters), else 503
 
 A result is ``{"ImageId", "p_defect", "classes": [{"ClassId", "p_class", "EncodedPixels", "area"} x 4],
 "bundle_version"}``: the very rows batch scoring writes (``p_class`` is null where the binary gate
@@ -18,9 +18,12 @@ scored by :class:`steel.scoring.CascadeActor` around :class:`steel.scoring.Bundl
 thresholds and TTA resolved as batch scoring does (the bundle's ``thresholds.json``, ``score.tta``,
 ``score.allow_resize``, ``score.image_formats``); rows come from :func:`steel.score_io.result_rows`.
 
-**Batching.** Concurrent requests are grouped by ``serve.batch`` (``serve.max_batch_size``,
-``serve.batch_wait_timeout_s``) into one cascade call, run in a worker thread so the replica keeps
-answering health checks meanwhile.
+**Batching.** Each JPEG is decoded in a worker thread as its request arrives (libjpeg releases the
+GIL, so decoding overlaps the cascade); concurrent requests are then grouped by ``serve.batch``
+(``serve.max_batch_size``, ``serve.batch_wait_timeout_s``) into one cascade call, run in a worker
+thread so the replica keeps answering health checks meanwhile. ``/ready`` counts cascade calls,
+images, decoded images and the wall time spent decoding and in the cascade. ``serve.access_log``
+(default off) is Serve's log line per request in the proxy and the replica.
 
 **Errors.** A body over ``serve.max_image_bytes`` is refused with 413 before it is read in full (by its
 Content-Length when given, else while streaming); an image batch scoring would give an error row
@@ -132,6 +135,7 @@ class Scorer:
         self.formats = tuple(cfg.image_formats or score_io.DEFAULT_IMAGE_FORMATS)
         self.max_image_bytes = max_image_bytes
         self.batches = self.images = 0  # cascade calls and images scored (mean batch size in /ready)
+        self.decoded, self.decode_s, self.score_s = 0, 0.0, 0.0  # wall time decoding / in cascade calls
         t0 = time.time()
         self.actor = CascadeActor(factory)
         self.load_s = time.time() - t0
@@ -153,10 +157,14 @@ class Scorer:
         """Bytes -> image, or RequestError: 413 when too big, 422 with batch scoring's reason."""
         if len(data) > self.max_image_bytes:
             raise RequestError(413, f"image of {len(data)} bytes is over the limit of {self.max_image_bytes} bytes")
+        t0 = time.perf_counter()
         try:
             return score_io.decode_image(data, allow_resize=self.allow_resize, formats=self.formats)
         except score_io.BadImage as e:
             raise RequestError(422, str(e)) from None
+        finally:
+            self.decoded += 1
+            self.decode_s += time.perf_counter() - t0
 
     def score(self, ids: list[str], images: list[np.ndarray]) -> list[dict | RequestError]:
         """Answers for decoded images (one cascade call); a RequestError(500) for an image that failed."""
@@ -168,7 +176,9 @@ class Scorer:
                  "image": np.stack(images) if n else np.zeros((0, score_io.HEIGHT, score_io.WIDTH, 3), np.uint8)}
         self.batches += 1
         self.images += n
+        t0 = time.perf_counter()
         out = self.actor(batch)  # an image whose prediction failed comes back with its error (500)
+        self.score_s += time.perf_counter() - t0
         answers: list[dict | RequestError] = []
         for i in range(n):
             if out["error"][i]:
@@ -248,7 +258,9 @@ def _endpoint_class():
 
         async def _score_one(self, image_id: str, data: bytes) -> dict | RequestError:
             try:
-                image = self.scorer.decode(data)
+                # In a worker thread (libjpeg releases the GIL): requests decode while a batch is
+                # scored, and the event loop keeps taking requests, so batches fill.
+                image = await asyncio.to_thread(self.scorer.decode, data)
             except RequestError as e:
                 return e
             try:
@@ -284,7 +296,9 @@ def _endpoint_class():
                 if path == "/ready" and request.method == "GET":
                     body = {"ready": self.ready, "bundle": self.bundle,
                             "load_s": round(self.scorer.load_s, 3), "warmup_s": round(self.scorer.warmup_s, 3),
-                            "batches": self.scorer.batches, "images": self.scorer.images}
+                            "batches": self.scorer.batches, "images": self.scorer.images,
+                            "decoded": self.scorer.decoded, "decode_s": round(self.scorer.decode_s, 3),
+                            "score_s": round(self.scorer.score_s, 3)}
                     return JSONResponse(body, status_code=200 if self.ready else 503)
                 if path == "/score" and request.method == "POST":
                     image_id = request.query_params.get("id") or "image"
@@ -353,6 +367,7 @@ def build_app(bundle_uri: str, score_cfg: ScoreConfig | None = None, serve_cfg: 
     if serve_cfg.gpus_per_replica > 0:
         actor_options["num_gpus"] = serve_cfg.gpus_per_replica
     options: dict = {"ray_actor_options": actor_options, "max_ongoing_requests": serve_cfg.max_ongoing_requests,
+                     "logging_config": {"enable_access_log": serve_cfg.access_log},
                      # a retiring replica (new bundle, scale-down) first finishes what it holds
                      "graceful_shutdown_timeout_s": serve_cfg.request_timeout_s + 10}
     if serve_cfg.autoscaling is not None:
@@ -391,7 +406,8 @@ def start(serve_cfg: ServeConfig) -> None:
     from ray import serve
 
     serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port,
-                              "request_timeout_s": serve_cfg.request_timeout_s + 5})
+                              "request_timeout_s": serve_cfg.request_timeout_s + 5},
+                logging_config={"enable_access_log": serve_cfg.access_log})
 
 
 def run(app, serve_cfg: ServeConfig):

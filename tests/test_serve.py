@@ -201,6 +201,7 @@ def test_ready_health_and_routes(endpoint):
     body = ready.json()
     assert body["ready"] is True and body["bundle"]["version"] == resolve_bundle(endpoint["bundle"])[1]
     assert body["warmup_s"] > 0
+    assert {"decoded", "decode_s", "score_s"} <= set(body)
     assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}
     assert requests.get(f"{url}/score", timeout=30).status_code == 405
     missing = requests.get(f"{url}/nope", timeout=30)
@@ -313,8 +314,10 @@ def test_limits_bad_batches_and_replica_errors(endpoint):
     assert r.status_code == 500 and "black image" in r.json()["error"]
     after = requests.get(f"{url}/ready", timeout=30)
     assert after.status_code == 200  # the replica lives on
-    # Only the black and the good image reached the cascade (twice the black one): refused bodies never do.
+    # Only the black and the good image reached the cascade (twice the black one): refused bodies never do;
+    # the empty one was decoded (and refused), the oversized and malformed bodies were not.
     assert after.json()["images"] - before["images"] == 3
+    assert after.json()["decoded"] - before["decoded"] == 4
 
 
 @pytest.mark.slow
@@ -492,6 +495,7 @@ def test_app_builder_reads_bundle_config_and_overrides(tmp_path):
     assert factory.threads is None  # GPU replicas keep TensorFlow's default pools
     assert d.ray_actor_options["num_gpus"] == 1 and d._deployment_config.autoscaling_config.max_replicas == 3
     assert serve_cfg.max_batch_size == 8  # the default
+    assert d._deployment_config.logging_config["enable_access_log"] is False  # serve.access_log's default
     with pytest.raises(ValueError, match="unknown args"):
         serving.app_builder({"bundle": str(bundle), "replicas": 2})
     with pytest.raises(FileNotFoundError, match="not a model bundle"):
