@@ -20,6 +20,7 @@ worker group and model build, first epoch, later epochs, bundle).
 
     .venv/bin/python -m bench.bench_train_overhead [--config configs/quickstart.yaml] [--model seg3]
         [--epochs 10] [--images 640] [--repeat 2] [--set train.num_workers=1 ...] [--work DIR]
+        [--compare train.worker_cache_mb=0 --compare train.one_local_worker=false]
 """
 
 from __future__ import annotations
@@ -158,6 +159,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=2, help="rounds of keras then steel")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for both sides (repeatable)")
+    parser.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
+                        help="also run steel with these extra overrides each round (e.g. the settings before "
+                             "a change: train.worker_cache_mb=0, train.one_local_worker=false)")
     parser.add_argument("--work", default=None, help="work folder (default: a temp folder); data is reused")
     parser.add_argument("--show-log", action="store_true", help="print steel's time-stamped log")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -192,6 +196,13 @@ def main(argv=None) -> int:
         print(f"round {r + 1}: steel / keras wall time = {ratio:.2f}x", flush=True)
         s.pop("log")
         rounds.append({"keras": k, "steel": s, "ratio": round(ratio, 3)})
+        if args.compare:
+            c = _run_steel(args, [*overrides, *args.compare], work)
+            c.pop("log")
+            print(f"round {r + 1} steel {' '.join(args.compare)}: {c['wall_s']:.1f}s wall ({c['wall_s'] / k['wall_s']:.2f}x "
+                  f"keras); best {c['monitor']} {c['best']:.4f}; curve {c['curve']}", flush=True)
+            print(f"round {r + 1} its phases (s): {c['phases']}; epoch seconds {c['epoch_s']}", flush=True)
+            rounds[-1].update(compare=c, compare_ratio=round(c["wall_s"] / k["wall_s"], 3))
     summary = {"ratio_median": round(statistics.median(r["ratio"] for r in rounds), 3),
                "keras_best_median": round(statistics.median(r["keras"]["best"] for r in rounds), 4),
                "steel_best_median": round(statistics.median(r["steel"]["best"] for r in rounds), 4),
@@ -199,6 +210,11 @@ def main(argv=None) -> int:
     print(f"steel train / plain Keras fit, wall time: {summary['ratio_median']:.2f}x (median of {len(rounds)}); "
           f"best {summary['monitor']}: steel {summary['steel_best_median']:.4f}, keras {summary['keras_best_median']:.4f}",
           flush=True)
+    if args.compare:
+        summary["compare_ratio_median"] = round(statistics.median(r["compare_ratio"] for r in rounds), 3)
+        summary["compare_best_median"] = round(statistics.median(r["compare"]["best"] for r in rounds), 4)
+        print(f"steel train {' '.join(args.compare)} / plain Keras fit: {summary['compare_ratio_median']:.2f}x; "
+              f"best {summary['monitor']} {summary['compare_best_median']:.4f}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(summary, fh, indent=2)
