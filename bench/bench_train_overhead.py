@@ -116,7 +116,18 @@ _PHASES = (("ray + labels", re.compile(r"^data: ")),
            ("bundle + history", re.compile(r"^model\s+status")),)
 
 
-def _run_steel(args, overrides: list[str], work: str) -> dict:
+def _run_steel(args, overrides: list[str], work: str, tries: int = 2) -> dict:
+    """One ``steel train`` process, timed; a Ray that timed out starting (a loaded machine) is retried."""
+    for attempt in range(tries):
+        try:
+            return _steel_once(args, overrides, work)
+        except RuntimeError as e:
+            if "timed out during startup" not in str(e) or attempt == tries - 1:
+                raise
+            print("steel: Ray timed out starting (machine overloaded); running it again", flush=True)
+
+
+def _steel_once(args, overrides: list[str], work: str) -> dict:
     bundle = os.path.join(work, f"bundle-{time.time_ns()}")  # a fresh bundle and run: nothing skipped
     sets = [*overrides, f"bundle={bundle}", f"train.output={bundle}-ckpt"]
     cmd = [sys.executable, "-m", "steel.cli", "train", "--config", args.config, "--model", args.model,
