@@ -101,6 +101,14 @@ class TrainConfig:
     seg_loss: str = "bce_dice"  # dice | bce_dice
     max_failures: int = 2
     max_steps_per_epoch: int | None = None  # cap for quick runs; None = one pass over the data
+    # Each worker keeps its share of the decoded, resized images (uint8, train + val) in memory after
+    # one pass when that share fits in this many MB, and augments from there every epoch; 0: Ray Data
+    # reads, decodes and augments every epoch (steel.training).
+    worker_cache_mb: int = 2048
+    # A Ray that `steel train` started on this machine (no address): train with one worker holding
+    # every worker's CPUs and the same global batch, instead of num_workers workers all-reducing on
+    # the same cores. A joined cluster always gets num_workers.
+    one_local_worker: bool = True
     classifier: ModelConfig = field(default_factory=ModelConfig)
     segmenter: ModelConfig = field(
         default_factory=lambda: ModelConfig(encoder="efficientnetb1", input_size=(256, 1600))
@@ -316,6 +324,8 @@ def _check(obj, prefix: str) -> None:
         unknown = [m for m in obj.models if m not in MODEL_NAMES]
         if unknown:
             raise ConfigError(f"{p}models: unknown model {unknown[0]!r}; choose from {', '.join(MODEL_NAMES)}")
+        if obj.worker_cache_mb < 0:
+            raise ConfigError(f"{p}worker_cache_mb: must not be negative (0: no cache), got {obj.worker_cache_mb}")
         for name in ("num_workers", "epochs", "per_worker_batch", "base_batch", "cpus_per_worker"):
             if getattr(obj, name) < 1:
                 raise ConfigError(f"{p}{name}: must be at least 1, got {getattr(obj, name)}")

@@ -22,7 +22,9 @@ for segmenters), never as a join.
 
 Nothing is materialised in the driver: the dataset is re-executed each time it is iterated (each
 epoch), which re-reads the files, shuffles the file order (training only) and draws fresh random
-augmentations.
+augmentations. With ``decoded=True`` the pipeline stops before augmentation (:func:`decode_batch`):
+training workers read it once, keep the uint8 rows and run :func:`finish_batch` themselves every
+epoch (``steel.training``'s worker cache); :func:`prepare_batch` is the two steps in one.
 
 Augmentation (training only, ``steel.augment``): classifiers get the seed's ``ImageDataGenerator``
 settings (shear, zoom, rotation, shifts, flips); segmenters get joint image+mask flips plus "defect
@@ -96,15 +98,17 @@ def label_lookup(table: pd.DataFrame, name: str) -> dict[str, Any]:
     return dict(zip(ids, rows[f"Defect_{k}"].fillna("").astype(str).tolist()))
 
 
-def prepare_batch(batch: dict[str, np.ndarray], *, name: str, labels: dict[str, Any],
-                  input_size: tuple[int, int], augment: bool = False, blackout_prob: float = 0.0,
-                  seed: int | None = None, preprocessing: str | None = None) -> dict[str, np.ndarray]:
-    """``{"path", "bytes"}`` rows from ``read_binary_files`` -> ``{"image", "label"}`` model rows.
+def decode_batch(batch: dict[str, np.ndarray], *, name: str, labels: dict[str, Any],
+                 input_size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """``{"path", "bytes"}`` rows from ``read_binary_files`` -> decoded rows at ``input_size``, before
+    augmentation (what a training worker can keep in memory: uint8 pixels, compact labels).
 
     Decodes each JPEG (``steel.images.decode``: 256x1600 JPEG, else a ValueError naming the file),
-    looks its label up by file name, decodes the class mask (segmenters), resizes to ``input_size``,
-    when ``augment`` applies the model's training augmentation, then scales the pixels by
-    ``preprocessing`` (the model spec's; None: ``unit``, [0, 1]).
+    looks its label up by file name, decodes the class mask(s) (segmenters, unified) and resizes both
+    to ``input_size`` (nearest for masks). Columns: ``image`` uint8 ``N x H x W x 3`` and ``label``
+    (uint8 mask ``N x H x W`` for segK, float32 ``N x 1|4`` for the classifiers), or for unified
+    ``cls`` float32 ``N x 5`` and ``mask`` uint8 ``N x H x W x 4``. :func:`finish_batch` turns them
+    into model rows.
     """
     from steel import images as image_io
 
@@ -141,25 +145,52 @@ def prepare_batch(batch: dict[str, np.ndarray], *, name: str, labels: dict[str, 
     image_arr = np.stack(images) if images else np.zeros((0, *size, 3), np.uint8)
     if mask_classes:
         empty = (0, *size, 4) if unified else (0, *size)
-        label_arr = np.stack(targets) if targets else np.zeros(empty, np.uint8)
+        label_arr = np.stack(targets).astype(np.uint8) if targets else np.zeros(empty, np.uint8)
     else:
         label_arr = np.stack(targets) if targets else np.zeros((0, 4 if name == "multilabel" else 1),
                                                                np.float32)
+    if unified:
+        return {"image": image_arr, "cls": np.stack(cls) if cls else np.zeros((0, 5), np.float32),
+                "mask": label_arr}
+    return {"image": image_arr, "label": label_arr}
+
+
+def finish_batch(batch: dict[str, np.ndarray], *, name: str, augment: bool = False, blackout_prob: float = 0.0,
+                 seed: int | None = None, preprocessing: str | None = None) -> dict[str, np.ndarray]:
+    """Decoded rows (:func:`decode_batch`) -> model rows: when ``augment`` the model's training
+    augmentation, then the pixels scaled by ``preprocessing`` (the model spec's; None: ``unit``,
+    [0, 1]) and the labels as float32 targets (masks ``N x H x W x 1``, or ``x 4`` for unified).
+    The input arrays are not modified."""
+    from steel import images as image_io
+
+    unified = name == UNIFIED
+    image_arr = batch["image"]
+    label_arr = batch["mask"] if unified else batch["label"]
     had_defect = label_arr.reshape(len(label_arr), -1).any(axis=1) if unified else None
-    if augment and len(images):
+    if augment and len(image_arr):
         image_arr, label_arr = _augment(name, image_arr, label_arr, blackout_prob, seed)
     out_images = image_io.preprocess(image_arr, preprocessing)
     if unified:
-        cls_arr = np.stack(cls) if cls else np.zeros((0, 5), np.float32)
+        cls_arr = np.array(batch["cls"], np.float32)
         # Blackout painted every defect out of these images: they are clean now, for the head too.
         blacked = had_defect & ~label_arr.reshape(len(label_arr), -1).any(axis=1)
         cls_arr[blacked] = 0.0
         return {"image": out_images, "cls": cls_arr, "mask": (label_arr > 0).astype(np.float32)}
-    if mask_classes:
+    if _mask_classes(name):
         out_labels = (label_arr > 0).astype(np.float32)[..., None]
     else:
         out_labels = label_arr.astype(np.float32)
     return {"image": out_images, "label": out_labels}
+
+
+def prepare_batch(batch: dict[str, np.ndarray], *, name: str, labels: dict[str, Any],
+                  input_size: tuple[int, int], augment: bool = False, blackout_prob: float = 0.0,
+                  seed: int | None = None, preprocessing: str | None = None) -> dict[str, np.ndarray]:
+    """``{"path", "bytes"}`` rows from ``read_binary_files`` -> ``{"image", "label"}`` model rows:
+    :func:`decode_batch` then :func:`finish_batch` (see those for the steps and the columns)."""
+    decoded = decode_batch(batch, name=name, labels=labels, input_size=input_size)
+    return finish_batch(decoded, name=name, augment=augment, blackout_prob=blackout_prob, seed=seed,
+                        preprocessing=preprocessing)
 
 
 def _augment(name: str, images: np.ndarray, labels: np.ndarray, blackout_prob: float,
@@ -184,7 +215,8 @@ def image_paths(images_uri: str, image_ids: list[str]) -> tuple[list[str], Any]:
 
 def build_dataset(table: pd.DataFrame, images_uri: str, name: str, input_size: tuple[int, int], *,
                   augment: bool = False, blackout_prob: float = 0.0, shuffle: bool = False,
-                  seed: int | None = None, num_blocks: int | None = None, preprocessing: str | None = None):
+                  seed: int | None = None, num_blocks: int | None = None, preprocessing: str | None = None,
+                  decoded: bool = False):
     """Lazy ``ray.data.Dataset`` (columns ``image``, ``label``) of model ``name`` over ``table``'s images.
 
     Args:
@@ -198,6 +230,9 @@ def build_dataset(table: pd.DataFrame, images_uri: str, name: str, input_size: t
         seed: fixes the augmentation draws (tests); ``None`` draws fresh ones every pass.
         num_blocks: read parallelism override (default: Ray's choice).
         preprocessing: the model spec's input scaling (``steel.images``); None: ``unit`` ([0, 1]).
+        decoded: stop after :func:`decode_batch` (uint8 rows for a worker-side cache, which applies
+            :func:`finish_batch` itself every epoch); ``augment``, ``blackout_prob``, ``seed`` and
+            ``preprocessing`` then do not apply here.
     """
     import ray
 
@@ -212,6 +247,9 @@ def build_dataset(table: pd.DataFrame, images_uri: str, name: str, input_size: t
         paths, filesystem=fs, include_paths=True, shuffle="files" if shuffle else None,
         override_num_blocks=num_blocks,
     )
+    if decoded:
+        return ds.map_batches(decode_batch, batch_size=MAP_BATCH, batch_format="numpy",
+                              fn_kwargs=dict(name=name, labels=labels, input_size=tuple(input_size)))
     return ds.map_batches(
         prepare_batch, batch_size=MAP_BATCH, batch_format="numpy",
         fn_kwargs=dict(name=name, labels=labels, input_size=tuple(input_size), augment=augment,
@@ -219,11 +257,14 @@ def build_dataset(table: pd.DataFrame, images_uri: str, name: str, input_size: t
     )
 
 
-def build_datasets(splits: dict[str, pd.DataFrame], images_uri: str, name: str, train_cfg) -> dict:
+def build_datasets(splits: dict[str, pd.DataFrame], images_uri: str, name: str, train_cfg,
+                   decoded: bool = False) -> dict:
     """``{"train": ds, "val": ds}`` for ``name`` under a ``TrainConfig`` (augmentation on train only).
 
     ``val`` is left out when the validation split has no image for ``name``; training then keeps
-    the best epoch by the training metric.
+    the best epoch by the training metric. ``decoded``: uint8 rows before augmentation
+    (:func:`decode_batch`), for workers that cache them and finish each batch themselves
+    (:func:`finish_kwargs`).
     """
     from steel.models import model_spec
 
@@ -231,10 +272,29 @@ def build_datasets(splits: dict[str, pd.DataFrame], images_uri: str, name: str, 
     size, prep = tuple(spec["input_size"]), spec["preprocessing"]
     blackout = train_cfg.blackout_prob if _mask_classes(name) else 0.0
     datasets = {"train": build_dataset(splits["train"], images_uri, name, size, augment=train_cfg.augment,
-                                       blackout_prob=blackout, shuffle=True, preprocessing=prep)}
+                                       blackout_prob=blackout, shuffle=True, preprocessing=prep, decoded=decoded)}
     if not model_rows(splits["val"], name).empty:  # a rare class may have no validation image
-        datasets["val"] = build_dataset(splits["val"], images_uri, name, size, preprocessing=prep)
+        datasets["val"] = build_dataset(splits["val"], images_uri, name, size, preprocessing=prep, decoded=decoded)
     return datasets
+
+
+def finish_kwargs(name: str, train_cfg, split: str) -> dict:
+    """:func:`finish_batch` arguments of ``split`` (``train``: augmented) for ``name`` under ``train_cfg``:
+    the same steps :func:`build_datasets` runs in Ray Data when it does not stop at the decoded rows."""
+    from steel.models import model_spec
+
+    train = split == "train"
+    return dict(name=name, augment=bool(train and train_cfg.augment),
+                blackout_prob=train_cfg.blackout_prob if train and _mask_classes(name) else 0.0,
+                preprocessing=model_spec(name, train_cfg)["preprocessing"])
+
+
+def decoded_bytes_per_row(name: str, train_cfg) -> int:
+    """Bytes of one :func:`decode_batch` row of ``name`` (uint8 image + its label) at the model's size."""
+    from steel.models import model_spec
+
+    h, w = model_spec(name, train_cfg)["input_size"]
+    return int(h) * int(w) * (3 + len(_mask_classes(name))) + 4 * 5
 
 
 def split_sizes(splits: dict[str, pd.DataFrame], name: str) -> dict[str, int]:
@@ -242,5 +302,6 @@ def split_sizes(splits: dict[str, pd.DataFrame], name: str) -> dict[str, int]:
     return {k: int(len(model_rows(v, name))) for k, v in splits.items()}
 
 
-__all__ = ["build_dataset", "build_datasets", "label_lookup", "model_rows", "prepare_batch",
+__all__ = ["build_dataset", "build_datasets", "label_lookup", "model_rows", "prepare_batch", "decode_batch",
+           "finish_batch", "finish_kwargs", "decoded_bytes_per_row",
            "image_paths", "split_sizes", "label_columns", "MAP_BATCH"]

@@ -32,6 +32,20 @@ Multi-worker pitfalls handled here (each hangs or silently wastes data otherwise
 - A validation split smaller than the worker count would give workers zero rows: then validation is
   not split and every worker evaluates all of it (same values on every worker).
 
+Overhead (issue 12; measured by ``bench/bench_train_overhead.py`` against a plain Keras ``fit``):
+
+- **Worker cache** (``train.worker_cache_mb``, on when each worker's share fits): Ray Data reads and
+  decodes the images once (``steel.train_data.decode_batch``: uint8 at the model's size); each
+  worker keeps its shard's rows and every epoch draws a new order and augments from memory
+  (``finish_batch`` in a prefetched generator). Validation runs from the cached validation rows.
+  Without it, every epoch re-runs the Ray Data pipeline (executor start, read, decode, augment) and
+  a fresh validation iterator.
+- **One local worker** (``train.one_local_worker``): on a Ray that ``steel train`` started itself
+  (one machine), one worker with all the workers' CPUs and their global batch replaces
+  ``num_workers`` workers that would only share the same cores, all-reduce every step and split
+  BatchNorm statistics (:func:`local_train_config`); a single worker uses TensorFlow's default
+  strategy, not MWMS.
+
 Checkpoint (one per epoch, ``CheckpointConfig(num_to_keep=2)``): ``model.weights.h5`` (last epoch),
 ``best.weights.h5`` (best epoch by ``val_f1_m`` for classifiers, ``val_dice_coef`` for segmenters)
 and ``state.json`` (epoch, best, history). A retried worker group (``FailureConfig(max_failures)``)
@@ -215,6 +229,51 @@ def _distributed(strategy, shard, batch_size: int, specs, shuffle_buffer: int | 
     return strategy.distribute_datasets_from_function(lambda _ctx: tf_ds)
 
 
+def _read_shard(shard) -> dict:
+    """Every decoded row of this worker's shard (one pass of it), as one numpy array per column."""
+    import numpy as np
+
+    parts: dict[str, list] = {}
+    for b in shard.iter_batches(batch_size=256, batch_format="numpy"):
+        for k, v in b.items():
+            parts.setdefault(k, []).append(v)
+    if not parts:
+        raise RuntimeError("this worker's dataset shard is empty")
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _cached(strategy, rows: dict, batch_size: int, specs, finish: dict, shuffle: bool, passes: int = 1,
+            label_columns=("label",)):
+    """This worker's cached decoded rows as a Keras-ready distributed dataset.
+
+    Every pass draws a new order (``shuffle``) and runs :func:`steel.train_data.finish_batch`
+    (augmentation, preprocessing) on each batch in a generator that ``prefetch`` overlaps with the
+    training step; the batches are the shard's in ``batch_size`` steps (last one partial), as on the
+    streaming path. Nothing is read from Ray Data any more, so no epoch barrier applies.
+    """
+    import numpy as np
+
+    from steel.keras_env import tf
+    from steel.train_data import finish_batch
+
+    n = len(rows["image"])
+    image_spec, label_spec = specs
+
+    def batches():
+        order = np.random.default_rng().permutation(n) if shuffle else np.arange(n)
+        for i in range(0, n, batch_size):
+            idx = order[i:i + batch_size]
+            out = finish_batch({k: v[idx] for k, v in rows.items()}, **finish)
+            labels = out[label_columns[0]] if len(label_columns) == 1 else {c: out[c] for c in label_columns}
+            yield out["image"], labels
+
+    tf_ds = tf.data.Dataset.from_generator(batches, output_signature=(image_spec, label_spec))
+    if passes > 1:
+        tf_ds = tf_ds.repeat(passes)
+    tf_ds = tf_ds.prefetch(2)
+    return strategy.distribute_datasets_from_function(lambda _ctx: tf_ds)
+
+
 def _images_metric():
     """Keras metric ``images``: samples seen this epoch, summed over all workers (checks the sharding)."""
     from steel.keras_env import keras, tf
@@ -319,7 +378,8 @@ def train_loop(config: dict) -> None:
         keras.mixed_precision.set_global_policy("mixed_float16")
 
     tf.get_logger().setLevel("ERROR")  # MWMS logs every collective at INFO
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    # One worker has nothing to all-reduce: the default strategy skips MWMS' collectives.
+    strategy = tf.distribute.MultiWorkerMirroredStrategy() if world > 1 else tf.distribute.get_strategy()
     peak_lr = scaled_lr(train_cfg.lr_for(name), batch, world, train_cfg.base_batch)
     with strategy.scope():
         model = models.build_from_config(name, train_cfg)
@@ -368,16 +428,34 @@ def train_loop(config: dict) -> None:
     # which cost 4-10 s per epoch on the quickstart. Validation runs from the epoch callback on a
     # fresh pass of the validation shard (a repeated one lets workers' prefetching reach different
     # epochs of it, and streaming_split then waits for ever at its epoch barrier).
-    from steel.train_data import label_columns
+    from steel.train_data import finish_kwargs, label_columns
 
     columns = label_columns(name)
-    train_ds = _distributed(strategy, train_shard, batch, specs, shuffle_buffer, passes=max(1, epochs - start_epoch),
-                            label_columns=columns)
+    passes = max(1, epochs - start_epoch)
     validate = None
-    if val_shard is not None:
-        def validate():
-            val_ds = _distributed(strategy, val_shard, batch, specs, None, label_columns=columns)
-            return model.evaluate(val_ds, steps=val_steps, verbose=0, return_dict=True)
+    if config.get("cache") and start_epoch < epochs:
+        # Decoded rows read once, kept here; augmentation and validation run from memory every epoch.
+        t_read = time.time()
+        rows = _read_shard(train_shard)
+        val_rows = _read_shard(val_shard) if val_shard is not None else None
+        if rank == 0:
+            print(f"[{name}] cached {len(rows['image'])} train + {len(val_rows['image']) if val_rows else 0} val "
+                  f"decoded images per worker in {time.time() - t_read:.1f}s", flush=True)
+        train_ds = _cached(strategy, rows, batch, specs, finish_kwargs(name, train_cfg, "train"), shuffle=True,
+                           passes=passes, label_columns=columns)
+        if val_rows is not None:
+            val_ds = _cached(strategy, val_rows, batch, specs, finish_kwargs(name, train_cfg, "val"), shuffle=False,
+                             label_columns=columns)
+
+            def validate():
+                return model.evaluate(val_ds, steps=val_steps, verbose=0, return_dict=True)
+    else:
+        train_ds = _distributed(strategy, train_shard, batch, specs, shuffle_buffer, passes=passes,
+                                label_columns=columns)
+        if val_shard is not None:
+            def validate():
+                val_ds = _distributed(strategy, val_shard, batch, specs, None, label_columns=columns)
+                return model.evaluate(val_ds, steps=val_steps, verbose=0, return_dict=True)
 
     def end_of_epoch(epoch: int, logs: dict, seconds: float, train_seconds: float) -> None:
         nonlocal best, best_epoch
@@ -442,9 +520,40 @@ def plan(name: str, sizes: dict[str, int], train_cfg) -> dict:
     val_rows = sizes.get("val", 0)
     split_val = val_rows >= workers
     val_steps = _steps(val_rows, workers, batch) if split_val else math.ceil(val_rows / batch)
+    # Worker-side cache (train.worker_cache_mb): the decoded rows one worker holds, train + val.
+    from steel.train_data import decoded_bytes_per_row
+
+    held = train_rows // workers + (val_rows // workers if split_val else val_rows)
+    cache_mb = held * decoded_bytes_per_row(name, train_cfg) / 2**20
     return {"train_rows": train_rows, "steps_per_epoch": _steps(train_rows, workers, batch),
             "val_rows": val_rows, "val_steps": val_steps, "split_val": split_val,
-            "images_per_epoch": (train_rows // workers) * workers}
+            "images_per_epoch": (train_rows // workers) * workers,
+            "cache_mb": round(cache_mb, 1), "cache": 0 < cache_mb <= train_cfg.worker_cache_mb}
+
+
+def local_train_config(train_cfg):
+    """``train_cfg`` for a Ray that this process started on one machine (``train.one_local_worker``).
+
+    There, ``num_workers`` CPU workers only share the same cores: each runs its own TensorFlow and
+    they all-reduce every step, and BatchNorm sees per-worker batches. One worker with all their CPUs
+    and their global batch (``per_worker_batch x num_workers``, so the same learning rate under the
+    linear scaling rule) trains the same model without that. GPU training and joined clusters keep
+    ``num_workers``. Returns ``train_cfg`` itself when nothing changes.
+    """
+    import dataclasses
+
+    from steel.ray_session import started_local
+
+    n = train_cfg.num_workers
+    if not train_cfg.one_local_worker or n == 1 or train_cfg.use_gpu or not started_local():
+        return train_cfg
+
+    def kind(mc):
+        return mc if mc.per_worker_batch is None else dataclasses.replace(mc, per_worker_batch=mc.per_worker_batch * n)
+
+    return dataclasses.replace(train_cfg, num_workers=1, cpus_per_worker=train_cfg.cpus_per_worker * n,
+                               per_worker_batch=train_cfg.per_worker_batch * n,
+                               classifier=kind(train_cfg.classifier), segmenter=kind(train_cfg.segmenter))
 
 
 def _storage(uri: str):
@@ -527,7 +636,7 @@ def train_one(cfg, name: str, splits: dict, images_uri: str, fault: dict | None 
               f"checkpoints are not resumed; this run starts from its own folder", flush=True)
     splits = oversample_rare(splits, name, tc.num_workers)
     p = plan(name, train_data.split_sizes(splits, name), tc)
-    datasets = train_data.build_datasets(splits, images_uri, name, tc)
+    datasets = train_data.build_datasets(splits, images_uri, name, tc, decoded=p["cache"])
     if p["train_rows"] < train_data.split_sizes(splits, name)["train"]:
         datasets["train"] = datasets["train"].limit(p["train_rows"])
     if not p["val_rows"]:
@@ -540,7 +649,7 @@ def train_one(cfg, name: str, splits: dict, images_uri: str, fault: dict | None 
         train_loop,
         train_loop_config={"name": name, "train": cfg.to_dict()["train"], "epochs": tc.epochs_for(name),
                            "steps_per_epoch": p["steps_per_epoch"], "val_steps": p["val_steps"],
-                           "num_workers": tc.num_workers, "resume_key": key,
+                           "num_workers": tc.num_workers, "resume_key": key, "cache": p["cache"],
                            "pos_weight": pos_weights(splits["train"], tc.max_pos_weight) if name == "unified" else None,
                            "fault": fault if fault and fault.get("model", name) == name else None},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
@@ -557,7 +666,8 @@ def train_one(cfg, name: str, splits: dict, images_uri: str, fault: dict | None 
     )
     print(f"[{name}] training: {p['train_rows']} train images ({p['steps_per_epoch']} steps/epoch x "
           f"{tc.num_workers} workers x batch {tc.batch_for(name)}), {p['val_rows']} val images, "
-          f"{tc.epochs_for(name)} epochs, peak lr {scaled_lr(tc.lr_for(name), tc.batch_for(name), tc.num_workers, tc.base_batch):.2e}",
+          f"{tc.epochs_for(name)} epochs, {'cached in the workers' if p['cache'] else 'streamed'} "
+          f"({p['cache_mb']:.0f} MB decoded per worker), peak lr {scaled_lr(tc.lr_for(name), tc.batch_for(name), tc.num_workers, tc.base_batch):.2e}",
           flush=True)
     t0 = time.time()
     result = trainer.fit()
@@ -676,7 +786,8 @@ def train_key(name: str, cfg, data_fingerprint: str) -> str:
     train = cfg.to_dict()["train"]
     # Only what shapes this model: its own epochs count, not the other models' (epochs_by_model);
     # the unified model's loss settings only for it (cascade keys stay what they were before them).
-    skip = {"output", "models", "max_failures", "epochs", "epochs_by_model", "kind"}
+    skip = {"output", "models", "max_failures", "epochs", "epochs_by_model", "kind", "worker_cache_mb",
+            "one_local_worker"}
     if name != "unified":
         skip |= {"cls_loss_weight", "max_pos_weight"}
     relevant = {k: v for k, v in train.items() if k not in skip}
@@ -749,6 +860,13 @@ def train_models(cfg, models: list[str] | None = None) -> dict[str, dict]:
         raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(ALL_MODEL_NAMES)}")
     if cfg.storage_endpoint:
         storage.set_endpoint(cfg.storage_endpoint)
+    local = local_train_config(cfg.train)
+    if local is not cfg.train:
+        import dataclasses
+
+        print(f"one machine (a Ray started here): 1 worker with {local.cpus_per_worker} CPUs and batch x"
+              f"{cfg.train.num_workers} instead of {cfg.train.num_workers} workers (train.one_local_worker)", flush=True)
+        cfg = dataclasses.replace(cfg, train=local)
     _check_bundle_kind(cfg.bundle, names)
     fault = parse_fault(os.environ.get(FAULT_ENV))
     if cfg.train.use_gpu:  # before reading any data: fail at once when the GPU nodes' TensorFlow sees none
@@ -800,5 +918,5 @@ def _print_summary(results: dict[str, dict]) -> None:
 
 __all__ = ["train_loop", "train_models", "train_one", "plan", "scaled_lr", "warmup_schedule", "monitor_metric",
            "load_trained", "write_history", "history_frame", "plot_history", "write_tensorboard", "train_key",
-           "run_name", "other_runs",
+           "run_name", "other_runs", "local_train_config",
            "parse_fault", "load_splits", "pos_weights", "FAULT_ENV"]

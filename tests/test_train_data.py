@@ -107,6 +107,27 @@ def test_prepare_batch_classifier_and_segmenter(tiny):
     assert on > off + 0.3
 
 
+def test_decoded_rows_finish_to_the_streamed_rows(tiny):
+    """The worker cache's two steps (decode once, finish per epoch) give what prepare_batch gives."""
+    from steel.train_data import decode_batch, finish_batch, label_lookup, prepare_batch
+
+    root, wide = tiny
+    for name, size in (("seg3", (64, 320)), ("binary", (32, 160)), ("unified", (32, 160))):
+        labels = label_lookup(wide, name)
+        ids = list(labels)[:3]
+        decoded = decode_batch(_batch(root, ids), name=name, labels=labels, input_size=size)
+        assert decoded["image"].dtype == np.uint8 and decoded["image"].shape == (3, *size, 3)
+        kept = {k: v.copy() for k, v in decoded.items()}
+        finished = finish_batch(decoded, name=name, augment=True, blackout_prob=1.0, seed=0, preprocessing="imagenet")
+        streamed = prepare_batch(_batch(root, ids), name=name, labels=labels, input_size=size, augment=True,
+                                 blackout_prob=1.0, seed=0, preprocessing="imagenet")
+        assert set(finished) == set(streamed)
+        for k in streamed:
+            np.testing.assert_array_equal(finished[k], streamed[k])
+        for k in kept:  # the cached rows stay as decoded (a new augmentation every epoch)
+            np.testing.assert_array_equal(decoded[k], kept[k])
+
+
 def test_prepare_batch_errors_name_the_file(tiny, tmp_path):
     from steel.train_data import label_lookup, prepare_batch
 

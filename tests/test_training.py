@@ -72,6 +72,39 @@ def test_plan_gives_equal_steps_per_worker(tiny_root):
         plan("seg4", {"train": 1, "val": 0}, cfg.train)
 
 
+def test_plan_caches_in_workers_when_the_share_fits(tiny_root):
+    from steel.training import plan
+
+    cfg = tiny_config(tiny_root, "/tmp/unused", per_worker_batch=4, num_workers=2)
+    p = plan("seg3", {"train": 17, "val": 5}, cfg.train)
+    # 8 train + 2 val rows per worker, 64x320 pixels x (3 image + 1 mask) bytes each.
+    assert p["cache"] and p["cache_mb"] == round(10 * (64 * 320 * 4 + 20) / 2**20, 1)
+    small = tiny_config(tiny_root, "/tmp/unused", worker_cache_mb=0)
+    assert not plan("seg3", {"train": 17, "val": 5}, small.train)["cache"]
+    big = plan("seg3", {"train": 2000, "val": 500}, tiny_config(tiny_root, "/tmp/unused", worker_cache_mb=1).train)
+    assert not big["cache"] and big["cache_mb"] > 1
+
+
+def test_local_train_config_one_worker_same_global_batch(tiny_root, monkeypatch):
+    from steel import ray_session
+    from steel.training import local_train_config, scaled_lr
+
+    cfg = tiny_config(tiny_root, "/tmp/unused", num_workers=2, cpus_per_worker=1, per_worker_batch=4,
+                      segmenter={**TINY_SEGMENTER, "per_worker_batch": 3})
+    monkeypatch.setattr(ray_session, "_started_local", False)
+    assert local_train_config(cfg.train) is cfg.train  # a Ray this process joined: unchanged
+    monkeypatch.setattr(ray_session, "_started_local", True)
+    one = local_train_config(cfg.train)
+    assert (one.num_workers, one.cpus_per_worker, one.batch_for("binary"), one.batch_for("seg3")) == (1, 2, 8, 6)
+    for name in ("binary", "seg3"):  # same global batch, so the same learning rate
+        assert scaled_lr(one.lr_for(name), one.batch_for(name), 1, one.base_batch) == \
+            scaled_lr(cfg.train.lr_for(name), cfg.train.batch_for(name), 2, cfg.train.base_batch)
+    off = tiny_config(tiny_root, "/tmp/unused", one_local_worker=False)
+    assert local_train_config(off.train) is off.train
+    gpu = tiny_config(tiny_root, "/tmp/unused", use_gpu=True)
+    assert local_train_config(gpu.train) is gpu.train
+
+
 def test_parse_fault():
     from steel.training import parse_fault
 
@@ -199,14 +232,17 @@ def test_worker_failure_recovers_from_checkpoint(tiny_root, tmp_path, ray_local,
 
 @pytest.mark.slow
 def test_crash_then_rerun_continues_on_s3(tiny_root, tmp_path, ray_local, s3_bucket, monkeypatch):
-    """max_failures=0: the first run dies after epoch 1; the same command again starts at epoch 2."""
+    """max_failures=0: the first run dies after epoch 1; the same command again starts at epoch 2.
+
+    Without the worker cache (``worker_cache_mb=0``): Ray Data streams every epoch, as for a dataset
+    too big to cache; the other runs here use the cache."""
     import boto3
 
     from steel import bundle, storage
     from steel.training import FAULT_ENV, load_splits, run_name, train_key, train_models
 
     out = f"s3://{s3_bucket}/run"
-    cfg = tiny_config(tiny_root, out, epochs=2, max_failures=0)
+    cfg = tiny_config(tiny_root, out, epochs=2, max_failures=0, worker_cache_mb=0)
     run = run_name("multilabel", train_key("multilabel", cfg, load_splits(cfg)[1]))
     monkeypatch.setenv(FAULT_ENV, f"epoch=2,rank=0,marker={tmp_path / 'crashed'}")
     with pytest.raises(Exception, match="injected failure"):
