@@ -155,13 +155,17 @@ def submit(address: str, config_path: Path, log_path: Path, timeout: float) -> i
         with open(log_path, "w") as fh:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                     start_new_session=True)
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                fh.write(line)
-                fh.flush()
-                if time.time() > deadline:
+            try:
+                for line in proc.stdout:
+                    sys.stdout.write(line)
+                    fh.write(line)
+                    fh.flush()
+                    if time.time() > deadline:
+                        os.killpg(proc.pid, signal.SIGTERM)
+                rc = proc.wait()
+            finally:
+                if proc.poll() is None:  # interrupted: stop our `ray job submit` (the head goes next)
                     os.killpg(proc.pid, signal.SIGTERM)
-            rc = proc.wait()
         if rc != 0 and "No available agent" in log_path.read_text() and attempt < 29:
             time.sleep(2)
             continue
@@ -294,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"config: {config_path} = {a.config} with:\n" + "\n".join(f"  {s}" for s in sets), flush=True)
 
     cpus = local_cpus(config_from_dict(data))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill PID` stops the head too (finally below)
     head, address = start_head(cpus, out / "head.log")
     print(f"ray head: {address} (pid {head.pid}, {cpus} logical CPUs)", flush=True)
     sampler = LoadSampler()
