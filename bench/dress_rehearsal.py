@@ -110,13 +110,26 @@ def start_head(num_cpus: int, log_path: Path) -> tuple[subprocess.Popen, str]:
     deadline = time.time() + 180
     while time.time() < deadline:
         if proc.poll() is not None:
+            stop_head(proc)  # its GCS/raylet may outlive it, in its process group
             raise RuntimeError(f"ray head exited with code {proc.returncode}; see {log_path}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", dash)) == 0:
+        with socket.socket() as s:  # the dashboard opens before the raylet has registered: wait for both
+            if s.connect_ex(("127.0.0.1", dash)) == 0 and "Ray runtime started" in log_path.read_text(errors="replace"):
                 return proc, f"http://127.0.0.1:{dash}"
         time.sleep(0.5)
     stop_head(proc)
-    raise TimeoutError(f"ray head's dashboard not up after 180 s; see {log_path}")
+    raise TimeoutError(f"ray head not started after 180 s; see {log_path}")
+
+
+def start_head_retrying(num_cpus: int, log_path: Path, tries: int = 3) -> tuple[subprocess.Popen, str]:
+    """``start_head``, again when it fails: on a loaded machine Ray gives its raylet only 30 s to register
+    (``ray._private.node``, not configurable) and the head exits with "timed out during startup"."""
+    for attempt in range(1, tries + 1):
+        try:
+            return start_head(num_cpus, log_path)
+        except (RuntimeError, TimeoutError) as e:
+            if attempt == tries:
+                raise
+            print(f"ray head: {e}; starting it again ({attempt}/{tries})", flush=True)
 
 
 def stop_head(proc: subprocess.Popen) -> None:
@@ -278,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-worker", type=int, default=1)
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                    help="one more override (repeatable), e.g. --set train.segmenter.per_worker_batch=4")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the outputs of an earlier rehearsal in --out: finished stages are skipped")
     p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds before the job is stopped")
     a = p.parse_args(argv)
     for name in ("images", "test_images", "steps", "epochs", "cpus_per_worker"):
@@ -290,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out.resolve()
     data, sets = derive_config(a.config, out, a.images, a.test_images, a.steps, a.epochs, a.cpus_per_worker, a.extra)
     out.mkdir(parents=True, exist_ok=True)
-    for name in FRESH:
+    for name in () if a.resume else FRESH:
         shutil.rmtree(out / name, ignore_errors=True)
     config_path = out / "rehearsal.yaml"
     config_path.write_text(f"# {a.config} with these overrides (bench/dress_rehearsal.py):\n"
@@ -299,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cpus = local_cpus(config_from_dict(data))
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill PID` stops the head too (finally below)
-    head, address = start_head(cpus, out / "head.log")
+    head, address = start_head_retrying(cpus, out / "head.log")
     print(f"ray head: {address} (pid {head.pid}, {cpus} logical CPUs)", flush=True)
     sampler = LoadSampler()
     sampler.start()
