@@ -120,9 +120,11 @@ def start_head(num_cpus: int, log_path: Path) -> tuple[subprocess.Popen, str]:
     raise TimeoutError(f"ray head not started after 180 s; see {log_path}")
 
 
-def start_head_retrying(num_cpus: int, log_path: Path, tries: int = 3) -> tuple[subprocess.Popen, str]:
-    """``start_head``, again when it fails: on a loaded machine Ray gives its raylet only 30 s to register
-    (``ray._private.node``, not configurable) and the head exits with "timed out during startup"."""
+def start_head_retrying(num_cpus: int, log_path: Path, tries: int = 8) -> tuple[subprocess.Popen, str]:
+    """``start_head``, again when it fails. On a loaded machine (load average ~100 here) the raylet
+    exits when the dashboard agent has not written its port file within a hard-coded 15 s
+    (``NodeManager::WaitForDashboardAgentPorts``, ray-project/ray#65983) and ``ray start`` reports
+    only "The current node timed out during startup"; the next try often gets through."""
     for attempt in range(1, tries + 1):
         try:
             return start_head(num_cpus, log_path)
@@ -130,6 +132,7 @@ def start_head_retrying(num_cpus: int, log_path: Path, tries: int = 3) -> tuple[
             if attempt == tries:
                 raise
             print(f"ray head: {e}; starting it again ({attempt}/{tries})", flush=True)
+            time.sleep(5)
 
 
 def stop_head(proc: subprocess.Popen) -> None:
