@@ -223,6 +223,18 @@ def stage_times(log: str) -> dict[str, dict]:
     return out
 
 
+_EPOCH_LINE = re.compile(r"\[(\w+)\] epoch (\d+)/\d+ ([\d.]+)s .*?train_seconds=([\d.]+)")
+
+
+def epoch_times(log: str) -> dict[str, dict]:
+    """Per model, its last epoch line: wall seconds (training + validation) and training seconds."""
+    out = {}
+    for m in _EPOCH_LINE.finditer(log):
+        out[m.group(1)] = {"epoch": int(m.group(2)), "epoch_seconds": float(m.group(3)),
+                           "train_seconds": float(m.group(4))}
+    return out
+
+
 def check(cfg: dict, log: str, test_images: int) -> tuple[dict, list[str]]:
     """What the run produced, and the problems found (empty: every stage completed and scored)."""
     import pandas as pd
@@ -236,6 +248,8 @@ def check(cfg: dict, log: str, test_images: int) -> tuple[dict, list[str]]:
     models = {n: {"params": m.get("params"), "seconds": m.get("training_seconds"),
                   "input": m.get("spec", {}).get("input_size"), "encoder": m.get("spec", {}).get("encoder")}
               for n, m in (bundle.get("models") or {}).items()}
+    for n, e in epoch_times(log).items():
+        models.setdefault(n, {}).update(e)
     missing = [n for n in cfg["train"]["models"] if n not in models]
     if missing:
         problems.append(f"bundle {cfg['bundle']}: models missing: {', '.join(missing)}")
@@ -271,11 +285,16 @@ def table(record: dict) -> str:
         s = record["stages"].get(name)
         lines.append(f"| {name} | {s['status'] if s else 'MISSING'} | {s['seconds'] if s else '-'} |")
     lines.append(f"| **job total** | | **{record['job_seconds']:.0f}** |")
-    lines += ["", "| model | encoder | input | params | train wall s |", "|---|---|---|---:|---:|"]
+    lines += ["", "| model | encoder | input | params | fit wall s | last epoch s | of it training s |",
+              "|---|---|---|---:|---:|---:|---:|"]
+
+    def num(v):
+        return "-" if v is None else f"{v:.0f}"
+
     for name, m in record["models"].items():
-        size = "x".join(str(v) for v in m["input"] or [])
-        secs = "-" if m["seconds"] is None else f"{m['seconds']:.0f}"
-        lines.append(f"| {name} | {m['encoder']} | {size} | {m['params'] or 0:,} | {secs} |")
+        size = "x".join(str(v) for v in m.get("input") or [])
+        lines.append(f"| {name} | {m.get('encoder', '-')} | {size} | {m.get('params') or 0:,} | {num(m.get('seconds'))} "
+                     f"| {num(m.get('epoch_seconds'))} | {num(m.get('train_seconds'))} |")
     load = record["load"]
     lines.append("")
     lines.append(f"load average (1 min) during the job: min {load['min']:.1f} / mean {load['mean']:.1f} / "
@@ -296,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="one more override (repeatable), e.g. --set train.segmenter.per_worker_batch=4")
     p.add_argument("--resume", action="store_true",
                    help="keep the outputs of an earlier rehearsal in --out: finished stages are skipped")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: check <out>/job.log and the outputs again and rewrite the record")
     p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds before the job is stopped")
     a = p.parse_args(argv)
     for name in ("images", "test_images", "steps", "epochs", "cpus_per_worker"):
@@ -307,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = a.out.resolve()
     data, sets = derive_config(a.config, out, a.images, a.test_images, a.steps, a.epochs, a.cpus_per_worker, a.extra)
+    if a.report_only:
+        return _report(out, data, a, json.loads((out / "rehearsal.json").read_text()))
     out.mkdir(parents=True, exist_ok=True)
     for name in () if a.resume else FRESH:
         shutil.rmtree(out / name, ignore_errors=True)
@@ -328,12 +351,17 @@ def main(argv: list[str] | None = None) -> int:
         job_seconds = time.time() - t0
         load = sampler.stop()
         stop_head(head)
+    return _report(out, data, a, {"job_seconds": job_seconds, "load": load, "exit_code": rc, "overrides": sets,
+                                  "finished_at": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime())})
+
+
+def _report(out: Path, data: dict, a, run: dict) -> int:
+    """Check the outputs, write ``<out>/rehearsal.json`` and print the tables; 0 when all is well."""
     record, problems = check(data, (out / "job.log").read_text(), a.test_images)
-    if rc != 0:
-        problems.insert(0, f"ray job submit exited {rc}; see {out / 'job.log'}")
-    record.update(job_seconds=job_seconds, load=load, exit_code=rc, overrides=sets, problems=problems,
-                  images=a.images, test_images=a.test_images, steps=a.steps, epochs=a.epochs,
-                  finished_at=time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()))
+    if run["exit_code"] != 0:
+        problems.insert(0, f"ray job submit exited {run['exit_code']}; see {out / 'job.log'}")
+    record.update({k: run[k] for k in ("job_seconds", "load", "exit_code", "overrides", "finished_at")},
+                  problems=problems, images=a.images, test_images=a.test_images, steps=a.steps, epochs=a.epochs)
     (out / "rehearsal.json").write_text(json.dumps(record, indent=2) + "\n")
     print("\n" + table(record) if record["models"] or record["stages"] else "", flush=True)
     if problems:

@@ -68,3 +68,19 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+def test_epoch_times_and_table():
+    log = ("(RayTrainWorker pid=3) [binary] epoch 1/1 275.7s loss=0.6682 val_images=44.0000 lr=0.0003 "
+           "train_seconds=127.7730 images_per_s_per_worker=0.0310 *best*\n"
+           "(RayTrainWorker pid=3) [seg3] epoch 2/2 90.5s loss=0.9 train_seconds=60.0000 images_per_s_per_worker=0.1\n")
+    assert dr.epoch_times(log) == {"binary": {"epoch": 1, "epoch_seconds": 275.7, "train_seconds": 127.773},
+                                   "seg3": {"epoch": 2, "epoch_seconds": 90.5, "train_seconds": 60.0}}
+    record = {"stages": {"train": {"status": "ran", "seconds": 1234, "summary": ""}}, "job_seconds": 2000.4,
+              "models": {"binary": {"encoder": "xception", "input": [256, 512], "params": 23523497, "seconds": 300.2,
+                                    "epoch_seconds": 275.7, "train_seconds": 127.8}},
+              "load": {"min": 20.0, "mean": 45.5, "max": 128.0, "samples": 9}}
+    text = dr.table(record)
+    assert "| train | ran | 1234 |" in text and "| data | MISSING | - |" in text and "**2000**" in text
+    assert "| binary | xception | 256x512 | 23,523,497 | 300 | 276 | 128 |" in text
+    assert "min 20.0 / mean 45.5 / max 128.0" in text
