@@ -19,6 +19,11 @@ def test_seed_config_is_the_seed():
     assert (t.segmenter.encoder, tuple(t.segmenter.input_size)) == ("efficientnetb1", (256, 1600))
     assert [t.batch_for(n) for n in ("binary", "multilabel", "seg1", "seg4")] == [16, 16, 8, 8]
     assert t.num_workers == 1  # global batch = the seed's batch
+    from steel.training import scaled_lr
+
+    # Every model at Keras' Adam default (the seed names no optimizer settings), after batch scaling.
+    assert {n: scaled_lr(t.lr_for(n), t.batch_for(n), t.num_workers, t.base_batch) for n in t.models} == \
+        {n: pytest.approx(1e-3) for n in t.models}
     assert t.seg_loss == "dice" and t.blackout_prob == 0.0 and t.augment
     assert cfg.tune.tta == "none" and cfg.score.tta == "none" and cfg.tune.mode == "fixed"
     assert cfg.data.seed == 42
