@@ -181,3 +181,45 @@ def test_final_line_names_the_split():
     assert "on the val split (4 labelled images)" in final_line({"splits": {"val": t}}, None, 60)
     assert "separate test set (9 images" in final_line(None, {"n_images": 9, "mean_dice": 0.5,
                                                               "baseline_all_empty": 0.4}, 60)
+
+
+def test_pipeline_evaluate_stage_wiring(tmp_path, monkeypatch):
+    """The evaluate stage hands protocol the deployed and seed thresholds, the split tables, and tuning's
+    saved val predictions; writes protocol/metrics.json (protocol's Ray pass itself: the test above)."""
+    import json
+
+    from steel import pipeline, tuning
+    from steel.config import load_config
+
+    cfg = load_config(None, [f"bundle={tmp_path / 'bundle'}", f"report={tmp_path / 'report'}",
+                             f"data.root={tmp_path / 'data'}", "evaluate.max_images_per_split=7"])
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "manifest.json").write_text(json.dumps({"format_version": 1, "models": {"unified": {"sha256": "ab", "spec": {}}}}))
+    tuned = default_thresholds()
+    tuned["binary"] = 0.7
+    (tmp_path / "bundle" / "thresholds.json").write_text(json.dumps(tuned))
+    seen = {}
+
+    def fake_evaluate_splits(splits, images_uri, factory, thresholds, score_cfg, **kw):
+        seen.update(splits=splits, thresholds=thresholds, **kw)
+        t = protocol.split_tables(_cache(), thresholds)
+        t.update(split="val", of=4, sampled=False, skipped=[], reused=bool(kw["reuse"]))
+        return {"splits": {"val": t}, "kind": kw["kind"], "max_images": kw["max_images"], "thresholds": {}}
+
+    monkeypatch.setattr(protocol, "evaluate_splits", fake_evaluate_splits)
+    monkeypatch.setattr(tuning, "_ray_for_models", lambda *a: None)
+    monkeypatch.setattr(tuning, "fixed_thresholds", lambda cfg: default_thresholds())
+    p = pipeline.Pipeline(cfg)
+    labels = pd.DataFrame({"ImageId": ["a.jpg"]})
+    p.state["splits"] = {"train": labels, "val": labels, "test": labels}
+    _cache().save(p._val_cache)  # what the tune stage leaves
+    skipped, summary, out = p.evaluate()
+    assert not skipped and "val split (4 images, tuning predictions reused)" in summary
+    assert set(seen["thresholds"]) == {"deployed", "seed"} and seen["thresholds"]["deployed"]["binary"] == 0.7
+    assert list(seen["splits"]) == ["train", "val", "test"] and seen["max_images"] == 7 and seen["kind"] == "unified"
+    assert list(seen["reuse"]) == ["val"] and seen["identity"]["models"]["unified"]["sha256"] == "ab"
+    written = json.loads((tmp_path / "report" / "protocol" / "metrics.json").read_text())
+    assert written["splits"]["val"]["cascade"]["seed"]["mean_dice"] == pytest.approx(out["protocol"]["splits"]["val"]["cascade"]["seed"]["mean_dice"])
+    import shutil
+
+    shutil.rmtree(p._tmp)  # run() removes it; evaluate() alone does not
