@@ -92,6 +92,24 @@ def _stub_unified(x):
     return [cls, mask]
 
 
+def test_mask_loss_leaves_classes_absent_from_the_batch_to_the_bce():
+    """An absent class's predictions do not move the Dice term (only BCE punishes them); a present
+    class's Dice does, so a rare class is not taught to predict nothing."""
+    from steel import keras_metrics as km
+
+    t = np.zeros((2, 4, 4, 4), np.float32)
+    t[0, :2, :2, 2] = 1.0  # only class 3 is present
+    perfect = t.copy()
+    noisy_absent = t.copy()
+    noisy_absent[..., 0] = 0.5  # class 1 absent, predicted everywhere
+    assert float(km.present_class_dice_loss(t, perfect)) == pytest.approx(0.0, abs=1e-6)
+    assert float(km.present_class_dice_loss(t, noisy_absent)) == pytest.approx(0.0, abs=1e-6)
+    assert float(km.present_class_dice_loss(t, np.zeros_like(t))) == pytest.approx(1 - 1 / 5)  # (0+1)/(4+0+1)
+    assert float(km.present_class_dice_loss(np.zeros_like(t), noisy_absent)) == 0.0  # nothing present
+    bce_dice = km.unified_mask_loss("bce_dice")
+    assert float(np.mean(bce_dice(t, noisy_absent))) > float(np.mean(bce_dice(t, perfect)))  # BCE pays
+
+
 def test_cascade_reads_gate_classes_and_masks_from_one_forward_pass():
     from steel.cascade import Cascade
     from steel.thresholds import default_thresholds
