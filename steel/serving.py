@@ -48,6 +48,7 @@ import dataclasses
 import json
 import logging
 import math
+import threading
 import time
 from typing import Any, Callable
 
@@ -136,6 +137,7 @@ class Scorer:
         self.max_image_bytes = max_image_bytes
         self.batches = self.images = 0  # cascade calls and images scored (mean batch size in /ready)
         self.decoded, self.decode_s, self.score_s = 0, 0.0, 0.0  # wall time decoding / in cascade calls
+        self._count = threading.Lock()  # decode() runs in several worker threads at once
         t0 = time.time()
         self.actor = CascadeActor(factory)
         self.load_s = time.time() - t0
@@ -163,8 +165,9 @@ class Scorer:
         except score_io.BadImage as e:
             raise RequestError(422, str(e)) from None
         finally:
-            self.decoded += 1
-            self.decode_s += time.perf_counter() - t0
+            with self._count:
+                self.decoded += 1
+                self.decode_s += time.perf_counter() - t0
 
     def score(self, ids: list[str], images: list[np.ndarray]) -> list[dict | RequestError]:
         """Answers for decoded images (one cascade call); a RequestError(500) for an image that failed."""
