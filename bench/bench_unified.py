@@ -238,7 +238,7 @@ def _pc(d: dict | None) -> str:
 
 def print_table(rows: list[dict]) -> None:
     head = (f"{'seed':<5}{'kind':<9}{'test Dice':>10}{'empty':>8}  {'per class 1/2/3/4':<24}"
-            f"{'split-test':>11}{'empty':>8}  {'per class 1/2/3/4':<24}{'train s':>8}{'epochs':>7}"
+            f"{'split-test':>11}{'empty':>8}  {'per class 1/2/3/4':<24}{'train s':>8}  {'epochs':<14}"
             f"{'img/s':>8}{'cpu ms/img':>11}{'MB':>6}")
     print("\n" + head)
     for r in rows:
@@ -246,7 +246,7 @@ def print_table(rows: list[dict]) -> None:
         ep = r["epochs"].get("unified") or "+".join(str(r["epochs"][m]) for m in r["epochs"])
         print(f"{r['seed']:<5}{r['kind']:<9}{t['mean_dice']:>10.4f}{t['baseline']:>8.4f}  {_pc(t['per_class']):<24}"
               f"{s['mean_dice']:>11.4f}{s['baseline']:>8.4f}  {_pc(s['per_class']):<24}{r['train_s']:>8.0f}"
-              f"{str(ep):>7}{r['images_per_s']:>8.1f}{r['cpu_s_per_image'] * 1e3:>11.1f}{r['bundle_mb']:>6.2f}")
+              f"  {str(ep):<14}{r['images_per_s']:>8.1f}{r['cpu_s_per_image'] * 1e3:>11.1f}{r['bundle_mb']:>6.2f}")
     print("\nunified vs cascade (unified - cascade for Dice, unified / cascade otherwise):")
     for c, u in zip(rows[0::2], rows[1::2]):
         gains = "/".join(f"{u['test']['per_class'][str(k)] - c['test']['per_class'][str(k)]:+.3f}" for k in CLASSES)
