@@ -312,6 +312,13 @@ def _build(cls, data: dict, prefix: str = ""):
             extra = f"; did you mean '{hint[0]}'?" if hint else f"; known keys: {', '.join(names)}"
             raise ConfigError(f"{full}: unknown key{extra}")
         kwargs[key] = _convert(value, hints[key], full)
+        # A partial section keeps its field's own defaults for the keys it leaves out (a
+        # `train.segmenter` with only `per_worker_batch` is still an EfficientNet-B1 U-Net at 256x1600,
+        # not ModelConfig's class defaults, which are the classifier's).
+        field = next(f for f in dataclasses.fields(cls) if f.name == key)
+        if (isinstance(value, dict) and dataclasses.is_dataclass(kwargs[key])
+                and field.default_factory is not dataclasses.MISSING):
+            kwargs[key] = dataclasses.replace(field.default_factory(), **{k: getattr(kwargs[key], k) for k in value})
     obj = cls(**kwargs)
     _check(obj, prefix)
     return obj

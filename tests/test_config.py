@@ -86,3 +86,9 @@ def test_overrides(tmp_path):
         load_config(str(path), ["train.epochz=5"])
     with pytest.raises(ConfigError, match="expected key.path=value"):
         load_config(str(path), ["train.epochs"])
+
+
+def test_a_partial_section_keeps_that_sections_defaults():
+    t = config_from_dict({"train": {"segmenter": {"per_worker_batch": 2}, "classifier": {"base_lr": 1e-4}}}).train
+    assert (t.segmenter.encoder, tuple(t.segmenter.input_size), t.segmenter.per_worker_batch) == ("efficientnetb1", (256, 1600), 2)
+    assert (t.classifier.encoder, tuple(t.classifier.input_size), t.classifier.base_lr) == ("xception", (256, 512), 1e-4)
