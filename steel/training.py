@@ -3,11 +3,12 @@
 Two halves:
 
 - :func:`train_loop` runs on every Ray Train worker (Ray's TensorFlow examples style: a plain
-  function of a config dict): threads -> ``MultiWorkerMirroredStrategy`` -> model in scope ->
-  dataset shard -> one ``fit`` over the remaining epochs, whose epoch-end callback validates,
-  checkpoints and calls ``ray.train.report``.
-- :func:`train_models` runs in the driver: labels and split, one ``TensorflowTrainer`` per model,
-  then the best weights into the bundle, the history (CSV + plot) and TensorBoard logs.
+  function of a config dict): threads -> ``MultiWorkerMirroredStrategy`` -> then, for each model of
+  the run in turn: model in scope -> dataset shard -> one ``fit`` over the remaining epochs, whose
+  epoch-end callback validates, checkpoints and calls ``ray.train.report``.
+- :func:`train_models` runs in the driver: labels and split, **one** ``TensorflowTrainer`` run for
+  all the models to train (:func:`train_group`), then each model's best weights into the bundle, its
+  history (CSV + plot) and TensorBoard logs.
 
 Learning rate: Adam with the *linear scaling rule*, ``lr = base_lr * global_batch / base_batch``
 where ``global_batch = per_worker_batch * num_workers`` (both per model kind:
@@ -46,15 +47,24 @@ Overhead (issue 12; measured by ``bench/bench_train_overhead.py`` against a plai
   BatchNorm statistics (:func:`local_train_config`); a single worker uses TensorFlow's default
   strategy, not MWMS.
 
-Checkpoint (one per epoch, ``CheckpointConfig(num_to_keep=2)``): ``model.weights.h5`` (last epoch),
-``best.weights.h5`` (best epoch by ``val_f1_m`` for classifiers, ``val_dice_coef`` for segmenters)
-and ``state.json`` (epoch, best, history). A retried worker group (``FailureConfig(max_failures)``)
-or a re-run of the same training (same ``RunConfig(storage_path, name)``: Train V2 restores the run)
-reads it with ``ray.train.get_checkpoint()`` and continues at the next epoch; the optimizer step
-counter is restored (so the warm-up does not restart), Adam's moment estimates are not. The run's
-name is ``<model>-<train_key>`` (:func:`run_name`): only a checkpoint of the very same training
-(architecture, every hyperparameter, augmentation, data split) is resumed; a changed setting trains
-afresh in its own folder and says so.
+Checkpoint (one per epoch of any model, ``<model>_epoch_NNNN``, ``CheckpointConfig(num_to_keep=2)``):
+``state.json`` (every model's epoch, best and history so far), ``<model>/best.weights.h5`` of every
+model started (best epoch by ``val_f1_m`` for classifiers, ``val_dice_coef`` for segmenters) and the
+current model's last ``<model>/model.weights.h5``. A retried worker group
+(``FailureConfig(max_failures)``) or a re-run of the same training (same ``RunConfig(storage_path,
+name)``: Train V2 restores the run) reads it with ``ray.train.get_checkpoint()``, skips the finished
+models and continues the current one at its next epoch; the optimizer step counter is restored (so
+the warm-up does not restart), Adam's moment estimates are not. The run's name is
+``<model>-<train_key>`` for one model, ``cascade-<hash of the models' keys>`` for several
+(:func:`group_run_name`): only a checkpoint of the very same training (architecture, every
+hyperparameter, augmentation, data split) is resumed; a changed setting trains afresh in its own
+folder and says so. A run that fails still hands its finished models to the bundle (the driver
+reads its newest checkpoint), so they are not trained again.
+
+One run for all the models (issue 12): each model's own ``TensorflowTrainer`` paid a worker group
+start, a TensorFlow import per worker and a strategy set-up (25-40 s per model here); one run pays
+them once. Every model's datasets are given to the run (``<model>_train``, ``<model>_val``); a
+worker reads a model's shards only when it reaches that model.
 
 Models train one after the other, never side by side: each uses every worker (and GPU) of the
 cluster; running them concurrently would split the cluster into smaller MWMS groups that each
@@ -341,10 +351,12 @@ def _is_better(value: float | None, best: float | None) -> bool:
 
 
 def train_loop(config: dict) -> None:
-    """One Ray Train worker's training of one model (see the module docstring).
+    """One Ray Train worker: the models of ``config["models"]`` one after the other (see the module
+    docstring), in this one process: one TensorFlow start and one distribution strategy for all.
 
-    ``config`` keys: ``name`` (model), ``train`` (``TrainConfig`` as a dict), ``epochs``,
-    ``steps_per_epoch``, ``val_steps`` (0: no validation), ``num_workers``, ``fault`` (test hook).
+    ``config`` keys: ``train`` (``TrainConfig`` as a dict), ``resume_key`` (the run's key),
+    ``models``: one dict per model with ``name``, ``epochs``, ``steps_per_epoch``, ``val_steps``
+    (0: no validation), ``cache``, ``pos_weight`` (unified only) and ``fault`` (test hook).
     """
     t_start = time.time()
     import ray.train
@@ -354,73 +366,146 @@ def train_loop(config: dict) -> None:
     train_cfg = config_from_dict({"train": config["train"]}).train
     _set_threads(train_cfg.cpus_per_worker)
 
-    from ray.train import Checkpoint
-
-    from steel import models
     from steel.keras_env import keras, tf
 
-    name = config["name"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    names = [m["name"] for m in config["models"]]
     if train_cfg.use_gpu:  # Ray gave this worker a GPU; TensorFlow must be able to use it
         from steel.devices import require_gpu
 
-        require_gpu(f"train.use_gpu: true (model {name}, worker {rank})")
-    epochs = int(config["epochs"])
-    steps = int(config["steps_per_epoch"])
-    val_steps = int(config["val_steps"])
+        require_gpu(f"train.use_gpu: true (models {', '.join(names)}, worker {rank})")
+    if train_cfg.use_gpu and train_cfg.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    tf.get_logger().setLevel("ERROR")  # MWMS logs every collective at INFO
+    # One worker has nothing to all-reduce: the default strategy skips MWMS' collectives. A process
+    # creates MWMS once (TensorFlow fixes its collective context): every model of the run shares it.
+    strategy = tf.distribute.MultiWorkerMirroredStrategy() if world > 1 else tf.distribute.get_strategy()
+
+    work = tempfile.mkdtemp(prefix=f"steel-train-r{rank}-")
+    states: dict[str, dict] = {}  # model -> its state (epoch, best, history, ...), from the checkpoint on
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            with open(os.path.join(d, STATE)) as fh:
+                saved = json.load(fh)
+            if config.get("resume_key") and saved.get("resume_key") != config["resume_key"]:
+                # The run folder is named after the key, so this means a folder copied or renamed by hand.
+                raise ValueError(
+                    f"models {', '.join(names)}: the checkpoint in this run folder has training key "
+                    f"{saved.get('resume_key')}, this training {config['resume_key']}; it is not resumed "
+                    "(remove the folder to start afresh)")
+            for name, state in saved["models"].items():
+                os.makedirs(os.path.join(work, name), exist_ok=True)
+                for f in (WEIGHTS, BEST_WEIGHTS):
+                    if os.path.exists(os.path.join(d, name, f)):
+                        shutil.copyfile(os.path.join(d, name, f), os.path.join(work, name, f))
+                states[name] = state
+    else:
+        # A fresh run: a model's progress checkpointed by an earlier run of other models (the same
+        # model and training key; found by the driver, :func:`earlier_progress`) is continued.
+        wanted = {m["name"]: m.get("resume_key") for m in config["models"]}
+        for name, seed in config.get("seeds") or []:
+            with seed.as_directory() as d:
+                with open(os.path.join(d, STATE)) as fh:
+                    state = json.load(fh)["models"][name]
+                finished = int(state["epoch"]) >= int(state["epochs"])
+                if state.get("resume_key") != wanted.get(name) or (
+                        not finished and not os.path.exists(os.path.join(d, name, WEIGHTS))):
+                    continue
+                os.makedirs(os.path.join(work, name), exist_ok=True)
+                for f in (WEIGHTS, BEST_WEIGHTS):
+                    if os.path.exists(os.path.join(d, name, f)):
+                        shutil.copyfile(os.path.join(d, name, f), os.path.join(work, name, f))
+                states[name] = state
+    if rank == 0:
+        print(f"[train] {world} worker(s) ready in {time.time() - t_start:.1f}s for {', '.join(names)}", flush=True)
+    for entry in config["models"]:
+        _train_model(entry, train_cfg, strategy, rank, world, work, states, config.get("resume_key"))
+        keras.backend.clear_session()  # the next model starts from a clean Keras state
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _report(name: str, metrics: dict, work: str, states: dict, resume_key, rank: int, epoch: int) -> None:
+    """``ray.train.report`` of one epoch of ``name`` (a barrier: every worker calls it); rank 0 attaches
+    the run's checkpoint: ``state.json`` (every model's state so far), each model's ``best.weights.h5``
+    and the current model's last ``model.weights.h5`` (to continue it)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="steel-ckpt-") as d:
+        for other in states:
+            files = (WEIGHTS, BEST_WEIGHTS) if other == name else (BEST_WEIGHTS,)
+            if other != name and not os.path.exists(os.path.join(work, other, BEST_WEIGHTS)):
+                files = (WEIGHTS,)  # no finite monitored value: the last weights stand in for the best
+            os.makedirs(os.path.join(d, other), exist_ok=True)
+            for f in files:
+                if os.path.exists(os.path.join(work, other, f)):
+                    shutil.copyfile(os.path.join(work, other, f), os.path.join(d, other, f))
+        with open(os.path.join(d, STATE), "w") as fh:
+            json.dump({"resume_key": resume_key, "models": states}, fh)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"{name}_epoch_{epoch:04d}")
+
+
+def _train_model(entry: dict, train_cfg, strategy, rank: int, world: int, work: str, states: dict,
+                 resume_key) -> None:
+    """Train one model of the run in this worker: build and compile it in ``strategy``'s scope,
+    continue from its state in ``states`` (a finished model is skipped), fit, report every epoch."""
+    t_start = time.time()
+    from steel import models
+    from steel.train_data import finish_kwargs, label_columns
+
+    name = entry["name"]
+    epochs = int(entry["epochs"])
+    steps = int(entry["steps_per_epoch"])
+    val_steps = int(entry["val_steps"])
+    state = states.get(name)
+    if state and int(state["epoch"]) >= epochs:
+        if rank == 0:
+            print(f"[{name}] finished before this attempt (epoch {state['epoch']}/{epochs}): not trained again",
+                  flush=True)
+        return
+    import ray.train
+
     batch = train_cfg.batch_for(name)
     monitor = monitor_metric(name)
     if not val_steps:
         monitor = monitor[len("val_"):]
-
-    if train_cfg.use_gpu and train_cfg.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-
-    tf.get_logger().setLevel("ERROR")  # MWMS logs every collective at INFO
-    # One worker has nothing to all-reduce: the default strategy skips MWMS' collectives.
-    strategy = tf.distribute.MultiWorkerMirroredStrategy() if world > 1 else tf.distribute.get_strategy()
     peak_lr = scaled_lr(train_cfg.lr_for(name), batch, world, train_cfg.base_batch)
     with strategy.scope():
         model = models.build_from_config(name, train_cfg)
         decay = epochs * steps if train_cfg.lr_schedule == "cosine" else None
         schedule = warmup_schedule(peak_lr, int(round(train_cfg.warmup_epochs * steps)), decay)
-        _compile(model, name, schedule, train_cfg.seg_loss, train_cfg.cls_loss_weight, config.get("pos_weight"))
-
+        _compile(model, name, schedule, train_cfg.seg_loss, train_cfg.cls_loss_weight, entry.get("pos_weight"))
     if rank == 0:
-        print(f"[{name}] {world} workers ready: model built in {time.time() - t_start:.1f}s "
-              f"(peak lr {peak_lr:.2e}, {steps} steps/epoch, {val_steps} val steps)", flush=True)
+        print(f"[{name}] model built in {time.time() - t_start:.1f}s (peak lr {peak_lr:.2e}, {steps} steps/epoch, "
+              f"{val_steps} val steps)", flush=True)
 
-    start_epoch, best, best_epoch, history = 0, None, None, []
-    work = tempfile.mkdtemp(prefix=f"steel-{name}-r{rank}-")
-    best_local = os.path.join(work, BEST_WEIGHTS)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            with open(os.path.join(d, STATE)) as fh:
-                state = json.load(fh)
-            if config.get("resume_key") and state.get("resume_key") != config["resume_key"]:
-                # The run folder is named after the key, so this means a folder copied or renamed by hand.
-                raise ValueError(
-                    f"model {name}: the checkpoint in this run folder has training key {state.get('resume_key')}, "
-                    f"this training {config['resume_key']}; it is not resumed (remove the folder to start afresh)")
-            with strategy.scope():
-                # Build the optimizer's slots first: the .h5 holds Adam's moments too, which then load.
-                model.optimizer.build(model.trainable_variables)
-            model.load_weights(os.path.join(d, WEIGHTS))
-            if os.path.exists(os.path.join(d, BEST_WEIGHTS)):
-                shutil.copyfile(os.path.join(d, BEST_WEIGHTS), best_local)
+    folder = os.path.join(work, name)
+    os.makedirs(folder, exist_ok=True)
+    best_local = os.path.join(folder, BEST_WEIGHTS)
+    start_epoch, best, best_epoch, history, seconds_before = 0, None, None, [], 0.0
+    if state:
+        with strategy.scope():
+            # Build the optimizer's slots first: the .h5 holds Adam's moments too, which then load.
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(os.path.join(folder, WEIGHTS))
         start_epoch = int(state["epoch"])
         best, best_epoch = state.get("best"), state.get("best_epoch")
         history = [h for h in state.get("history", []) if h["epoch"] <= start_epoch]
+        seconds_before = float(state.get("seconds", 0.0))
         model.optimizer.iterations.assign(start_epoch * steps)  # warm-up continues, not restarts
         if rank == 0:
             print(f"[{name}] resuming after epoch {start_epoch} (best {monitor}={best} at epoch {best_epoch})",
                   flush=True)
 
     specs = _type_specs(name, models.model_config(name, train_cfg).input_size)
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if val_steps else None
+    train_shard = ray.train.get_dataset_shard(f"{name}_train")
+    val_shard = ray.train.get_dataset_shard(f"{name}_val") if val_steps else None
     shuffle_buffer = batch * 4 if train_cfg.augment else None
     # One fit() for the remaining epochs over that many passes of the training shard: each pass of
     # its generator is one epoch of the Ray Data shard, and steps_per_epoch (= the shard's batches
@@ -428,12 +513,10 @@ def train_loop(config: dict) -> None:
     # which cost 4-10 s per epoch on the quickstart. Validation runs from the epoch callback on a
     # fresh pass of the validation shard (a repeated one lets workers' prefetching reach different
     # epochs of it, and streaming_split then waits for ever at its epoch barrier).
-    from steel.train_data import finish_kwargs, label_columns
-
     columns = label_columns(name)
     passes = max(1, epochs - start_epoch)
     validate = None
-    if config.get("cache") and start_epoch < epochs:
+    if entry.get("cache"):
         # Decoded rows read once, kept here; augmentation and validation run from memory every epoch.
         t_read = time.time()
         rows = _read_shard(train_shard)
@@ -469,34 +552,24 @@ def train_loop(config: dict) -> None:
         if improved:
             best, best_epoch = metrics[monitor], epoch
         history.append(metrics)
-        state = {"name": name, "resume_key": config.get("resume_key"), "epoch": epoch, "epochs": epochs,
-                 "best": best, "best_epoch": best_epoch, "monitor": monitor, "history": history}
-
+        states[name] = {"name": name, "resume_key": entry.get("resume_key"), "epoch": epoch, "epochs": epochs,
+                        "best": best, "best_epoch": best_epoch, "monitor": monitor, "history": history,
+                        "seconds": round(seconds_before + time.time() - t_start, 3)}
         # Every worker saves (MWMS may run collectives while reading variables); only rank 0 keeps it.
-        with tempfile.TemporaryDirectory(prefix=f"steel-ckpt-r{rank}-") as d:
-            model.save_weights(os.path.join(d, WEIGHTS))
-            if improved:
-                shutil.copyfile(os.path.join(d, WEIGHTS), best_local)
-            if rank == 0:
-                if os.path.exists(best_local):
-                    shutil.copyfile(best_local, os.path.join(d, BEST_WEIGHTS))
-                with open(os.path.join(d, STATE), "w") as fh:
-                    json.dump(state, fh)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
-                                 checkpoint_dir_name=f"epoch_{epoch:04d}")
-                shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                                 if k not in ("epoch", "seconds") and isinstance(v, float))
-                print(f"[{name}] epoch {epoch}/{epochs} {seconds:.1f}s {shown}"
-                      f"{' *best*' if improved else ''}", flush=True)
-            else:
-                ray.train.report(metrics, checkpoint=None)
+        model.save_weights(os.path.join(folder, WEIGHTS))
+        if improved:
+            shutil.copyfile(os.path.join(folder, WEIGHTS), best_local)
+        _report(name, metrics, work, states, resume_key, rank, epoch)
+        if rank == 0:
+            shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                             if k not in ("epoch", "seconds") and isinstance(v, float))
+            print(f"[{name}] epoch {epoch}/{epochs} {seconds:.1f}s {shown}{' *best*' if improved else ''}",
+                  flush=True)
 
-    if start_epoch < epochs:
-        reporter = _epoch_reporter(end_of_epoch, lambda epoch: _maybe_fail(config.get("fault"), epoch, rank),
-                                   validate)
-        model.fit(train_ds, epochs=epochs, initial_epoch=start_epoch, steps_per_epoch=steps, verbose=0,
-                  callbacks=[reporter])
-    shutil.rmtree(work, ignore_errors=True)
+    reporter = _epoch_reporter(end_of_epoch, lambda epoch: _maybe_fail(entry.get("fault"), epoch, rank),
+                               validate)
+    model.fit(train_ds, epochs=epochs, initial_epoch=start_epoch, steps_per_epoch=steps, verbose=0,
+              callbacks=[reporter])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -613,12 +686,31 @@ def oversample_rare(splits: dict, name: str, workers: int) -> dict:
     return {**splits, "train": pd.concat([splits["train"], *[rows] * (repeats - 1)], ignore_index=True)}
 
 
-def train_one(cfg, name: str, splits: dict, images_uri: str, fault: dict | None = None,
-              key: str | None = None) -> dict:
-    """Train ``name`` on the cluster; returns ``{"checkpoint", "state", "plan", "seconds", "run"}``.
+def group_run_name(keys: dict[str, str]) -> str:
+    """Ray Train run of the models ``keys`` (``{model: train_key}``) trained together.
 
-    ``key``: the model's :func:`train_key` (default: computed from ``cfg`` and ``splits``). The run
-    lives in ``<train.output>/<name>-<key>``: it resumes only a checkpoint of the same training.
+    One model: :func:`run_name`. Several: ``cascade-<hash of their names and keys>``: the run resumes
+    only a checkpoint of the very same models trained the very same way.
+    """
+    if len(keys) == 1:
+        (name, key), = keys.items()
+        return run_name(name, key)
+    import hashlib
+
+    payload = json.dumps(sorted(keys.items())).encode()
+    return f"cascade-{hashlib.sha256(payload).hexdigest()[:16]}"
+
+
+def train_group(cfg, names: list[str], splits: dict, images_uri: str, fault: dict | None = None,
+                keys: dict[str, str] | None = None) -> dict:
+    """Train ``names`` one after the other in **one** Ray Train run (one worker group, one TensorFlow
+    start per worker, one checkpoint series); returns ``{"checkpoint", "states", "plans", "seconds",
+    "run"}`` (``states``: per model, its final state; ``seconds``: the whole run).
+
+    ``keys``: each model's :func:`train_key` (default: computed from ``cfg`` and ``splits``). The
+    run lives in ``<train.output>/<group_run_name>``; its checkpoints hold every model's state, so a
+    retried worker group or a re-run of the same command continues the unfinished model and does not
+    train the finished ones again.
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
@@ -627,31 +719,47 @@ def train_one(cfg, name: str, splits: dict, images_uri: str, fault: dict | None 
     from steel.keras_env import runtime_env
 
     tc = cfg.train
-    key = key or train_key(name, cfg, dataset.fingerprint(splits))
-    run = run_name(name, key)
-    others = other_runs(tc.output, name, key)
+    keys = keys or {n: train_key(n, cfg, dataset.fingerprint(splits)) for n in names}
+    run = group_run_name({n: keys[n] for n in names})
+    prefix = names[0] if len(names) == 1 else "cascade"
+    others = other_runs(tc.output, prefix, run[len(prefix) + 1:])
     if others:
-        print(f"[{name}] {storage.join(tc.output, run)}: training key {key} differs from the earlier run(s) "
+        print(f"[{'+'.join(names)}] {storage.join(tc.output, run)}: training key differs from the earlier run(s) "
               f"{', '.join(others)} (architecture, hyperparameters, augmentation or data changed): their "
               f"checkpoints are not resumed; this run starts from its own folder", flush=True)
-    splits = oversample_rare(splits, name, tc.num_workers)
-    p = plan(name, train_data.split_sizes(splits, name), tc)
-    datasets = train_data.build_datasets(splits, images_uri, name, tc, decoded=p["cache"])
-    if p["train_rows"] < train_data.split_sizes(splits, name)["train"]:
-        datasets["train"] = datasets["train"].limit(p["train_rows"])
-    if not p["val_rows"]:
-        datasets.pop("val", None)
-    for ds in datasets.values():
-        # Per-epoch progress bars of the ingest pipelines would flood the log; the loop prints epochs.
-        ds.context.enable_progress_bars = False
+    seeds = [] if latest_checkpoint(tc.output, run) else earlier_progress(tc.output, run, {n: keys[n] for n in names})
+    if seeds:
+        print(f"[{'+'.join(names)}] continuing from earlier runs' checkpoints of the same training: "
+              f"{', '.join(f'{n} epoch {e} ({r})' for n, e, r, _ in seeds)}", flush=True)
+    entries, datasets, to_split, plans = [], {}, [], {}
+    for name in names:
+        own = oversample_rare(splits, name, tc.num_workers)
+        p = plans[name] = plan(name, train_data.split_sizes(own, name), tc)
+        built = train_data.build_datasets(own, images_uri, name, tc, decoded=p["cache"])
+        if p["train_rows"] < train_data.split_sizes(own, name)["train"]:
+            built["train"] = built["train"].limit(p["train_rows"])
+        if not p["val_rows"]:
+            built.pop("val", None)
+        for split, ds in built.items():
+            # Per-epoch progress bars of the ingest pipelines would flood the log; the loop prints epochs.
+            ds.context.enable_progress_bars = False
+            datasets[f"{name}_{split}"] = ds
+            if split == "train" or p["split_val"]:
+                to_split.append(f"{name}_{split}")
+        entries.append({"name": name, "epochs": tc.epochs_for(name), "steps_per_epoch": p["steps_per_epoch"],
+                        "val_steps": p["val_steps"], "cache": p["cache"], "resume_key": keys[name],
+                        "pos_weight": pos_weights(splits["train"], tc.max_pos_weight) if name == "unified" else None,
+                        "fault": fault if fault and fault.get("model", name) == name else None})
+        print(f"[{name}] training: {p['train_rows']} train images ({p['steps_per_epoch']} steps/epoch x "
+              f"{tc.num_workers} workers x batch {tc.batch_for(name)}), {p['val_rows']} val images, "
+              f"{tc.epochs_for(name)} epochs, {'cached in the workers' if p['cache'] else 'streamed'} "
+              f"({p['cache_mb']:.0f} MB decoded per worker), peak lr "
+              f"{scaled_lr(tc.lr_for(name), tc.batch_for(name), tc.num_workers, tc.base_batch):.2e}", flush=True)
     storage_path, fs = _storage(tc.output)
     trainer = TensorflowTrainer(
         train_loop,
-        train_loop_config={"name": name, "train": cfg.to_dict()["train"], "epochs": tc.epochs_for(name),
-                           "steps_per_epoch": p["steps_per_epoch"], "val_steps": p["val_steps"],
-                           "num_workers": tc.num_workers, "resume_key": key, "cache": p["cache"],
-                           "pos_weight": pos_weights(splits["train"], tc.max_pos_weight) if name == "unified" else None,
-                           "fault": fault if fault and fault.get("model", name) == name else None},
+        train_loop_config={"train": cfg.to_dict()["train"], "models": entries, "resume_key": run,
+                           "seeds": [(n, c) for n, _, _, c in seeds]},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker,
                                                            **({"GPU": 1} if tc.use_gpu else {})}),
@@ -662,23 +770,89 @@ def train_one(cfg, name: str, splits: dict, images_uri: str, fault: dict | None 
             worker_runtime_env=runtime_env(),
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split="all" if p["split_val"] else ["train"]),
+        dataset_config=DataConfig(datasets_to_split=to_split),
     )
-    print(f"[{name}] training: {p['train_rows']} train images ({p['steps_per_epoch']} steps/epoch x "
-          f"{tc.num_workers} workers x batch {tc.batch_for(name)}), {p['val_rows']} val images, "
-          f"{tc.epochs_for(name)} epochs, {'cached in the workers' if p['cache'] else 'streamed'} "
-          f"({p['cache_mb']:.0f} MB decoded per worker), peak lr {scaled_lr(tc.lr_for(name), tc.batch_for(name), tc.num_workers, tc.base_batch):.2e}",
-          flush=True)
     t0 = time.time()
     result = trainer.fit()
     seconds = time.time() - t0
     checkpoint = result.checkpoint
     if checkpoint is None:
-        raise RuntimeError(f"model {name}: training produced no checkpoint")
+        raise RuntimeError(f"models {', '.join(names)}: training produced no checkpoint")
+    states = checkpoint_states(checkpoint)
+    missing = [n for n in names if n not in states or states[n]["epoch"] < states[n]["epochs"]]
+    if missing:
+        raise RuntimeError(f"run {run} ended without finishing {', '.join(missing)}")
+    return {"checkpoint": checkpoint, "states": states, "plans": plans, "seconds": seconds, "run": run}
+
+
+def train_one(cfg, name: str, splits: dict, images_uri: str, fault: dict | None = None,
+              key: str | None = None) -> dict:
+    """Train ``name`` alone; returns ``{"checkpoint", "state", "plan", "seconds", "run"}``
+    (:func:`train_group` of one model)."""
+    out = train_group(cfg, [name], splits, images_uri, fault, {name: key} if key else None)
+    return {"checkpoint": out["checkpoint"], "state": out["states"][name], "plan": out["plans"][name],
+            "seconds": out["seconds"], "run": out["run"]}
+
+
+def checkpoint_states(checkpoint) -> dict[str, dict]:
+    """Every model's state (epoch, epochs, best, history, seconds) in a run's checkpoint."""
     with checkpoint.as_directory() as d:
         with open(os.path.join(d, STATE)) as fh:
-            state = json.load(fh)
-    return {"checkpoint": checkpoint, "state": state, "plan": p, "seconds": seconds, "run": run}
+            return json.load(fh)["models"]
+
+
+def earlier_progress(output: str, run: str, keys: dict[str, str]) -> list[tuple]:
+    """Progress on ``keys``' models (same model, same :func:`train_key`) that other runs under
+    ``output`` checkpointed: ``[(model, epoch, run folder, checkpoint)]``, the furthest one per model.
+
+    A run trains a set of models; when the set changes (a finished model went to the bundle, one
+    model was asked for alone), the new run's folder differs, but a model's progress is the same
+    training and is continued, not repeated."""
+    import pyarrow.fs as pafs
+
+    from steel import storage
+
+    fs, path = storage.resolve(output)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    prefixes = tuple(f"{n}-" for n in keys) + ("cascade-",)
+    found: dict[str, tuple] = {}
+    for info in infos:
+        if info.type != pafs.FileType.Directory or info.base_name == run or not info.base_name.startswith(prefixes):
+            continue
+        checkpoint = latest_checkpoint(output, info.base_name)
+        if checkpoint is None:
+            continue
+        for name, state in checkpoint_states(checkpoint).items():
+            epoch = int(state["epoch"])
+            if keys.get(name) == state.get("resume_key") and epoch > (found[name][1] if name in found else 0):
+                found[name] = (name, epoch, info.base_name, checkpoint)
+    return [found[n] for n in keys if n in found]
+
+
+def latest_checkpoint(output: str, run: str):
+    """The newest checkpoint of ``run`` under ``output`` (the most epochs recorded), or None.
+
+    Used after a failed run, whose ``Result`` the driver never gets, to keep what it finished."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    from steel import storage
+
+    fs, path = storage.resolve(storage.join(output, run))
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    best, best_done = None, -1
+    for info in infos:
+        if info.type != pafs.FileType.Directory or "_epoch_" not in info.base_name:
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/{STATE}") as fh:
+                models = json.loads(fh.read())["models"]
+        except (FileNotFoundError, OSError, ValueError, KeyError):
+            continue  # a checkpoint still being written when the run died
+        done = sum(int(s["epoch"]) for s in models.values())
+        if done > best_done:
+            best, best_done = Checkpoint(path=info.path, filesystem=fs), done
+    return best
 
 
 def load_trained(name: str, checkpoint, train_cfg, best: bool = True):
@@ -688,9 +862,9 @@ def load_trained(name: str, checkpoint, train_cfg, best: bool = True):
     spec = models.model_spec(name, train_cfg)
     model = models.build_from_spec(name, spec, encoder_weights="none")
     with checkpoint.as_directory() as d:
-        path = os.path.join(d, BEST_WEIGHTS if best else WEIGHTS)
+        path = os.path.join(d, name, BEST_WEIGHTS if best else WEIGHTS)
         if not os.path.exists(path):
-            path = os.path.join(d, WEIGHTS)
+            path = os.path.join(d, name, WEIGHTS)
         model.load_weights(path)
     return model, spec
 
@@ -839,19 +1013,55 @@ def load_splits(cfg) -> tuple[dict, str]:
     return splits, dataset.fingerprint(splits)
 
 
-def train_models(cfg, models: list[str] | None = None) -> dict[str, dict]:
-    """Train ``models`` (default ``cfg.train.models``) one after the other; returns per-model results.
+def _save_trained(cfg, name: str, checkpoint, state: dict, key: str, fp: str) -> dict:
+    """``name``'s best weights from the run's checkpoint into the bundle, with its history files."""
+    from steel import bundle
 
-    Needs a connected Ray (``ray.init`` with ``steel.keras_env.runtime_env()``). Each model:
-    ``TensorflowTrainer`` with ``RunConfig(storage_path=cfg.train.output, name=<model>-<train_key>)``
-    (re-running the same training after a crash continues from its last checkpoint; a changed
-    architecture, hyperparameter, augmentation or data split trains afresh in a new folder), then its best weights go into the bundle at
-    ``cfg.bundle`` (``steel.bundle.save_model_to_bundle``) with ``history/<model>.csv|png`` and
-    ``logs/<model>/``. A model already in the bundle with the same spec, training settings and data
-    split is skipped. Result per model: ``{"status": "trained"|"skipped", "best_epoch", "best",
-    "monitor", "epochs", "seconds", "history"}``.
+    model, spec = load_trained(name, checkpoint, cfg.train)
+    best_row = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]), {})
+    metrics = {"monitor": state["monitor"], "best": state["best"], "best_epoch": state["best_epoch"],
+               "epochs": state["epoch"], "train_key": key, "data_fingerprint": fp,
+               **{k: v for k, v in best_row.items() if k not in ("epoch",)}}
+    # History first: the manifest entry written by save_model_to_bundle marks the model complete.
+    files = write_history(cfg.bundle, name, state["history"])
+    bundle.save_model_to_bundle(cfg.bundle, name, model, spec, metrics, state.get("seconds"),
+                                config=cfg.to_dict(), fingerprint=fp)
+    return files
+
+
+def _save_finished(cfg, run: str, names: list[str], keys: dict, fp: str) -> list[str]:
+    """After a failed run: the models its newest checkpoint holds as finished, saved to the bundle."""
+    try:
+        checkpoint = latest_checkpoint(cfg.train.output, run)
+        if checkpoint is None:
+            return []
+        states = checkpoint_states(checkpoint)
+        done = [n for n in names if n in states and int(states[n]["epoch"]) >= int(states[n]["epochs"])
+                and states[n].get("resume_key") == keys[n]]
+        for name in done:
+            _save_trained(cfg, name, checkpoint, states[name], keys[name], fp)
+        return done
+    except Exception as e:  # never hide the run's own error behind this one
+        log.warning("could not save the finished models of run %s: %s", run, e)
+        return []
+
+
+def train_models(cfg, models: list[str] | None = None) -> dict[str, dict]:
+    """Train ``models`` (default ``cfg.train.models``) in one Ray Train run; returns per-model results.
+
+    Needs a connected Ray (``ray.init`` with ``steel.keras_env.runtime_env()``). The models not yet
+    in the bundle train one after the other in one ``TensorflowTrainer`` run (:func:`train_group`:
+    ``RunConfig(storage_path=cfg.train.output, name=<group_run_name>)``; re-running the same
+    training after a crash continues from its last checkpoint, finished models included; a changed
+    architecture, hyperparameter, augmentation or data split trains afresh in a new folder). Then
+    each model's best weights go into the bundle at ``cfg.bundle``
+    (``steel.bundle.save_model_to_bundle``) with ``history/<model>.csv|png`` and ``logs/<model>/``.
+    When the run fails, the models it finished are saved to the bundle before the error is raised.
+    A model already in the bundle with the same spec, training settings and data split is skipped.
+    Result per model: ``{"status": "trained"|"skipped", "best_epoch", "best", "monitor", "epochs",
+    "seconds", "history"}``.
     """
-    from steel import bundle, storage
+    from steel import storage
     from steel.config import ALL_MODEL_NAMES
 
     names = list(models or cfg.train.model_names())
@@ -879,27 +1089,32 @@ def train_models(cfg, models: list[str] | None = None) -> dict[str, dict]:
           f"(fingerprint {fp[:12]}); models: {', '.join(names)}", flush=True)
 
     results: dict[str, dict] = {}
+    keys = {name: train_key(name, cfg, fp) for name in names}
+    todo = []
     for name in names:
-        key = train_key(name, cfg, fp)
-        if _completed(cfg.bundle, name, key):
+        if _completed(cfg.bundle, name, keys[name]):
             print(f"[{name}] already in bundle {cfg.bundle} with the same config and data: skipped", flush=True)
-            results[name] = {"status": "skipped", "skipped": True, "train_key": key}
-            continue
-        out = train_one(cfg, name, splits, images_uri, fault, key=key)
-        state = out["state"]
-        model, spec = load_trained(name, out["checkpoint"], cfg.train)
-        best_row = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]), {})
-        metrics = {"monitor": state["monitor"], "best": state["best"], "best_epoch": state["best_epoch"],
-                   "epochs": state["epoch"], "train_key": key, "data_fingerprint": fp,
-                   **{k: v for k, v in best_row.items() if k not in ("epoch",)}}
-        # History first: the manifest entry written by save_model_to_bundle marks the model complete.
-        files = write_history(cfg.bundle, name, state["history"])
-        bundle.save_model_to_bundle(cfg.bundle, name, model, spec, metrics, out["seconds"],
-                                    config=cfg.to_dict(), fingerprint=fp)
-        results[name] = {"status": "trained", "skipped": False, "best_epoch": state["best_epoch"], "best": state["best"],
-                         "monitor": state["monitor"], "epochs": state["epoch"], "seconds": out["seconds"],
-                         "history": state["history"], "files": files, "train_key": key,
-                         "checkpoint": out["checkpoint"], "run": out["run"]}
+            results[name] = {"status": "skipped", "skipped": True, "train_key": keys[name]}
+        else:
+            todo.append(name)
+    if todo:
+        run = group_run_name({n: keys[n] for n in todo})
+        try:
+            out = train_group(cfg, todo, splits, images_uri, fault, keys={n: keys[n] for n in todo})
+        except Exception:
+            # Keep what the failed run finished: its models go into the bundle now, so that a re-run
+            # (even one with another setting for the unfinished model) does not train them again.
+            kept = _save_finished(cfg, run, todo, keys, fp)
+            if kept:
+                print(f"run {run} failed; finished models saved to the bundle: {', '.join(kept)}", flush=True)
+            raise
+        for name in todo:
+            state = out["states"][name]
+            results[name] = {"status": "trained", "skipped": False, "best_epoch": state["best_epoch"],
+                             "best": state["best"], "monitor": state["monitor"], "epochs": state["epoch"],
+                             "seconds": state.get("seconds", out["seconds"]), "history": state["history"],
+                             "train_key": keys[name], "checkpoint": out["checkpoint"], "run": out["run"],
+                             "files": _save_trained(cfg, name, out["checkpoint"], state, keys[name], fp)}
     _print_summary(results)
     return results
 
@@ -916,7 +1131,8 @@ def _print_summary(results: dict[str, dict]) -> None:
     print("\n".join(lines), file=sys.stdout, flush=True)
 
 
-__all__ = ["train_loop", "train_models", "train_one", "plan", "scaled_lr", "warmup_schedule", "monitor_metric",
+__all__ = ["train_loop", "train_models", "train_one", "train_group", "group_run_name", "checkpoint_states",
+           "latest_checkpoint", "earlier_progress", "plan", "scaled_lr", "warmup_schedule", "monitor_metric",
            "load_trained", "write_history", "history_frame", "plot_history", "write_tensorboard", "train_key",
            "run_name", "other_runs", "local_train_config",
            "parse_fault", "load_splits", "pos_weights", "FAULT_ENV"]

@@ -178,6 +178,8 @@ def test_trains_all_six_into_a_loadable_bundle(tiny_root, tmp_path, ray_local):
     cfg = tiny_config(tiny_root, tmp_path, epochs=1, epochs_by_model={"seg2": 2}, lr_schedule="cosine")
     results = train_models(cfg)
     assert set(results) == {"binary", "multilabel", "seg1", "seg2", "seg3", "seg4"}
+    runs = {r["run"] for r in results.values()}  # one Ray Train run (one worker group) for all six
+    assert len(runs) == 1 and runs.pop().startswith("cascade-")
     assert _epochs(results["seg2"]) == [1, 2]  # epochs_by_model overrides epochs for that model only
     loaded = bundle.load_bundle(cfg.bundle)
     assert set(loaded.models) == set(results)
@@ -226,39 +228,48 @@ def test_worker_failure_recovers_from_checkpoint(tiny_root, tmp_path, ray_local,
     assert marker.exists()  # the failure did happen
     assert _epochs(r) == [1, 2, 3]  # resumed after epoch 1: no epoch lost or repeated
     assert r["run"] == f"binary-{r['train_key']}"
-    ckpts = sorted(p.name for p in (tmp_path / "ckpt" / r["run"]).glob("epoch_*"))
-    assert ckpts == ["epoch_0002", "epoch_0003"]  # num_to_keep=2
+    ckpts = sorted(p.name for p in (tmp_path / "ckpt" / r["run"]).glob("binary_epoch_*"))
+    assert ckpts == ["binary_epoch_0002", "binary_epoch_0003"]  # num_to_keep=2
 
 
 @pytest.mark.slow
-def test_crash_then_rerun_continues_on_s3(tiny_root, tmp_path, ray_local, s3_bucket, monkeypatch):
-    """max_failures=0: the first run dies after epoch 1; the same command again starts at epoch 2.
+@pytest.mark.timeout(600)
+def test_crash_then_rerun_continues_on_s3(tiny_root, tmp_path, ray_local, s3_bucket, monkeypatch, capsys):
+    """binary and seg3 train in one run (max_failures=0); seg3 dies at its 2nd epoch. binary reaches
+    the bundle all the same, and the same command again (now seg3 alone: another run folder) continues
+    seg3 after its epoch 1 from the failed run's checkpoint.
 
     Without the worker cache (``worker_cache_mb=0``): Ray Data streams every epoch, as for a dataset
     too big to cache; the other runs here use the cache."""
     import boto3
 
     from steel import bundle, storage
-    from steel.training import FAULT_ENV, load_splits, run_name, train_key, train_models
+    from steel.training import FAULT_ENV, checkpoint_states, latest_checkpoint, train_models
 
     out = f"s3://{s3_bucket}/run"
-    cfg = tiny_config(tiny_root, out, epochs=2, max_failures=0, worker_cache_mb=0)
-    run = run_name("multilabel", train_key("multilabel", cfg, load_splits(cfg)[1]))
-    monkeypatch.setenv(FAULT_ENV, f"epoch=2,rank=0,marker={tmp_path / 'crashed'}")
+    cfg = tiny_config(tiny_root, out, epochs=2, epochs_by_model={"binary": 1}, max_failures=0, worker_cache_mb=0)
+    monkeypatch.setenv(FAULT_ENV, f"model=seg3,epoch=2,rank=1,marker={tmp_path / 'crashed'}")
     with pytest.raises(Exception, match="injected failure"):
-        train_models(cfg, ["multilabel"])
+        train_models(cfg, ["binary", "seg3"])
+    assert "finished models saved to the bundle: binary" in capsys.readouterr().out
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]]
-    assert any(k.startswith(f"run/ckpt/{run}/epoch_0001/") for k in keys)
-    first = json.loads(storage.read_text(f"{out}/ckpt/{run}/epoch_0001/state.json"))
-    assert first["epoch"] == 1 and not storage.exists(f"{out}/bundle/manifest.json")
+    runs = {k.split("/")[2] for k in keys if k.startswith("run/ckpt/") and "_epoch_" in k}
+    assert len(runs) == 1 and next(iter(runs)).startswith("cascade-")  # one run for both models
+    run = runs.pop()
+    assert any(k.startswith(f"run/ckpt/{run}/seg3_epoch_0001/") for k in keys)
+    failed = checkpoint_states(latest_checkpoint(cfg.train.output, run))
+    assert failed["binary"]["epoch"] == 1 and failed["seg3"]["epoch"] == 1
+    assert set(bundle.read_manifest(f"{out}/bundle")["models"]) == {"binary"}
 
-    r = train_models(cfg, ["multilabel"])["multilabel"]  # the marker exists: no failure this time
-    assert _epochs(r) == [1, 2]
-    assert r["history"][0] == first["history"][0]  # epoch 1 came from the checkpoint, not re-trained
+    again = train_models(cfg, ["binary", "seg3"])  # the marker exists: no failure this time
+    assert again["binary"]["status"] == "skipped"
+    assert f"seg3 epoch 1 ({run})" in capsys.readouterr().out
+    assert _epochs(again["seg3"]) == [1, 2] and again["seg3"]["run"].startswith("seg3-")
+    assert again["seg3"]["history"][0] == failed["seg3"]["history"][0]  # epoch 1 continued, not repeated
     loaded = bundle.load_bundle(f"{out}/bundle")
-    assert set(loaded.models) == {"multilabel"}
-    assert storage.exists(f"{out}/bundle/history/multilabel.csv")
-    assert any(k.startswith("run/bundle/logs/multilabel/") for k in
+    assert set(loaded.models) == {"binary", "seg3"}
+    assert storage.exists(f"{out}/bundle/history/seg3.csv")
+    assert any(k.startswith("run/bundle/logs/seg3/") for k in
                (o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]))
     assert os.path.exists(tmp_path / "crashed")
 
@@ -307,4 +318,5 @@ def test_hyperparameter_change_after_a_finished_run_trains_afresh(tiny_root, tmp
     new_weights = after.models["binary"].get_weights()
     assert any(not np.array_equal(a, b) for a, b in zip(old_weights, new_weights))
     # The old run's checkpoints stay where they were (its own folder), untouched.
-    assert sorted(p.name for p in (tmp_path / "ckpt" / first["run"]).glob("epoch_*")) == ["epoch_0001"]
+    assert sorted(p.name for p in (tmp_path / "ckpt" / first["run"]).glob("*_epoch_*")) == ["binary_epoch_0001"]
+
