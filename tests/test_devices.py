@@ -109,7 +109,7 @@ def test_gpu_settings_fail_at_once_where_tensorflow_sees_no_gpu(tmp_path):
     expected = {"score_driver": "score.gpus_per_actor > 0 asks for a GPU",
                 "score_actor": "score.gpus_per_actor > 0 (a cascade actor) asks for a GPU",
                 "train_driver": "train.use_gpu: true asks for a GPU",
-                "train_worker": "train.use_gpu: true (model binary, worker 0) asks for a GPU"}
+                "train_worker": "train.use_gpu: true (models binary, worker 0) asks for a GPU"}
     for name, text in expected.items():
         got = result[name]
         assert got["error"] and text in got["error"] and "sees none" in got["error"], (name, got)
