@@ -110,7 +110,8 @@ def _run_keras(args, overrides: list[str]) -> dict:
 # Steel's log lines that mark a phase boundary, in order (the first line matching each one).
 _PHASES = (("ray + labels", re.compile(r"^data: ")),
            ("trainer start", re.compile(r"\] training: ")),
-           ("worker group + TF + build", re.compile(r"workers? ready")),
+           ("worker group + TF", re.compile(r"worker\(s\) ready")),
+           ("build + first data pass", re.compile(r"\] (cached \d+ train|epoch 1/)")),
            ("epoch 1", re.compile(r"\] epoch 1/")),
            ("later epochs", re.compile(r"\] epoch (\d+)/\1 ")),
            ("bundle + history", re.compile(r"^model\s+status")),)
