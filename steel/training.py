@@ -426,10 +426,26 @@ def train_loop(config: dict) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
+def checkpoint_files(current: str, states: dict, has_best) -> dict[str, list[str]]:
+    """Weight files each model of ``states`` keeps in a checkpoint taken while ``current`` trains.
+
+    Every model's best weights (``has_best(model)``); the last weights, with the optimizer's state,
+    of every model still to be continued: the current one, or one continued from an earlier run that
+    this run has not reached yet. Of a finished model with no best (no epoch had a finite monitored
+    value) the last weights stand in for the best.
+    """
+    out = {}
+    for name, state in states.items():
+        unfinished = name == current or int(state["epoch"]) < int(state["epochs"])
+        best = bool(has_best(name))
+        out[name] = [BEST_WEIGHTS] * best + [WEIGHTS] * (unfinished or not best)
+    return out
+
+
 def _report(name: str, metrics: dict, work: str, states: dict, resume_key, rank: int, epoch: int) -> None:
     """``ray.train.report`` of one epoch of ``name`` (a barrier: every worker calls it); rank 0 attaches
-    the run's checkpoint: ``state.json`` (every model's state so far), each model's ``best.weights.h5``
-    and the current model's last ``model.weights.h5`` (to continue it)."""
+    the run's checkpoint: ``state.json`` (every model's state so far) and the weight files of
+    :func:`checkpoint_files`."""
     import ray.train
     from ray.train import Checkpoint
 
@@ -437,10 +453,8 @@ def _report(name: str, metrics: dict, work: str, states: dict, resume_key, rank:
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory(prefix="steel-ckpt-") as d:
-        for other in states:
-            files = (WEIGHTS, BEST_WEIGHTS) if other == name else (BEST_WEIGHTS,)
-            if other != name and not os.path.exists(os.path.join(work, other, BEST_WEIGHTS)):
-                files = (WEIGHTS,)  # no finite monitored value: the last weights stand in for the best
+        for other, files in checkpoint_files(name, states, lambda m: os.path.exists(
+                os.path.join(work, m, BEST_WEIGHTS))).items():
             os.makedirs(os.path.join(d, other), exist_ok=True)
             for f in files:
                 if os.path.exists(os.path.join(work, other, f)):
@@ -1132,7 +1146,7 @@ def _print_summary(results: dict[str, dict]) -> None:
 
 
 __all__ = ["train_loop", "train_models", "train_one", "train_group", "group_run_name", "checkpoint_states",
-           "latest_checkpoint", "earlier_progress", "plan", "scaled_lr", "warmup_schedule", "monitor_metric",
+           "latest_checkpoint", "earlier_progress", "checkpoint_files", "plan", "scaled_lr", "warmup_schedule", "monitor_metric",
            "load_trained", "write_history", "history_frame", "plot_history", "write_tensorboard", "train_key",
            "run_name", "other_runs", "local_train_config",
            "parse_fault", "load_splits", "pos_weights", "FAULT_ENV"]

@@ -134,6 +134,20 @@ def test_write_history_csv_png_tensorboard(tmp_path):
     assert len(list((tmp_path / "bundle/logs/binary").rglob("events.out.tfevents.*"))) == 2
 
 
+def test_checkpoint_files_keep_what_each_model_needs_to_continue():
+    from steel.training import BEST_WEIGHTS, WEIGHTS, checkpoint_files
+
+    states = {"multilabel": {"epoch": 2, "epochs": 2},  # finished
+              "seg1": {"epoch": 1, "epochs": 1},  # finished, no epoch with a finite metric: no best file
+              "seg3": {"epoch": 1, "epochs": 3},  # continued from an earlier run, not reached yet
+              "binary": {"epoch": 1, "epochs": 2}}  # training now
+    files = checkpoint_files("binary", states, lambda name: name != "seg1")
+    assert files == {"multilabel": [BEST_WEIGHTS], "seg1": [WEIGHTS], "seg3": [BEST_WEIGHTS, WEIGHTS],
+                     "binary": [BEST_WEIGHTS, WEIGHTS]}
+    states["binary"]["epoch"] = 2  # its last epoch: still the current model, its last weights kept
+    assert checkpoint_files("binary", states, lambda name: True)["binary"] == [BEST_WEIGHTS, WEIGHTS]
+
+
 def test_train_key_tracks_config_and_data(tiny_root):
     from steel.training import train_key
 
