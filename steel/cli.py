@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # matplotlib logs every categorical axis at INFO: noise in a run's output
+        logging.getLogger("matplotlib").setLevel(logging.WARNING)
     try:
         return int(args._module.cli_main(args) or 0)
     except KeyboardInterrupt:
