@@ -89,6 +89,7 @@ WEIGHTS = "model.weights.h5"
 BEST_WEIGHTS = "best.weights.h5"
 STATE = "state.json"
 FAULT_ENV = "STEEL_TRAIN_FAIL_AT"  # test hook: "epoch=E,rank=R,marker=PATH" fails once
+REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"  # Ray's default: 2 s
 
 
 def monitor_metric(name: str) -> str:
@@ -570,15 +571,17 @@ def _train_model(entry: dict, train_cfg, strategy, rank: int, world: int, work: 
                         "best": best, "best_epoch": best_epoch, "monitor": monitor, "history": history,
                         "seconds": round(seconds_before + time.time() - t_start, 3)}
         # Every worker saves (MWMS may run collectives while reading variables); only rank 0 keeps it.
+        t_save = time.time()
         model.save_weights(os.path.join(folder, WEIGHTS))
         if improved:
             shutil.copyfile(os.path.join(folder, WEIGHTS), best_local)
+        t_report = time.time()
         _report(name, metrics, work, states, resume_key, rank, epoch)
         if rank == 0:
             shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                              if k not in ("epoch", "seconds") and isinstance(v, float))
-            print(f"[{name}] epoch {epoch}/{epochs} {seconds:.1f}s {shown}{' *best*' if improved else ''}",
-                  flush=True)
+            print(f"[{name}] epoch {epoch}/{epochs} {seconds:.1f}s {shown}{' *best*' if improved else ''} "
+                  f"(checkpoint: save {t_report - t_save:.1f}s, report {time.time() - t_report:.1f}s)", flush=True)
 
     reporter = _epoch_reporter(end_of_epoch, lambda epoch: _maybe_fail(entry.get("fault"), epoch, rank),
                                validate)
@@ -770,6 +773,10 @@ def train_group(cfg, names: list[str], splits: dict, images_uri: str, fault: dic
               f"({p['cache_mb']:.0f} MB decoded per worker), peak lr "
               f"{scaled_lr(tc.lr_for(name), tc.batch_for(name), tc.num_workers, tc.base_batch):.2e}", flush=True)
     storage_path, fs = _storage(tc.output)
+    # Ray Train's controller takes a worker's report only when it polls the workers, every 2 s by
+    # default, and a worker's next report waits for that (a queue of one): every epoch then costs at
+    # least 2 s, most of an epoch on the quickstart. The driver's value reaches the controller.
+    os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
     trainer = TensorflowTrainer(
         train_loop,
         train_loop_config={"train": cfg.to_dict()["train"], "models": entries, "resume_key": run,
