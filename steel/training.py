@@ -46,6 +46,9 @@ Overhead (issue 12; measured by ``bench/bench_train_overhead.py`` against a plai
   ``num_workers`` workers that would only share the same cores, all-reduce every step and split
   BatchNorm statistics (:func:`local_train_config`); a single worker uses TensorFlow's default
   strategy, not MWMS.
+- **Report poll**: Ray Train's controller takes a worker's ``report`` only when it polls the
+  workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, default 2 s) and the worker's next report waits for
+  that; :func:`train_group` sets 0.25 s unless the variable is set, so a short epoch does not wait.
 
 Checkpoint (one per epoch of any model, ``<model>_epoch_NNNN``, ``CheckpointConfig(num_to_keep=2)``):
 ``state.json`` (every model's epoch, best and history so far), ``<model>/best.weights.h5`` of every
