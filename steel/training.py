@@ -400,10 +400,7 @@ def train_loop(config: dict) -> None:
                     f"{saved.get('resume_key')}, this training {config['resume_key']}; it is not resumed "
                     "(remove the folder to start afresh)")
             for name, state in saved["models"].items():
-                os.makedirs(os.path.join(work, name), exist_ok=True)
-                for f in (WEIGHTS, BEST_WEIGHTS):
-                    if os.path.exists(os.path.join(d, name, f)):
-                        shutil.copyfile(os.path.join(d, name, f), os.path.join(work, name, f))
+                _copy_weights(d, work, name, (WEIGHTS, BEST_WEIGHTS))
                 states[name] = state
     else:
         # A fresh run: a model's progress checkpointed by an earlier run of other models (the same
@@ -417,10 +414,7 @@ def train_loop(config: dict) -> None:
                 if state.get("resume_key") != wanted.get(name) or (
                         not finished and not os.path.exists(os.path.join(d, name, WEIGHTS))):
                     continue
-                os.makedirs(os.path.join(work, name), exist_ok=True)
-                for f in (WEIGHTS, BEST_WEIGHTS):
-                    if os.path.exists(os.path.join(d, name, f)):
-                        shutil.copyfile(os.path.join(d, name, f), os.path.join(work, name, f))
+                _copy_weights(d, work, name, (WEIGHTS, BEST_WEIGHTS))
                 states[name] = state
     if rank == 0:
         print(f"[train] {world} worker(s) ready in {time.time() - t_start:.1f}s for {', '.join(names)}", flush=True)
@@ -428,6 +422,14 @@ def train_loop(config: dict) -> None:
         _train_model(entry, train_cfg, strategy, rank, world, work, states, config.get("resume_key"))
         keras.backend.clear_session()  # the next model starts from a clean Keras state
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _copy_weights(src: str, dst: str, name: str, files) -> None:
+    """``src/<name>/<f>`` -> ``dst/<name>/<f>`` for each of ``files`` that exists."""
+    os.makedirs(os.path.join(dst, name), exist_ok=True)
+    for f in files:
+        if os.path.exists(os.path.join(src, name, f)):
+            shutil.copyfile(os.path.join(src, name, f), os.path.join(dst, name, f))
 
 
 def checkpoint_files(current: str, states: dict, has_best) -> dict[str, list[str]]:
@@ -459,10 +461,7 @@ def _report(name: str, metrics: dict, work: str, states: dict, resume_key, rank:
     with tempfile.TemporaryDirectory(prefix="steel-ckpt-") as d:
         for other, files in checkpoint_files(name, states, lambda m: os.path.exists(
                 os.path.join(work, m, BEST_WEIGHTS))).items():
-            os.makedirs(os.path.join(d, other), exist_ok=True)
-            for f in files:
-                if os.path.exists(os.path.join(work, other, f)):
-                    shutil.copyfile(os.path.join(work, other, f), os.path.join(d, other, f))
+            _copy_weights(work, d, other, files)
         with open(os.path.join(d, STATE), "w") as fh:
             json.dump({"resume_key": resume_key, "models": states}, fh)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
