@@ -13,7 +13,7 @@ from tests.test_train_data import make_tiny_dataset
 
 TINY_CLASSIFIER = {"encoder": "simplecnn", "input_size": [32, 160], "encoder_weights": "none",
                    "dense_units": [16, 8, 8]}
-TINY_SEGMENTER = {"encoder": "mobilenetv2", "input_size": [64, 320], "encoder_weights": "none",
+TINY_SEGMENTER = {"encoder": "simplecnn", "input_size": [32, 160], "encoder_weights": "none",
                   "decoder_filters": [16, 8, 8, 4, 4]}
 
 
@@ -77,8 +77,8 @@ def test_plan_caches_in_workers_when_the_share_fits(tiny_root):
 
     cfg = tiny_config(tiny_root, "/tmp/unused", per_worker_batch=4, num_workers=2)
     p = plan("seg3", {"train": 17, "val": 5}, cfg.train)
-    # 8 train + 2 val rows per worker, 64x320 pixels x (3 image + 1 mask) bytes each.
-    assert p["cache"] and p["cache_mb"] == round(10 * (64 * 320 * 4 + 20) / 2**20, 1)
+    # 8 train + 2 val rows per worker, 32x160 pixels x (3 image + 1 mask) bytes each.
+    assert p["cache"] and p["cache_mb"] == round(10 * (32 * 160 * 4 + 20) / 2**20, 1) == 0.2
     small = tiny_config(tiny_root, "/tmp/unused", worker_cache_mb=0)
     assert not plan("seg3", {"train": 17, "val": 5}, small.train)["cache"]
     big = plan("seg3", {"train": 2000, "val": 500}, tiny_config(tiny_root, "/tmp/unused", worker_cache_mb=1).train)
@@ -334,3 +334,23 @@ def test_hyperparameter_change_after_a_finished_run_trains_afresh(tiny_root, tmp
     # The old run's checkpoints stay where they were (its own folder), untouched.
     assert sorted(p.name for p in (tmp_path / "ckpt" / first["run"]).glob("*_epoch_*")) == ["binary_epoch_0001"]
 
+
+
+@pytest.mark.timeout(120)
+def test_tensorflow_backend_config_unpickles_without_tensorflow(tmp_path):
+    """Ray Train's controller unpickles the backend config: ours must not import TensorFlow there
+    (``ray.train.tensorflow`` does, in its package ``__init__``)."""
+    import subprocess
+    import sys
+
+    import ray.cloudpickle as cloudpickle
+
+    from steel.training import tensorflow_backend_config
+
+    blob = tmp_path / "backend.pkl"
+    blob.write_bytes(cloudpickle.dumps(tensorflow_backend_config()))
+    code = ("import pickle, sys; c = pickle.loads(open(sys.argv[1], 'rb').read()); "
+            "print(type(c).__name__, c.backend_cls.__name__, c.framework.value, 'tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(blob)], capture_output=True, text=True, timeout=100)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["TensorflowBackendConfig", "TensorflowBackend", "tensorflow", "False"]
