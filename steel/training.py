@@ -1,4 +1,5 @@
-"""Data-parallel training of the six cascade models on Ray Train (``TensorflowTrainer``).
+"""Data-parallel training of the six cascade models on Ray Train (a ``DataParallelTrainer`` with
+Ray's TensorFlow setup, :func:`tensorflow_backend_config`).
 
 Two halves:
 
@@ -6,7 +7,7 @@ Two halves:
   function of a config dict): threads -> ``MultiWorkerMirroredStrategy`` -> then, for each model of
   the run in turn: model in scope -> dataset shard -> one ``fit`` over the remaining epochs, whose
   epoch-end callback validates, checkpoints and calls ``ray.train.report``.
-- :func:`train_models` runs in the driver: labels and split, **one** ``TensorflowTrainer`` run for
+- :func:`train_models` runs in the driver: labels and split, **one** Ray Train run for
   all the models to train (:func:`train_group`), then each model's best weights into the bundle, its
   history (CSV + plot) and TensorBoard logs.
 
@@ -385,6 +386,10 @@ def train_loop(config: dict) -> None:
     # One worker has nothing to all-reduce: the default strategy skips MWMS' collectives. A process
     # creates MWMS once (TensorFlow fixes its collective context): every model of the run shares it.
     strategy = tf.distribute.MultiWorkerMirroredStrategy() if world > 1 else tf.distribute.get_strategy()
+    if strategy.num_replicas_in_sync != world:  # no TF_CONFIG (tensorflow_backend_config): no all-reduce
+        raise RuntimeError(f"worker {rank}: TensorFlow sees {strategy.num_replicas_in_sync} replica(s) in sync "
+                           f"for a group of {world} workers: TF_CONFIG was not set up "
+                           f"({os.environ.get('TF_CONFIG')!r})")
 
     work = tempfile.mkdtemp(prefix=f"steel-train-r{rank}-")
     states: dict[str, dict] = {}  # model -> its state (epoch, best, history, ...), from the checkpoint on
@@ -720,6 +725,50 @@ def group_run_name(keys: dict[str, str]) -> str:
     return f"cascade-{hashlib.sha256(payload).hexdigest()[:16]}"
 
 
+def tensorflow_backend_config():
+    """What Ray's ``TensorflowTrainer`` sets up (each worker's ``TF_CONFIG`` for
+    ``MultiWorkerMirroredStrategy``), without importing TensorFlow outside the workers.
+
+    ``ray.train.tensorflow`` imports TensorFlow in its package ``__init__``, so the trainer's controller
+    actor, which unpickles the backend config, imported it too: 4-5 s of every run's start (before any
+    worker starts) and ~0.5 GB in a process that never runs a model. The classes are defined here, not
+    at module level, to keep ``steel`` free of Ray at import time.
+    """
+    import json as _json
+
+    from ray.train.backend import Backend, BackendConfig
+    from ray.train.v2._internal.util import TrainingFramework
+
+    def address():
+        from ray._common.network_utils import build_address
+        from ray.train._internal.utils import get_address_and_port
+
+        return build_address(*get_address_and_port())
+
+    def set_tf_config(addresses, index):
+        os.environ["TF_CONFIG"] = _json.dumps({"cluster": {"worker": addresses},
+                                               "task": {"type": "worker", "index": index}})
+
+    class TensorflowBackend(Backend):
+        def on_start(self, worker_group, backend_config):
+            import ray
+
+            addresses = worker_group.execute(address)
+            ray.get([worker_group.execute_single_async(i, set_tf_config, addresses, i)
+                     for i in range(len(worker_group))])
+
+    class TensorflowBackendConfig(BackendConfig):
+        @property
+        def backend_cls(self):
+            return TensorflowBackend
+
+        @property
+        def framework(self):
+            return TrainingFramework.TENSORFLOW
+
+    return TensorflowBackendConfig()
+
+
 def train_group(cfg, names: list[str], splits: dict, images_uri: str, fault: dict | None = None,
                 keys: dict[str, str] | None = None) -> dict:
     """Train ``names`` one after the other in **one** Ray Train run (one worker group, one TensorFlow
@@ -732,7 +781,7 @@ def train_group(cfg, names: list[str], splits: dict, images_uri: str, fault: dic
     train the finished ones again.
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from steel import dataset, storage, train_data
     from steel.keras_env import runtime_env
@@ -779,8 +828,9 @@ def train_group(cfg, names: list[str], splits: dict, images_uri: str, fault: dic
     # default, and a worker's next report waits for that (a queue of one): every epoch then costs at
     # least 2 s, most of an epoch on the quickstart. The driver's value reaches the controller.
     os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
-    trainer = TensorflowTrainer(
+    trainer = DataParallelTrainer(
         train_loop,
+        backend_config=tensorflow_backend_config(),
         train_loop_config={"train": cfg.to_dict()["train"], "models": entries, "resume_key": run,
                            "seeds": [(n, c) for n, _, _, c in seeds]},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
@@ -1073,7 +1123,7 @@ def train_models(cfg, models: list[str] | None = None) -> dict[str, dict]:
     """Train ``models`` (default ``cfg.train.models``) in one Ray Train run; returns per-model results.
 
     Needs a connected Ray (``ray.init`` with ``steel.keras_env.runtime_env()``). The models not yet
-    in the bundle train one after the other in one ``TensorflowTrainer`` run (:func:`train_group`:
+    in the bundle train one after the other in one Ray Train run (:func:`train_group`:
     ``RunConfig(storage_path=cfg.train.output, name=<group_run_name>)``; re-running the same
     training after a crash continues from its last checkpoint, finished models included; a changed
     architecture, hyperparameter, augmentation or data split trains afresh in a new folder). Then
