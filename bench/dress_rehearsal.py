@@ -97,7 +97,10 @@ def start_head(num_cpus: int, log_path: Path) -> tuple[subprocess.Popen, str]:
 
     gcs, dash = _free_port(), _free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the jobs' `python`
-           **runtime_env()["env_vars"]}
+           **runtime_env()["env_vars"],
+           # On SIGTERM `ray start` first drains the node for up to 30 s (for Serve's proxies in a
+           # cluster); this one-machine head has nothing to drain.
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     env.pop("RAY_ADDRESS", None)
     temp = Path("/tmp") / f"rr{uuid.uuid4().hex[:6]}"  # short: Ray's socket paths have a length limit
     with open(log_path, "wb") as fh:
@@ -136,10 +139,12 @@ def start_head_retrying(num_cpus: int, log_path: Path, tries: int = 8) -> tuple[
 
 
 def stop_head(proc: subprocess.Popen) -> None:
-    """Stop the head and its children (raylet, GCS, workers: one process group) by its pid."""
+    """Stop the head and its children (raylet, GCS, workers: one process group) by its pid.
+
+    SIGTERM to ``ray start`` alone: it stops its children itself (a SIGTERM to the whole group kills
+    them under it and it takes ~33 s to give up); the SIGKILL after takes whatever is left."""
     if proc.poll() is None:
-        pgid = os.getpgid(proc.pid)
-        os.killpg(pgid, signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
