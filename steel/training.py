@@ -840,9 +840,7 @@ def train_group(cfg, names: list[str], splits: dict, images_uri: str, fault: dic
             name=run, storage_path=storage_path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            # Ray Train V2 sends a worker's print() to its own log *and*, stdout being Ray's wrapper,
-            # to stdout: every epoch line reached the driver twice. Prints go to stdout once.
-            worker_runtime_env=runtime_env({"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}),
+            worker_runtime_env=runtime_env(),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=to_split),
