@@ -734,8 +734,6 @@ def tensorflow_backend_config():
     worker starts) and ~0.5 GB in a process that never runs a model. The classes are defined here, not
     at module level, to keep ``steel`` free of Ray at import time.
     """
-    import json as _json
-
     from ray.train.backend import Backend, BackendConfig
     from ray.train.v2._internal.util import TrainingFramework
 
@@ -746,8 +744,8 @@ def tensorflow_backend_config():
         return build_address(*get_address_and_port())
 
     def set_tf_config(addresses, index):
-        os.environ["TF_CONFIG"] = _json.dumps({"cluster": {"worker": addresses},
-                                               "task": {"type": "worker", "index": index}})
+        os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses},
+                                              "task": {"type": "worker", "index": index}})
 
     class TensorflowBackend(Backend):
         def on_start(self, worker_group, backend_config):
