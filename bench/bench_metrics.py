@@ -1,4 +1,4 @@
-"""Mean Dice of a test-set-sized submission: steel.metrics.mean_dice against decoding every pair.
+"""Mean Dice of a test-set-sized submission: steel.eval.metrics.mean_dice against decoding every pair.
 
 A synthetic truth shaped like Severstal's test set (5,506 images, 47% without defects; class 3 the
 most common, as blobs or cracks; class 1 pits; class 2 thin cracks; class 4 big blobs) and a
@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from bench.bench_rle import make_mask, rle2mask
-from steel import metrics, rle
+from steel.eval import metrics
+from steel.data import rle
 
 # Per defect image: chance of each class and the mask kinds it is drawn from.
 CLASS_RATE = {1: 0.13, 2: 0.04, 3: 0.77, 4: 0.12}

@@ -32,7 +32,7 @@ def _day(i: int) -> str:
 
 
 def make_data(root: str, scored: int, new: int, per_shard: int) -> None:
-    from steel import score_io
+    from steel.score import io as score_io
 
     stamp = os.path.join(root, f"ready-{scored}-{new}-{per_shard}")
     if os.path.exists(stamp):
@@ -63,7 +63,7 @@ def make_data(root: str, scored: int, new: int, per_shard: int) -> None:
 
 def measure(root: str, kind: str, per_shard: int) -> dict:
     """One planning pass (run in its own process)."""
-    from steel import score_io
+    from steel.score import io as score_io
 
     t0 = time.perf_counter()
     inputs = score_io.list_inputs(os.path.join(root, "archive"), since=NEW_DAY)

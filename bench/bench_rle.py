@@ -1,4 +1,4 @@
-"""RLE decode/encode speed: steel.rle against the seed notebook's rle2mask/mask2rle, same run.
+"""RLE decode/encode speed: steel.data.rle against the seed notebook's rle2mask/mask2rle, same run.
 
 Masks at 256x1600 of three kinds, and their mix in equal parts:
   pits   dozens of 2-5 px spots (like class 1): a few hundred short runs
@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from steel import rle
+from steel.data import rle
 
 H, W = rle.SHAPE
 

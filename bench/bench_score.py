@@ -5,11 +5,11 @@ Models at the seed's sizes with random weights (``encoder_weights=none``): Xcept
 
 1. **seed way** (baseline): for each image, decode it, then run all six models on it one image at a
    time (``model.predict`` on a batch of one), then thresholds and RLE.
-2. **cascade, in process**: :class:`steel.cascade.Cascade` on batches of ``--batch`` images, under
+2. **cascade, in process**: :class:`steel.model.cascade.Cascade` on batches of ``--batch`` images, under
    two threshold sets: ``all-pass`` (every gate open: the gain of batching alone) and ``seed-like``
    (binary gate at the median p_defect, so about half the images stop there; class gates at the
    quantiles that pass the Severstal class shares among defective images, 13/4/77/12 %).
-3. **Ray Data pipeline** (:func:`steel.scoring.score`, one actor, models loaded once in it) on
+3. **Ray Data pipeline** (:func:`steel.score.run.score`, one actor, models loaded once in it) on
    ``--ray-images`` and 4x as many images, end to end (listing, actor start and model load
    included), with the peak resident memory of the driver and of the largest Ray worker sampled
    from /proc every 0.2 s: it should not grow with the number of images.
@@ -52,7 +52,7 @@ def make_images(folder: str, n: int, seed: int = 0) -> list[str]:
 
 
 def decode(path: str) -> np.ndarray:
-    from steel import score_io
+    from steel.score import io as score_io
 
     with open(path, "rb") as fh:
         return score_io.decode_image(fh.read())
@@ -63,9 +63,9 @@ def decode(path: str) -> np.ndarray:
 
 
 def seed_way(models: dict, specs: dict, paths: list[str], th: dict) -> list[dict]:
-    from steel import rle
-    from steel.cascade import mask_from_prob
-    from steel.images import to_input
+    from steel.data import rle
+    from steel.model.cascade import mask_from_prob
+    from steel.data.images import to_input
 
     out = []
     for path in paths:
@@ -96,8 +96,8 @@ def cascade_way(cascade, paths: list[str], batch: int) -> tuple[list[dict], dict
 
 def seed_like_thresholds(models: dict, specs: dict, paths: list[str]) -> dict:
     """Gates that pass about half the images, then the Severstal class shares of those."""
-    from steel.images import to_input
-    from steel.thresholds import default_thresholds
+    from steel.data.images import to_input
+    from steel.model.thresholds import default_thresholds
 
     images = np.stack([decode(p) for p in paths])
     x = to_input(images, specs["binary"])
@@ -112,7 +112,7 @@ def seed_like_thresholds(models: dict, specs: dict, paths: list[str]) -> dict:
 
 
 def all_pass_thresholds() -> dict:
-    from steel.thresholds import default_thresholds
+    from steel.model.thresholds import default_thresholds
 
     th = default_thresholds()
     th["binary"] = 0.0
@@ -206,11 +206,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
-    from steel import bundle as bundle_lib
-    from steel import models as models_lib
-    from steel.cascade import Cascade, keras_callable
-    from steel.scoring import static_callable
-    from steel.config import MODEL_NAMES, ScoreConfig
+    from steel.model import bundle as bundle_lib
+    from steel.model import networks as models_lib
+    from steel.model.cascade import Cascade, keras_callable
+    from steel.score.run import static_callable
+    from steel.core.config import MODEL_NAMES, ScoreConfig
 
     work = tempfile.mkdtemp(prefix="bench_score_")
     results: dict = {"images": args.images, "batch": args.batch, "cpus": os.cpu_count()}
@@ -254,10 +254,10 @@ def main(argv: list[str] | None = None) -> dict:
               flush=True)
 
     if not args.skip_ray:
-        from steel.keras_env import runtime_env
+        from steel.core.keras_env import runtime_env
         import ray
 
-        from steel.scoring import score
+        from steel.score.run import score
 
         bundle = os.path.join(work, "bundle")
         bundle_lib.save_bundle(bundle, models, specs, {"bench": "score"})

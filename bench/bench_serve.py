@@ -5,12 +5,12 @@ scoring's images/s on the same bundle and images, in the same run.
    simplecnn classifiers and U-Nets at 64x320) with random weights and seed-like gates (about half
    the images stop at the binary gate, class gates at the Severstal class shares; bench_score's
    rule). Random weights do the same work per image as trained ones: the gates decide the work.
-2. **batch baseline**: :func:`steel.scoring.score` with the quickstart's score settings (1 actor,
+2. **batch baseline**: :func:`steel.score.run.score` with the quickstart's score settings (1 actor,
    batch 16, 25 images per shard) over ``--images`` synthetic 256x1600 JPEGs. Its reported
    ``images_per_s`` includes Ray Data's start, the actor's start and model load (~25-40 s here, most
    of a short run), so the baseline is the *steady-state* rate: the images of every shard after the
    first over the time from the first shard written to the last (the stricter one). Both are printed.
-3. **serve**: ``steel.serving`` on 127.0.0.1 (1 replica, serve.batch); ``--clients`` threads each
+3. **serve**: ``steel.serve.app`` on 127.0.0.1 (1 replica, serve.batch); ``--clients`` threads each
    POST one image at a time to ``/score`` for ``--seconds``; throughput (answered images/s),
    p50/p95/p99 latency, failed requests, mean batch size (from ``/ready``). A client retries a
    request that got no answer, a 408 (the proxy's request timeout) or a 5xx
@@ -47,9 +47,9 @@ RETRY_FOR_S = 120.0  # a client retries a request for this long (replica restart
 def quickstart_bundle(folder: str, image_paths: list[str]) -> str:
     """A bundle with the quickstart's architectures, random weights and seed-like thresholds."""
     from bench.bench_score import seed_like_thresholds
-    from steel import bundle as bundle_lib
-    from steel import models
-    from steel.config import MODEL_NAMES, load_config
+    from steel.model import bundle as bundle_lib
+    from steel.model import networks as models
+    from steel.core.config import MODEL_NAMES, load_config
 
     cfg = load_config("configs/quickstart.yaml")
     built = {n: models.build_from_config(n, cfg.train) for n in MODEL_NAMES}
@@ -210,12 +210,12 @@ def kill_replica(app: str, deployment: str) -> str:
 
 
 def batch_baseline(bundle: str, work: str, score_cfg) -> dict:
-    """Batch scoring (steel.scoring.score) of the images in ``work``; its steady-state and end-to-end images/s."""
-    from steel import scoring
-    from steel.config import ScoreConfig
+    """Batch scoring (steel.score.run.score) of the images in ``work``; its steady-state and end-to-end images/s."""
+    from steel.score import run as scoring
+    from steel.core.config import ScoreConfig
 
     # Steady state: images of every shard after the first, over the time between the first and the
-    # last shard written (from steel.scoring's "shard ... written" log lines); excludes Ray Data's
+    # last shard written (from steel.score.run's "shard ... written" log lines); excludes Ray Data's
     # start, the actor's start and the model load, which the end-to-end rate includes.
     written: list[tuple[float, int]] = []
 
@@ -224,7 +224,7 @@ def batch_baseline(bundle: str, work: str, score_cfg) -> dict:
             if record.msg.startswith("shard %s written"):
                 written.append((record.created, int(record.args[1])))
 
-    slog = logging.getLogger("steel.scoring")
+    slog = logging.getLogger("steel.score.run")
     handler, level = ShardTimes(), slog.level
     slog.addHandler(handler)
     slog.setLevel(logging.INFO)
@@ -265,10 +265,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--access-log", action="store_true", help="serve.access_log: a log line per request")
     args = parser.parse_args(argv)
 
-    import steel.keras_env  # noqa: F401  (Keras variables before TensorFlow)
+    import steel.core.keras_env  # noqa: F401  (Keras variables before TensorFlow)
     from bench.bench_score import make_images
-    from steel import scoring, serving
-    from steel.config import ScoreConfig, ServeConfig, load_config
+    from steel.score import run as scoring
+    from steel.serve import app as serving
+    from steel.core.config import ScoreConfig, ServeConfig, load_config
 
     work = tempfile.mkdtemp(prefix="bench-serve-")
     paths = make_images(os.path.join(work, "images"), args.images)
@@ -293,8 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
     import requests
 
-    from steel.keras_env import runtime_env
-    from steel.ray_session import local_cpus
+    from steel.core.keras_env import runtime_env
+    from steel.core.ray_session import local_cpus
 
     # log_to_driver=False: the replica's access log (one line per request) would drown the output
     ray.init(num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False, runtime_env=runtime_env())

@@ -4,7 +4,7 @@
 
 Before (07092fa) training decoded with OpenCV and scaled ``x * (1/255)``, tuning decoded with
 OpenCV, scoring decoded with PIL and scaled ``x / 255``, and every U-Net got [0, 1] pixels. Those old
-paths are re-created here as references; "after" is ``steel.images`` (one path for all three).
+paths are re-created here as references; "after" is ``steel.data.images`` (one path for all three).
 Prints the max absolute difference of the model inputs per case, and the U-Nets' input difference
 to the seed's ``get_preprocessing('efficientnetb1')``.
 """
@@ -20,7 +20,7 @@ import numpy as np
 def _jpegs(n: int) -> list[tuple[str, bytes]]:
     from PIL import Image
 
-    from steel import synth
+    from steel.data import synth
 
     out = []
     for i in range(n):
@@ -52,9 +52,9 @@ def _old_scoring(data: bytes, size) -> np.ndarray:
     """score_io.decode_image (PIL) + cascade.resize_images (INTER_AREA) + cascade.preprocess (x / 255)."""
     import cv2
 
-    from steel import images
+    from steel.data import images
 
-    img = images.decode(data)  # the PIL decoder is unchanged (now steel.images.decode)
+    img = images.decode(data)  # the PIL decoder is unchanged (now steel.data.images.decode)
     if img.shape[:2] != tuple(size):
         img = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_AREA)
     return img.astype(np.float32) / np.float32(255.0)
@@ -65,8 +65,9 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=20, help="synthetic frames (x5 encodings)")
     args = parser.parse_args(argv)
 
-    from steel import images, models
-    from steel.train_data import prepare_batch
+    from steel.data import images
+    from steel.model import networks as models
+    from steel.train.data import prepare_batch
 
     sizes = {"classifier 256x512": (256, 512), "U-Net 256x1600": (256, 1600)}
     import cv2

@@ -1,6 +1,6 @@
 """Training throughput on Ray Train (1 vs 2 workers, same run) and a "does it learn" check.
 
-**Throughput** (default): synthetic 256x1600 JPEGs (``steel.synth``), streamed through the real
+**Throughput** (default): synthetic 256x1600 JPEGs (``steel.data.synth``), streamed through the real
 training pipeline (Ray Data read + decode + resize + augment -> ``TensorflowTrainer`` with
 ``MultiWorkerMirroredStrategy``), for a classifier (``binary``) and a U-Net (``seg3``), first with 1
 worker, then with 2. Each run trains 2 epochs of ``--steps`` steps; the number reported is epoch 2's
@@ -26,7 +26,7 @@ import time
 
 
 def _config(root: str, out: str, args, **train):
-    from steel.config import config_from_dict
+    from steel.core.config import config_from_dict
 
     base = {"output": f"{out}/ckpt", "num_workers": 1, "cpus_per_worker": 1, "per_worker_batch": args.batch,
             "max_failures": 0, "base_lr": 1e-3, "base_batch": 8, "warmup_epochs": 0,
@@ -37,7 +37,7 @@ def _config(root: str, out: str, args, **train):
 
 
 def throughput(root: str, work: str, args) -> dict:
-    from steel import training
+    from steel.train import run as training
 
     rows = {}
     for name in ("binary", "seg3"):
@@ -65,7 +65,7 @@ def throughput(root: str, work: str, args) -> dict:
 
 
 def learning(root: str, work: str, args) -> dict:
-    from steel import training
+    from steel.train import run as training
 
     size = list(args.learn_size)
     cfg = _config(root, f"{work}/learn", args, num_workers=2, epochs=args.learn_epochs, per_worker_batch=8,
@@ -107,8 +107,8 @@ def main(argv=None) -> int:
 
     import ray
 
-    from steel import synth
-    from steel.keras_env import runtime_env
+    from steel.data import synth
+    from steel.core.keras_env import runtime_env
 
     work = args.work or tempfile.mkdtemp(prefix="bench-train-")
     n = args.learn_images if args.learning else args.images

@@ -1,15 +1,15 @@
 """`steel train` of one model against a plain Keras ``fit`` in one process: wall-time ratio and val metric.
 
-Both sides train the same model (``steel.models.build_from_config``), compiled the same way
-(``steel.training._compile``: loss, metrics, Adam with the same warm-up + schedule at the same peak
-rate), on the same synthetic data and split (``steel.training.load_splits``), for the same epochs
+Both sides train the same model (``steel.model.networks.build_from_config``), compiled the same way
+(``steel.train.run._compile``: loss, metrics, Adam with the same warm-up + schedule at the same peak
+rate), on the same synthetic data and split (``steel.train.run.load_splits``), for the same epochs
 and global batch:
 
 - **steel**: the command a user runs, ``steel train --config <config> --model <model>`` (a fresh
   process: Ray start, Ray Train worker group, Ray Data ingest, checkpoints, bundle, history), with
   ``--set`` overrides that point data, checkpoints and bundle into the work folder;
 - **keras**: a fresh process that imports TensorFlow, decodes and resizes every image of the split
-  once into numpy (``steel.train_data.prepare_batch``, no augmentation), and calls ``model.fit`` with
+  once into numpy (``steel.train.data.prepare_batch``, no augmentation), and calls ``model.fit`` with
   ``validation_data``: what a user would do instead on one machine.
 
 Each side is timed as the wall time of its whole process. The two sides alternate (``--repeat``
@@ -47,10 +47,11 @@ def keras_side(config: str, overrides: list[str], model_name: str) -> dict:
     t0 = time.time()
     import numpy as np
 
-    from steel import models, train_data
-    from steel.config import load_config
-    from steel.keras_env import tf  # noqa: F401  (TensorFlow import counts on this side too)
-    from steel.training import _compile, load_splits, monitor_metric, scaled_lr, warmup_schedule
+    from steel.model import networks as models
+    from steel.train import data as train_data
+    from steel.core.config import load_config
+    from steel.core.keras_env import tf  # noqa: F401  (TensorFlow import counts on this side too)
+    from steel.train.run import _compile, load_splits, monitor_metric, scaled_lr, warmup_schedule
 
     cfg = load_config(config, overrides)
     tc = cfg.train
@@ -151,7 +152,7 @@ def _steel_once(args, overrides: list[str], work: str) -> dict:
     phases["exit"] = round(wall - last, 1)
     import pandas as pd
 
-    from steel.training import monitor_metric
+    from steel.train.run import monitor_metric
 
     monitor = monitor_metric(args.model)
     frame = pd.read_csv(os.path.join(bundle, "history", f"{args.model}.csv"))
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
     work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="bench-train-overhead-"))
     root = os.path.join(work, f"data-{args.images}")
     if not os.path.exists(os.path.join(root, "train.csv")):
-        from steel import synth
+        from steel.data import synth
 
         print(f"generating {args.images} synthetic images into {root}", flush=True)
         synth.generate(root, images=args.images, test_images=0, seed=0, progress=False)

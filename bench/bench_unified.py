@@ -10,7 +10,7 @@ cascade's per-model overhead). ``--unified-epochs N`` sets the epochs by hand in
 
 Printed per seed and kind: mean and per-class Dice on the separate test set and on the labelled
 split's held-out ``test`` part (the seed's 10 %, scored in-process by the bundle's ``Cascade`` with its
-tuned thresholds, Dice by ``steel.metrics`` against the training labels), the all-empty values of
+tuned thresholds, Dice by ``steel.eval.metrics`` against the training labels), the all-empty values of
 both, training time (the train stage's wall time), scoring images/s and bundle size (weights files);
 then the ratios unified / cascade. Scoring speed: both bundles' ``Cascade.predict`` (batch 16) on the
 same decoded test images, the two kinds alternating for ``--score-rounds`` rounds in one process
@@ -41,7 +41,7 @@ def _weights_bytes(bundle: str) -> int:
 
 
 def _recorded_seconds(bundle: str) -> float:
-    from steel.bundle import read_manifest
+    from steel.model.bundle import read_manifest
 
     return float(sum(m.get("training_seconds") or 0.0 for m in read_manifest(bundle)["models"].values()))
 
@@ -76,7 +76,7 @@ def _cascade_times(bundle: str) -> dict[str, dict]:
     """Per model of a trained bundle: training seconds and per-epoch seconds (``history/<model>.csv``)."""
     import pandas as pd
 
-    from steel.bundle import read_manifest
+    from steel.model.bundle import read_manifest
 
     out = {}
     for name, entry in read_manifest(bundle)["models"].items():
@@ -89,7 +89,7 @@ def _cascade_times(bundle: str) -> dict[str, dict]:
 def _decode_all(folder: str, names: list[str]):
     import numpy as np
 
-    from steel import images as image_io
+    from steel.data import images as image_io
 
     def read(name):
         with open(os.path.join(folder, name), "rb") as fh:
@@ -110,10 +110,10 @@ def predict_rows(cascade, images, image_ids, batch: int = 16):
 
 
 def dice_with_baseline(pred, truth) -> dict:
-    """``steel.metrics.mean_dice`` of ``pred`` plus the all-empty prediction's values on the same pairs."""
+    """``steel.eval.metrics.mean_dice`` of ``pred`` plus the all-empty prediction's values on the same pairs."""
     import pandas as pd
 
-    from steel import metrics
+    from steel.eval import metrics
 
     res = metrics.mean_dice(pred, truth)
     empty = metrics.mean_dice(pd.DataFrame({"ImageId": pd.unique(pred["ImageId"]), "ClassId": 1,
@@ -127,8 +127,8 @@ def labelled_test_dice(cfg) -> dict:
     """Dice of ``cfg.bundle`` on the labelled split's ``test`` part (never trained or tuned on)."""
     import pandas as pd
 
-    from steel.cascade import Cascade
-    from steel.training import load_splits
+    from steel.model.cascade import Cascade
+    from steel.train.run import load_splits
 
     splits, _ = load_splits(cfg)
     ids = sorted(splits["test"]["ImageId"])
@@ -167,7 +167,7 @@ def interleaved_rates(predictors: dict, images, rounds: int, batch: int = 16) ->
 
 
 def run_kind(kind: str, base: str, out: str, overrides: list[str]) -> dict:
-    from steel.config import load_config
+    from steel.core.config import load_config
     from steel.pipeline import run_pipeline
 
     folder = os.path.join(out, kind)
@@ -190,15 +190,15 @@ def run_kind(kind: str, base: str, out: str, overrides: list[str]) -> dict:
 
 
 def _manifest_models(bundle: str) -> dict:
-    from steel.bundle import read_manifest
+    from steel.model.bundle import read_manifest
 
     return read_manifest(bundle)["models"]
 
 
 def run_seed(args, seed: int) -> list[dict]:
-    from steel.cascade import Cascade
-    from steel.config import load_config
-    from steel.training import load_splits
+    from steel.model.cascade import Cascade
+    from steel.core.config import load_config
+    from steel.train.run import load_splits
 
     base = load_config(args.config)
     synth = dict(base.to_dict()["data"]["synth"] or {})
@@ -275,8 +275,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.budget <= 0:
         ap.error("--budget must be > 0")
 
-    from steel.config import load_config
-    from steel.ray_session import local_cpus, ray_session
+    from steel.core.config import load_config
+    from steel.core.ray_session import local_cpus, ray_session
 
     base = load_config(args.config)
     rows: list[dict] = []

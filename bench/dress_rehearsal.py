@@ -75,7 +75,7 @@ def derive_config(seed_config: Path, out: Path, images: int = 300, test_images: 
 
     Returns the plain mapping to write as YAML and the overrides applied, for printing.
     """
-    from steel.config import apply_overrides, config_from_dict
+    from steel.core.config import apply_overrides, config_from_dict
 
     sets = overrides(out, images, test_images, steps, epochs, cpus_per_worker) + list(extra or [])
     data = apply_overrides(yaml.safe_load(seed_config.read_text()), sets)
@@ -93,7 +93,7 @@ def _free_port() -> int:
 
 def start_head(num_cpus: int, log_path: Path) -> tuple[subprocess.Popen, str]:
     """``ray start --head --block`` on 127.0.0.1 in its own process group; returns it and the job API URL."""
-    from steel.keras_env import runtime_env
+    from steel.core.keras_env import runtime_env
 
     gcs, dash = _free_port(), _free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the jobs' `python`
@@ -161,7 +161,7 @@ def stop_head(proc: subprocess.Popen) -> None:
 
 def submit(address: str, config_path: Path, log_path: Path, timeout: float) -> int:
     """``ray job submit`` (waits, streaming the job's log to stdout and ``log_path``); its exit code."""
-    from steel.keras_env import runtime_env
+    from steel.core.keras_env import runtime_env
 
     env_json = json.dumps({**runtime_env(),
                            "excludes": [".venv", "runs", ".git", "**/__pycache__", "*.egg-info"]})
@@ -328,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
 
-    from steel.config import config_from_dict
-    from steel.ray_session import local_cpus
+    from steel.core.config import config_from_dict
+    from steel.core.ray_session import local_cpus
 
     out = a.out.resolve()
     data, sets = derive_config(a.config, out, a.images, a.test_images, a.steps, a.epochs, a.cpus_per_worker, a.extra)

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--require-gpu", action="store_true", help="fail unless TensorFlow runs on a GPU")
     args = parser.parse_args(argv)
 
-    import steel.keras_env as keras_env  # sets TF_USE_LEGACY_KERAS / SM_FRAMEWORK before TensorFlow
+    import steel.core.keras_env as keras_env  # sets TF_USE_LEGACY_KERAS / SM_FRAMEWORK before TensorFlow
 
     import tensorflow as tf
 

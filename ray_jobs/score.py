@@ -46,8 +46,8 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from steel import storage
-    from steel.config import load_config
+    from steel.core import storage
+    from steel.core.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     changes = {
@@ -66,8 +66,8 @@ def cli_main(args: argparse.Namespace) -> int:
 
     import ray
 
-    from steel import scoring
-    from steel.lease import LeaseHeld
+    from steel.score import run as scoring
+    from steel.score.lease import LeaseHeld
 
     had_ray = ray.is_initialized()
     try:  # Ray starts only once the lease is taken and there is work: a second run exits at once

@@ -1,4 +1,4 @@
-"""Online scoring: deploy a bundle's cascade as a Ray Serve HTTP endpoint (see steel.serving).
+"""Online scoring: deploy a bundle's cascade as a Ray Serve HTTP endpoint (see steel.serve.app).
 
     steel serve --bundle URI [--config C] [--host H] [--port P] [--replicas N] [--gpus-per-replica G]
                 [--max-batch-size B] [--batch-wait-s S] [--set serve.KEY=VALUE] [--ray-address A] [--detach]
@@ -33,8 +33,8 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from steel import storage
-    from steel.config import load_config
+    from steel.core import storage
+    from steel.core.config import load_config
 
     changes = {"host": args.host, "port": args.port, "replicas": args.replicas,
                "gpus_per_replica": args.gpus_per_replica, "max_batch_size": args.max_batch_size,
@@ -49,8 +49,8 @@ def cli_main(args: argparse.Namespace) -> int:
 
     from ray import serve
 
-    from steel import serving
-    from steel.ray_session import ray_session
+    from steel.serve import app as serving
+    from steel.core.ray_session import ray_session
 
     with ray_session(args.ray_address or cfg.ray_address):
         serving.start(serve_cfg)

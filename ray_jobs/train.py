@@ -30,7 +30,7 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def selected_models(values: list[str], default: list[str]) -> list[str]:
     """``--model`` values (repeatable / comma-separated, ``all``) -> model names, checked."""
-    from steel.config import ALL_MODEL_NAMES
+    from steel.core.config import ALL_MODEL_NAMES
 
     names = [v.strip() for value in values for v in value.split(",") if v.strip()]
     if not names or "all" in names:
@@ -43,11 +43,11 @@ def selected_models(values: list[str], default: list[str]) -> list[str]:
 
 def ensure_data(cfg) -> None:
     """Generate the synthetic set when the config asks for one (``data.synth``) and it is missing."""
-    from steel import storage
+    from steel.core import storage
 
     if storage.exists(cfg.data.path("train_csv")) or cfg.data.synth is None:
         return
-    from steel import synth
+    from steel.data import synth
 
     print(f"no {cfg.data.path('train_csv')}: generating a synthetic dataset into {cfg.data.root}", flush=True)
     synth.generate(cfg.data.root, images=cfg.data.synth.images, test_images=cfg.data.synth.test_images,
@@ -55,10 +55,10 @@ def ensure_data(cfg) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from steel import storage
-    from steel.config import load_config
-    from steel.ray_session import ray_session
-    from steel.training import train_models
+    from steel.core import storage
+    from steel.core.config import load_config
+    from steel.core.ray_session import ray_session
+    from steel.train.run import train_models
 
     cfg = load_config(args.config, args.overrides)
     models = selected_models(args.models, cfg.train.model_names())

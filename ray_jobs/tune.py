@@ -45,7 +45,8 @@ def _start_thresholds(uri: str | None) -> dict | None:
         return None
     import json
 
-    from steel import storage, thresholds
+    from steel.core import storage
+    from steel.model import thresholds
 
     data = json.loads(storage.read_text(uri))
     if isinstance(data, dict) and "classes" in data:
@@ -54,8 +55,8 @@ def _start_thresholds(uri: str | None) -> dict | None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from steel import storage
-    from steel.config import load_config
+    from steel.core import storage
+    from steel.core.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if cfg.storage_endpoint:
@@ -65,11 +66,11 @@ def cli_main(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
 
-    from steel import tuning
-    from steel.ray_session import local_cpus, ray_session
+    from steel.tune import run as tuning
+    from steel.core.ray_session import local_cpus, ray_session
 
     with ray_session(args.address or cfg.ray_address, num_cpus=local_cpus(cfg)):
-        if cfg.tune.mode == "fixed":  # the seed's thresholds: no search (steel.tuning.fixed_thresholds)
+        if cfg.tune.mode == "fixed":  # the seed's thresholds: no search (steel.tune.run.fixed_thresholds)
             print(tuning.format_summary(tuning.write_fixed(cfg, bundle_uri=args.bundle or cfg.bundle,
                                                            full_check=args.full_check,
                                                            batch_size=args.batch_size)))

@@ -14,14 +14,14 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("steel.synth", "write a synthetic Severstal-like dataset (Kaggle layout)"),
-    "eda": ("steel.eda", "exploratory analysis report of a dataset (plots, area thresholds JSON)"),
-    "evaluate": ("steel.evaluate", "mean Dice of a submission against truth"),
+    "synth": ("steel.data.synth", "write a synthetic Severstal-like dataset (Kaggle layout)"),
+    "eda": ("steel.report.eda", "exploratory analysis report of a dataset (plots, area thresholds JSON)"),
+    "evaluate": ("steel.eval.evaluate", "mean Dice of a submission against truth"),
     "train": ("ray_jobs.train", "train the models (six-model cascade or unified) data-parallel on Ray Train"),
     "tune": ("ray_jobs.tune", "tune cascade thresholds on the validation split"),
     "score": ("ray_jobs.score", "batch-score images with a bundle on Ray Data"),
     "serve": ("ray_jobs.serve", "serve a bundle's cascade as an HTTP endpoint (Ray Serve)"),
-    "merge": ("steel.merge", "merge submission shards into one Kaggle-ready CSV"),
+    "merge": ("steel.score.merge", "merge submission shards into one Kaggle-ready CSV"),
     "run": ("ray_jobs.pipeline", "run the whole pipeline from a config"),
 }
 

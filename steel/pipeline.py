@@ -13,8 +13,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from steel import storage
-from steel.config import Config
+from steel.core import storage
+from steel.core.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class Pipeline:
                 f"no dataset at {cfg.root} (need {csv} and {images}/); point data.root at the Kaggle "
                 "files, or set data.synth to generate a synthetic set"
             )
-        from steel import synth
+        from steel.data import synth
 
         summary = synth.generate(cfg.root, images=cfg.synth.images, test_images=cfg.synth.test_images,
                                  seed=cfg.synth.seed)
@@ -95,7 +95,7 @@ class Pipeline:
         """
         import json
 
-        from steel.synth import MARKER
+        from steel.data.synth import MARKER
 
         cfg = self.cfg.data
         marker = storage.join(cfg.root, MARKER)
@@ -115,7 +115,7 @@ class Pipeline:
         return None
 
     def split(self):
-        from steel import dataset
+        from steel.data import labels as dataset
 
         cfg = self.cfg.data
         report = storage.join(self.cfg.report, "skipped_labels.csv") if cfg.skip_bad else None
@@ -129,7 +129,7 @@ class Pipeline:
                        f"(fingerprint {fp[:12]})"), {"counts": counts, "fingerprint": fp}
 
     def train(self):
-        from steel import training
+        from steel.train import run as training
 
         results = training.train_models(self.cfg)
         trained = [m for m, r in results.items() if not _was_skipped(r)]
@@ -139,7 +139,7 @@ class Pipeline:
         return skipped, summary, {"bundle": self.cfg.bundle, "models": list(results)}
 
     def tune(self):
-        from steel import bundle as bundle_lib
+        from steel.model import bundle as bundle_lib
 
         existing = bundle_lib.read_thresholds(self.cfg.bundle)
         if not self.cfg.tune.enabled:
@@ -150,7 +150,7 @@ class Pipeline:
             v = existing["validation"]
             return True, (f"validation mean Dice {v.get('before', float('nan')):.4f} -> "
                           f"{v.get('after', float('nan')):.4f}; {storage.join(self.cfg.bundle, 'thresholds.json')}"), {}
-        from steel import tuning
+        from steel.tune import run as tuning
 
         result = tuning.tune(self.cfg, bundle_uri=self.cfg.bundle, stamp=self._bundle_stamp(),
                              cache_path=self._val_cache)
@@ -166,7 +166,7 @@ class Pipeline:
         source, v = (existing or {}).get("source"), (existing or {}).get("validation") or {}
         if isinstance(source, dict) and source.get("mode") == "fixed" and v.get("fingerprint") == self._bundle_stamp():
             return True, f"fixed thresholds; validation mean Dice {v.get('mean_dice', float('nan')):.4f}; {where}", {}
-        from steel import tuning
+        from steel.tune import run as tuning
 
         result = tuning.write_fixed(self.cfg, bundle_uri=self.cfg.bundle, stamp=self._bundle_stamp())
         return False, (f"fixed thresholds (areas from {result['source']['areas']}); validation mean Dice "
@@ -177,7 +177,7 @@ class Pipeline:
         so a nightly run never reads a bundle that training is rewriting."""
         if not self.cfg.bundle_versions:
             return True, "no bundle_versions root configured: scoring reads the bundle folder", {}
-        from steel import bundle as bundle_lib
+        from steel.model import bundle as bundle_lib
 
         before = None
         try:
@@ -189,8 +189,9 @@ class Pipeline:
             "version": published.version, "uri": published.uri}
 
     def score(self):
-        from steel import scoring, score_io
-        from steel import thresholds as th
+        from steel.score import run as scoring
+        from steel.score import io as score_io
+        from steel.model import thresholds as th
 
         images = self.cfg.score.images or self.cfg.data.path("test_images")
         out = self.cfg.score.out
@@ -213,7 +214,7 @@ class Pipeline:
             f"({summary['images_in']} new this run) -> {out}"), summary
 
     def evaluate(self):
-        """The seed's tables on the labelled splits (:mod:`steel.protocol`), then, where the scored test
+        """The seed's tables on the labelled splits (:mod:`steel.eval.protocol`), then, where the scored test
         images have their own truth (synthetic sets), the scored submission against it."""
         parts, out = [], {}
         protocol = self._protocol()
@@ -242,10 +243,11 @@ class Pipeline:
         import dataclasses
         import os
 
-        from steel import bundle as bundle_lib
-        from steel import protocol, tuning
-        from steel import thresholds as th_lib
-        from steel.scoring import BundleCascade
+        from steel.model import bundle as bundle_lib
+        from steel.eval import protocol
+        from steel.tune import run as tuning
+        from steel.model import thresholds as th_lib
+        from steel.score.run import BundleCascade
 
         splits = self.state.get("splits")
         if splits is None:
@@ -277,8 +279,9 @@ class Pipeline:
 
     def _scored_test(self, truth: str) -> dict:
         """The scored submission against the test set's own truth (the extra table)."""
-        from steel import eval_report, merge
-        from steel.evaluate import evaluate
+        from steel.eval import report as eval_report
+        from steel.score import merge
+        from steel.eval.evaluate import evaluate
 
         submission = storage.join(self.cfg.report, "submission.csv")
         merge.merge(self.cfg.score.out, submission)
@@ -319,14 +322,14 @@ class Pipeline:
         self._stage("publish", self.publish)
         self._stage("score", self.score)
         self._stage("evaluate", self.evaluate)
-        from steel import pipeline_report
+        from steel.report import pipeline as pipeline_report
 
         path = pipeline_report.write(self.cfg, self.results, self.state)
         total = time.time() - t0
         print(f"[  report] {path}", flush=True)
         ev, pr = self.state.get("evaluation"), self.state.get("protocol")
         if pr:
-            from steel import protocol
+            from steel.eval import protocol
 
             print("\n" + protocol.format_text(pr), flush=True)
         if ev:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-import steel.keras_env  # noqa: F401  (sets the Keras variables before anything imports TensorFlow)
+import steel.core.keras_env  # noqa: F401  (sets the Keras variables before anything imports TensorFlow)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -115,7 +115,7 @@ def ray_local(s3_endpoint):
     """
     import ray
 
-    from steel.keras_env import runtime_env
+    from steel.core.keras_env import runtime_env
 
     if not ray.is_initialized():
         ray.init(
@@ -134,7 +134,7 @@ def ray_head(tmp_path_factory):
     log = tmp_path_factory.mktemp("rayhead") / "head.log"
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # jobs' `python` is this venv's
-    env.update(steel.keras_env.runtime_env()["env_vars"])
+    env.update(steel.core.keras_env.runtime_env()["env_vars"])
     # On SIGTERM `ray start` drains the node for up to 30 s first (for Serve's proxies in a cluster):
     # nothing to drain here, and it would be 30 s of every session's teardown.
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"

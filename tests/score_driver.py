@@ -4,7 +4,7 @@
 
 Exits 1 when the run reports problems (like ``steel score``). With ``STEEL_SCORE_PAUSE_AT`` set the
 run pauses at that point and writes ``<point> <pid>`` to ``STEEL_SCORE_PAUSE_FILE``; the test then
-SIGKILLs this process's group (see ``steel.scoring._hook``).
+SIGKILLs this process's group (see ``steel.score.run._hook``).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ def main(argv: list[str]) -> int:
     import ray
     import ray.cloudpickle
 
-    import steel.keras_env  # noqa: F401
+    import steel.core.keras_env  # noqa: F401
     import tests.test_scoring as mod
-    from steel.config import ScoreConfig
-    from steel.scoring import format_summary, score
+    from steel.core.config import ScoreConfig
+    from steel.score.run import format_summary, score
 
     ray.cloudpickle.register_pickle_by_value(mod)
     ray.init(log_to_driver=False)

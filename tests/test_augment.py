@@ -1,11 +1,11 @@
-"""steel.augment: the seed's classifier augmentation and the U-Nets' joint flips + defect blackout."""
+"""steel.data.augment: the seed's classifier augmentation and the U-Nets' joint flips + defect blackout."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from steel import augment
+from steel.data import augment
 
 
 def steel_like(n: int, h: int = 64, w: int = 320, seed: int = 0) -> np.ndarray:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from bench import bench_unified as bu
-from steel import rle
+from steel.data import rle
 
 
 def test_plan_epochs_fits_the_budget_from_the_cascade_run():

@@ -1,4 +1,4 @@
-"""steel.bundle: save six tiny models, load them back (local disk and moto S3), same predictions."""
+"""steel.model.bundle: save six tiny models, load them back (local disk and moto S3), same predictions."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from steel import bundle, models, storage
-from steel.config import MODEL_NAMES, load_config
-from steel.thresholds import default_thresholds
+from steel.model import bundle
+from steel.model import networks as models
+from steel.core import storage
+from steel.core.config import MODEL_NAMES, load_config
+from steel.model.thresholds import default_thresholds
 
 TINY_CLS = dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none", dense_units=(16, 8))
 TINY_SEG = dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none",
@@ -121,7 +123,7 @@ def test_save_model_to_bundle_adds_and_replaces(tmp_path, tiny, caplog):
                                 fingerprint=FINGERPRINT)
     # replace binary with other weights (the multilabel-shaped head would not fit: use a perturbed copy)
     other = _perturb(models.build("binary", **TINY_CLS), 99)
-    with caplog.at_level("WARNING", logger="steel.bundle"):
+    with caplog.at_level("WARNING", logger="steel.model.bundle"):
         bundle.save_model_to_bundle(uri, "binary", other, _spec("binary"), {"val_f1_m": 0.9}, 4.0,
                                     fingerprint="e" * 64)
     assert "different" in caplog.text or "trained on split" in caplog.text

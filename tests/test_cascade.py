@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from steel import rle
-from steel.cascade import Cascade, keras_callable, mask_from_prob, rows_from_predictions
-from steel.thresholds import (
+from steel.data import rle
+from steel.model.cascade import Cascade, keras_callable, mask_from_prob, rows_from_predictions
+from steel.model.thresholds import (
     ThresholdError, default_thresholds, from_area_json, load_thresholds, merge_areas, save_thresholds,
     validate_thresholds,
 )
@@ -378,7 +378,7 @@ def test_validate_accepts_int_class_keys_and_keeps_extra_keys():
 
 
 def test_area_json_and_round_trip(tmp_path):
-    pytest.importorskip("steel.storage")
+    pytest.importorskip("steel.core.storage")
     path = tmp_path / "area_thresholds.json"
     path.write_text(json.dumps({"1": {"min_area": 600, "max_area": 20000}, "4": {"min_area": 2000, "max_area": 99999}}))
     th = from_area_json(str(path))

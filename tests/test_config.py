@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from steel.config import ConfigError, config_from_dict, load_config
+from steel.core.config import ConfigError, config_from_dict, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -1,4 +1,4 @@
-"""steel.dataset: label CSVs (both layouts) -> the seed's wide table, bad rows, split, fingerprint."""
+"""steel.data.labels: label CSVs (both layouts) -> the seed's wide table, bad rows, split, fingerprint."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steel import dataset, rle
-from steel.dataset import LabelError, load_labels
+from steel.data import labels as dataset
+from steel.data import rle
+from steel.data.labels import LabelError, load_labels
 
 SHAPE = rle.SHAPE
 
@@ -91,7 +92,7 @@ def test_empty_listing_and_missing_folder_are_errors(tmp_path):
 
 def test_without_listing_long_layout_warns_about_defect_free_images(tmp_path, caplog):
     csv = write_long(tmp_path / "train.csv", LABELS)
-    with caplog.at_level(logging.WARNING, logger="steel.dataset"):
+    with caplog.at_level(logging.WARNING, logger="steel.data.labels"):
         wide = load_labels(csv)
     assert wide["ImageId"].tolist() == ["a.jpg", "b.jpg", "d.jpg"]
     assert "no image listing" in caplog.text
@@ -178,7 +179,7 @@ def test_identical_duplicate_is_reported_too(tmp_path):
 def test_skip_without_report_uri_logs_counts_and_keeps_report_in_attrs(tmp_path, caplog):
     rows = LABELS + [("b.jpg", 7, "1 3"), ("b.jpg", 3, "5 0"), ("q.jpg", 1, "1 1")]
     csv = write_long(tmp_path / "t.csv", rows)
-    with caplog.at_level(logging.WARNING, logger="steel.dataset"):
+    with caplog.at_level(logging.WARNING, logger="steel.data.labels"):
         wide = load_labels(csv, images=IMAGES, skip_bad=True)
     assert "skipped 3 bad label rows" in caplog.text
     assert "1 x unknown class" in caplog.text and "1 x malformed RLE" in caplog.text
@@ -333,7 +334,7 @@ def test_subset_per_model():
 
 
 def test_labels_and_listing_on_s3(s3_bucket, tmp_path):
-    from steel import storage
+    from steel.core import storage
 
     root = f"s3://{s3_bucket}/data"
     storage.write_text(storage.join(root, "train.csv"),

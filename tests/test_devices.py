@@ -1,4 +1,4 @@
-"""No silent CPU (steel.devices): GPU work where TensorFlow sees no GPU fails at once, saying so.
+"""No silent CPU (steel.core.devices): GPU work where TensorFlow sees no GPU fails at once, saying so.
 
 This machine has no GPU. The integration test starts, in a child process, a local Ray that
 *advertises* one logical GPU, which is exactly the failure mode: Ray grants the GPU, TensorFlow
@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-from steel import devices
+from steel.core import devices
 
 needs_no_gpu = pytest.mark.skipif(bool(devices.visible_gpus()), reason="TensorFlow sees a GPU here")
 
@@ -34,12 +34,12 @@ def test_require_gpu_names_the_setting_and_host():
 
 SCRIPT = r"""
 import json, sys, time
-import steel.keras_env
+import steel.core.keras_env
 import numpy as np
 import ray
 
-from steel.config import ScoreConfig
-from steel.keras_env import runtime_env
+from steel.core.config import ScoreConfig
+from steel.core.keras_env import runtime_env
 
 root, work = sys.argv[1], sys.argv[2]
 ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
@@ -65,8 +65,9 @@ def attempt(fn):
 
 
 out = {}
-from steel import scoring, storage
-from steel.config import config_from_dict
+from steel.score import run as scoring
+from steel.core import storage
+from steel.core.config import config_from_dict
 images = f"{root}/train_images"
 cfg = ScoreConfig(gpus_per_actor=1, actors=1, batch_size=2, images_per_shard=4)
 # driver check (score) and the actor's own check (the pipeline run without the driver check)
@@ -76,7 +77,7 @@ files = sorted(storage.list_files(images))[:2]
 items = [{"shard": "s", "image_id": f.rsplit("/", 1)[-1], "file": f, "path": f} for f in files]
 out["score_actor"] = attempt(lambda: scoring.cascade_dataset(items, cfg, None, ("JPEG",), factory).take_all())
 
-from steel import training
+from steel.train import run as training
 train = {"output": f"{work}/ckpt", "epochs": 1, "per_worker_batch": 4, "num_workers": 1, "cpus_per_worker": 1,
          "max_failures": 0, "use_gpu": True, "models": ["binary"],
          "classifier": {"encoder": "simplecnn", "input_size": [32, 160], "encoder_weights": "none",
@@ -124,7 +125,8 @@ def test_local_ray_without_gpus_fails_at_once(monkeypatch):
     """A one-machine Ray this process started has no autoscaler: no GPU can appear, so no waiting."""
     import ray
 
-    from steel import devices, ray_session
+    from steel.core import devices
+    from steel.core import ray_session
 
     submitted = []
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bench import dress_rehearsal as dr
-from steel.config import ConfigError, config_from_dict
+from steel.core.config import ConfigError, config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO / "configs" / "severstal-seed.yaml"

@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from steel import eda, rle, storage
+from steel.report import eda
+from steel.data import rle
+from steel.core import storage
 from steel.cli import main
 
 H, W = rle.SHAPE
@@ -87,7 +89,7 @@ def test_numbers(report):
 
 
 def test_thresholds_file_is_what_the_cascade_reads(report):
-    from steel.thresholds import SEED_AREAS, from_area_json
+    from steel.model.thresholds import SEED_AREAS, from_area_json
 
     t = from_area_json(str(report / "area_thresholds.json"))
     assert t["classes"]["3"]["max_area"] == json.loads((report / "area_thresholds.json").read_text())["3"]["max_area"]
@@ -126,8 +128,8 @@ def test_overlay_colours_masks_only():
 
 def test_split_train_and_combined_layout(data, tmp_path, capsys):
     # Same data in the original 4-rows-per-image layout, restricted to the seed's train split.
-    from steel import dataset
-    from steel.submission import read_rows, to_kaggle
+    from steel.data import labels as dataset
+    from steel.data.submission import read_rows, to_kaggle
 
     copy = tmp_path / "data"
     storage.copy_local_dir_to(str(data), str(copy))

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steel import rle
-from steel.eval_report import confusion, pick_overlays, presence, write_report
+from steel.data import rle
+from steel.eval.report import confusion, pick_overlays, presence, write_report
 
 H, W = rle.SHAPE
 

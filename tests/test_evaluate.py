@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steel import rle
+from steel.data import rle
 from steel.cli import main
-from steel.evaluate import evaluate
+from steel.eval.evaluate import evaluate
 
 SHAPE = (32, 64)  # small images keep the RLEs short; --shape passes it to the command
 
@@ -35,7 +35,7 @@ def _long(rows, images=None, path=None):
     """Kaggle long layout; with ``images``, 4 rows per image (empty for none)."""
     df = pd.DataFrame(rows, columns=["ImageId", "ClassId", "EncodedPixels"])
     if images is not None:
-        from steel.submission import to_kaggle
+        from steel.data.submission import to_kaggle
 
         df = to_kaggle(df, images=images)
     df.to_csv(path, index=False)

@@ -1,4 +1,4 @@
-"""steel.images: one decoder, one resize, one preprocessing record, shared by training, tuning and scoring."""
+"""steel.data.images: one decoder, one resize, one preprocessing record, shared by training, tuning and scoring."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from steel import bundle, images, models, synth
-from steel.cascade import Cascade
-from steel.config import MODEL_NAMES, load_config
-from steel.thresholds import default_thresholds
+from steel.model import bundle
+from steel.data import images
+from steel.model import networks as models
+from steel.data import synth
+from steel.model.cascade import Cascade
+from steel.core.config import MODEL_NAMES, load_config
+from steel.model.thresholds import default_thresholds
 
 H, W = 256, 1600
 
@@ -53,8 +56,9 @@ def test_one_jpeg_identical_arrays_on_training_tuning_and_scoring_paths(tmp_path
     (train_data.prepare_batch), tuning's reader (tuning.read_image -> cascade) and scoring's Ray
     Data stage (scoring.decode_batch -> cascade), for each U-Net encoder's preprocessing and the
     classifier's."""
-    from steel import scoring, tuning
-    from steel.train_data import prepare_batch
+    from steel.score import run as scoring
+    from steel.tune import run as tuning
+    from steel.train.data import prepare_batch
 
     data = _jpeg()
     path = tmp_path / "a.jpg"

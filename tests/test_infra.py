@@ -123,7 +123,7 @@ def _check_entrypoint(entrypoint: str) -> str:
     parsed = parser.parse_args(args)
     config = getattr(parsed, "config", None)
     if config:
-        from steel.config import load_config
+        from steel.core.config import load_config
 
         assert (REPO / config).is_file(), f"{entrypoint}: config {config} does not exist"
         load_config(str(REPO / config))

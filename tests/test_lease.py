@@ -1,4 +1,4 @@
-"""steel.lease: one writer per output, locally (O_EXCL + flock) and on S3 (conditional PUTs on the moto server)."""
+"""steel.score.lease: one writer per output, locally (O_EXCL + flock) and on S3 (conditional PUTs on the moto server)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from steel import lease, storage
+from steel.score import lease
+from steel.core import storage
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -1,4 +1,4 @@
-"""steel.metrics: Dice on masks and encodings, and the submission-level mean Dice."""
+"""steel.eval.metrics: Dice on masks and encodings, and the submission-level mean Dice."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from steel import metrics, rle
+from steel.eval import metrics
+from steel.data import rle
 
 SMALL = (16, 24)
 

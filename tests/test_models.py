@@ -1,14 +1,14 @@
-"""steel.models (the six architectures) and steel.keras_metrics (the seed's Keras metrics)."""
+"""steel.model.networks (the six architectures) and steel.model.losses (the seed's Keras metrics)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from steel import models
-from steel.config import MODEL_NAMES, load_config
-from steel.keras_env import keras, tf
-from steel import keras_metrics as km
+from steel.model import networks as models
+from steel.core.config import MODEL_NAMES, load_config
+from steel.core.keras_env import keras, tf
+from steel.model import losses as km
 
 TINY_CLS = dict(encoder="mobilenetv2_035", input_size=(64, 320), encoder_weights="none", dense_units=(32, 16))
 TINY_SEG = dict(encoder="simplecnn", input_size=(64, 320), encoder_weights="none",
@@ -116,7 +116,7 @@ def test_encoder_weights_from_h5_path(tmp_path):
 def test_unet_encoder_weights_staged_on_s3(s3_bucket, tmp_path):
     """A cluster without internet: the encoder's weights staged once in object storage (here the
     moto S3 server) and named by ``encoder_weights: s3://...`` end up in the U-Net's encoder."""
-    from steel import storage
+    from steel.core import storage
 
     encoder = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 160, 3), alpha=0.35)
     local = tmp_path / "mobilenet_v2_0.35_notop.h5"
@@ -328,7 +328,7 @@ def test_fit_under_distribution_strategy_history_columns():
 
 
 def test_encoder_weights_from_s3(tmp_path, s3_bucket):
-    from steel import storage
+    from steel.core import storage
 
     encoder = models._simplecnn_backbone(input_shape=(32, 160, 3))
     encoder.set_weights([w - 0.5 for w in encoder.get_weights()])
@@ -343,7 +343,7 @@ def test_encoder_weights_from_s3(tmp_path, s3_bucket):
 
 def test_from_scratch_models_use_fast_batchnorm_statistics():
     """Random-init encoders get BN momentum 0.9 so validation statistics follow the data quickly."""
-    from steel.keras_env import keras
+    from steel.core.keras_env import keras
 
     model = models.build("seg3", encoder="simplecnn", input_size=(32, 160), encoder_weights="none",
                          decoder_filters=(16, 8, 8, 4, 4))

@@ -19,10 +19,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steel import bundle as bundle_lib
-from steel import merge, score_io, storage
-from steel.config import ScoreConfig
-from steel.thresholds import default_thresholds
+from steel.model import bundle as bundle_lib
+from steel.score import merge
+from steel.score import io as score_io
+from steel.core import storage
+from steel.core.config import ScoreConfig
+from steel.model.thresholds import default_thresholds
 from tests.test_scoring import BrightPredictor, check_output, jpeg_bytes, write_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +79,7 @@ def test_retry_backs_off_with_jitter_and_never_retries_permanent_errors():
 
 
 class ResourceExhaustedError(RuntimeError):
-    """Named like TensorFlow's OOM error (what steel.scoring.is_oom recognises)."""
+    """Named like TensorFlow's OOM error (what steel.score.run.is_oom recognises)."""
 
 
 class OOMPredictor(BrightPredictor):
@@ -95,7 +97,7 @@ class OOMPredictor(BrightPredictor):
 
 
 def test_oom_retries_with_smaller_batches_and_predictor_failures_are_transient():
-    from steel.scoring import CascadeActor
+    from steel.score.run import CascadeActor
 
     images = np.stack([score_io.decode_image(jpeg_bytes(i)) for i in range(5)])
     batch = {"shard": np.array(["s"] * 5, dtype=object), "image_id": np.array(list("abcde"), dtype=object),
@@ -133,7 +135,7 @@ def test_since_lists_only_new_date_partitions(tmp_path):
 
 
 def test_exit_rules_one_per_reason():
-    from steel.scoring import exit_problems
+    from steel.score.run import exit_problems
 
     cfg = ScoreConfig(max_error_rate=0.1)
     base = {"images_uri": "s3://plant/archive", "images_in": 20, "scored": 20, "errors": 0,
@@ -177,7 +179,7 @@ def test_bundle_versions_resolve_once_and_publish_immutably(tmp_path):
         bundle_lib.resolve_bundle(str(tmp_path / "nothing"))
 
     # The pipeline's publish stage (after train + tune) publishes and promotes the working bundle.
-    from steel.config import Config
+    from steel.core.config import Config
     from steel.pipeline import Pipeline
 
     bundle_lib.write_thresholds(work, {**default_thresholds(), "binary": 0.8})
@@ -192,7 +194,8 @@ def test_bundle_versions_resolve_once_and_publish_immutably(tmp_path):
 
 @pytest.mark.timeout(240)
 def test_bundle_promoted_during_a_run_and_lease_refusal(ray_local, stand_in, tmp_path, monkeypatch, capsys):
-    from steel import lease, scoring
+    from steel.score import lease
+    from steel.score import run as scoring
     from steel.cli import main
     from tests.test_scoring import tiny_models
 
@@ -230,7 +233,7 @@ def test_bundle_promoted_during_a_run_and_lease_refusal(ray_local, stand_in, tmp
 @pytest.mark.timeout(300)
 def test_s3_faults_through_a_proxy_are_retried_and_persistent_ones_fail_the_run(
         ray_local, stand_in, s3_endpoint, s3_bucket, tmp_path):
-    from steel.scoring import score
+    from steel.score.run import score
     from tests.faulty_proxy import FaultyProxy
 
     images, out = f"s3://{s3_bucket}/archive", f"s3://{s3_bucket}/scores"
@@ -248,7 +251,7 @@ def test_s3_faults_through_a_proxy_are_retried_and_persistent_ones_fail_the_run(
             assert any(k.endswith(".jpg") for k in faulted) and any("/shards/" in k for k in faulted)
             assert all(proxy.per_key[("GET", f"/{s3_bucket}/archive/{n}")] > 8 for n in first)
             proxy.set(rate=0.0, first_n=0)  # the test's own reads below have no retries
-            from steel import lease
+            from steel.score import lease
             assert lease.read_holder(out) is None, proxy.faults_per_key
             assert storage.exists(storage.join(out, "_SUCCESS")) and not storage.list_files(
                 storage.join(out, "errors"))
@@ -370,7 +373,7 @@ def test_kill_at_each_point_then_rerun_loses_nothing(ray_head, tmp_path):
 
 
 def test_drift_chart_from_run_records(tmp_path):
-    from steel.pipeline_report import drift_chart, drift_series
+    from steel.report.pipeline import drift_chart, drift_series
 
     def rec(started, scored, defects):
         return {"started_at": started, "scored": scored, "defect_images": dict(zip("1234", defects))}
@@ -392,7 +395,7 @@ def test_metrics_reach_rays_prometheus_endpoint(ray_local):
 
     import ray
 
-    from steel.scoring import _Metrics
+    from steel.score.run import _Metrics
 
     @ray.remote(num_cpus=0)
     class Scorer:

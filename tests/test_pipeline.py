@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from steel import rle
+from steel.data import rle
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"encoder": "simplecnn", "input_size": [32, 160], "encoder_weights": "none"}
@@ -131,7 +131,7 @@ def test_pipeline_as_a_ray_job(first_run, tmp_path, ray_head):
     """Submit the pipeline to a separate Ray head: it reuses the data and bundle, scores afresh."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from steel.keras_env import runtime_env
+    from steel.core.keras_env import runtime_env
     from tests.test_train_job import _auth_headers
 
     root, config, _, _ = first_run
@@ -164,8 +164,8 @@ def test_pipeline_as_a_ray_job(first_run, tmp_path, ray_head):
 
 
 def test_data_stage_regenerates_a_synthetic_set_of_other_sizes_only(tmp_path, capsys):
-    from steel import synth
-    from steel.config import config_from_dict
+    from steel.data import synth
+    from steel.core.config import config_from_dict
     from steel.pipeline import Pipeline
 
     root = tmp_path / "data"

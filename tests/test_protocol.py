@@ -1,4 +1,4 @@
-"""The seed's per-split tables (steel.protocol): numbers from exact tables, sampling, text and Markdown."""
+"""The seed's per-split tables (steel.eval.protocol): numbers from exact tables, sampling, text and Markdown."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steel import protocol, rle
-from steel.thresholds import default_thresholds
-from steel.tuning import PredictionCache
+from steel.eval import protocol
+from steel.data import rle
+from steel.model.thresholds import default_thresholds
+from steel.tune.run import PredictionCache
 
 H, W = rle.SHAPE
 
@@ -118,14 +119,14 @@ def test_tables_as_text_and_markdown():
 @pytest.mark.timeout(300)
 def test_evaluate_splits_on_ray_actors_equals_the_deployed_cascade(tmp_path, ray_local):
     """One pass per split on Ray actors; the cascade's Dice from the exact tables is the Dice of the masks
-    scoring's own actor writes (steel.tuning.full_resolution_dice), for tuned-like and seed thresholds."""
+    scoring's own actor writes (steel.tune.run.full_resolution_dice), for tuned-like and seed thresholds."""
     import sys
 
     import ray.cloudpickle
 
     cv2 = pytest.importorskip("cv2")
-    from steel.config import ScoreConfig
-    from steel.tuning import full_resolution_dice
+    from steel.core.config import ScoreConfig
+    from steel.tune.run import full_resolution_dice
     from tests import test_tuning
     from tests.test_tuning import StubCascade
 
@@ -188,8 +189,9 @@ def test_pipeline_evaluate_stage_wiring(tmp_path, monkeypatch):
     saved val predictions; writes protocol/metrics.json (protocol's Ray pass itself: the test above)."""
     import json
 
-    from steel import pipeline, tuning
-    from steel.config import load_config
+    from steel import pipeline
+    from steel.tune import run as tuning
+    from steel.core.config import load_config
 
     cfg = load_config(None, [f"bundle={tmp_path / 'bundle'}", f"report={tmp_path / 'report'}",
                              f"data.root={tmp_path / 'data'}", "evaluate.max_images_per_split=7"])

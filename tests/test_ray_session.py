@@ -21,19 +21,19 @@ def fake_ray(monkeypatch):
 
 
 def test_local_session_gets_keras_env_cpus_and_the_quiet_hook(fake_ray):
-    from steel import ray_session
-    from steel.keras_env import ENV_VARS
+    from steel.core import ray_session
+    from steel.core.keras_env import ENV_VARS
 
     assert ray_session.ensure_ray(num_cpus=6) is True
     (kw,) = fake_ray
     assert kw["num_cpus"] == 6 and kw["include_dashboard"] is False
     env = kw["runtime_env"]
-    assert env["worker_process_setup_hook"] == "steel.ray_session.quiet_worker_logs"
+    assert env["worker_process_setup_hook"] == "steel.core.ray_session.quiet_worker_logs"
     assert all(env["env_vars"][k] == v for k, v in ENV_VARS.items())
 
 
 def test_joining_a_cluster_adds_no_hook(fake_ray):
-    from steel import ray_session
+    from steel.core import ray_session
 
     ray_session.ensure_ray(address="ray://127.0.0.1:10001")
     (kw,) = fake_ray
@@ -45,7 +45,7 @@ def test_quiet_worker_logs_lowers_the_listed_loggers():
 
     import ray
 
-    from steel import ray_session
+    from steel.core import ray_session
 
     report = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
     import ray.train.v2._internal.execution.context as context  # the logger is named after this file

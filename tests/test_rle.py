@@ -1,4 +1,4 @@
-"""steel.rle against a plain-Python reference, with hypothesis-generated masks."""
+"""steel.data.rle against a plain-Python reference, with hypothesis-generated masks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from steel import rle
+from steel.data import rle
 
 PROPS = settings(max_examples=200, deadline=None)
 

@@ -1,4 +1,4 @@
-"""Batch scoring: shards, decoding, resume, incremental runs and bad input (steel.scoring, steel.score_io).
+"""Batch scoring: shards, decoding, resume, incremental runs and bad input (steel.score.run, steel.score.io).
 
 Unit tests run without Ray. Integration tests use the session's local Ray (``ray_local``) with a
 light stand-in predictor (``BrightPredictor``: deterministic masks from pixel brightness), and the
@@ -16,8 +16,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from steel import rle, score_io, storage
-from steel.config import ScoreConfig
+from steel.data import rle
+from steel.score import io as score_io
+from steel.core import storage
+from steel.core.config import ScoreConfig
 
 H, W = 256, 1600
 
@@ -197,7 +199,7 @@ def test_shard_files_resume_state_and_recovery(tmp_path):
 
 
 def test_cascade_actor_isolates_failing_images_and_passes_errors():
-    from steel.scoring import CascadeActor, decode_batch
+    from steel.score.run import CascadeActor, decode_batch
 
     actor = CascadeActor(BrightPredictor)
     images = np.stack([score_io.decode_image(jpeg_bytes(i)) for i in range(3)])
@@ -213,7 +215,7 @@ def test_cascade_actor_isolates_failing_images_and_passes_errors():
     assert list(out["error_kind"]) == ["", "transient", "", "decode"]  # a predictor failure is never a row
     assert out["mask_1"][0] and rle.area(out["mask_1"][0]) == out["area_1"][0] > 0
     assert json.loads(out["stats"][0]) == {"images": 2, "seg_calls": 2}
-    # decode stage without a filesystem reads through steel.storage
+    # decode stage without a filesystem reads through steel.core.storage
     dec = decode_batch({"shard": ["s"], "image_id": ["z"], "file": ["/no/such/file.jpg"], "path": ["x"]})
     assert dec["error"][0].startswith("could not read the file: FileNotFoundError")
     assert dec["error_kind"][0] == "transient"
@@ -233,8 +235,8 @@ BAD_FILES = {
 
 
 def test_score_local_with_bad_inputs_and_merge(ray_local, stand_in, tmp_path):
-    from steel import merge
-    from steel.scoring import format_summary, score
+    from steel.score import merge
+    from steel.score.run import format_summary, score
 
     images, out = str(tmp_path / "images"), str(tmp_path / "out")
     good = [f"img{i:02d}.jpg" for i in range(9)]
@@ -284,8 +286,8 @@ def test_score_local_with_bad_inputs_and_merge(ray_local, stand_in, tmp_path):
 
 
 def test_resume_after_crash_then_incremental_run(ray_local, stand_in, tmp_path, monkeypatch):
-    from steel import merge
-    from steel.scoring import FAIL_AFTER_ENV, score
+    from steel.score import merge
+    from steel.score.run import FAIL_AFTER_ENV, score
 
     images, out = str(tmp_path / "images"), str(tmp_path / "out")
     first = [f"a{i:02d}.jpg" for i in range(12)]
@@ -328,8 +330,8 @@ def test_resume_after_crash_then_incremental_run(ray_local, stand_in, tmp_path, 
 
 
 def test_score_from_and_to_s3(ray_local, stand_in, s3_bucket, tmp_path):
-    from steel import merge
-    from steel.scoring import score
+    from steel.score import merge
+    from steel.score.run import score
 
     images, out = f"s3://{s3_bucket}/archive/2026-11-24", f"s3://{s3_bucket}/scores/nightly"
     good = [f"s{i}.jpg" for i in range(5)]
@@ -347,7 +349,7 @@ def test_score_from_and_to_s3(ray_local, stand_in, s3_bucket, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# A tiny real bundle: random-weight models through steel.bundle + Cascade.from_bundle
+# A tiny real bundle: random-weight models through steel.model.bundle + Cascade.from_bundle
 # --------------------------------------------------------------------------------------------
 
 TINY = {"classifier": dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none", dense_units=(8,)),
@@ -356,7 +358,7 @@ TINY = {"classifier": dict(encoder="simplecnn", input_size=(32, 160), encoder_we
 
 
 def tiny_models():
-    from steel import models
+    from steel.model import networks as models
 
     built, specs = {}, {}
     for name in models.MODEL_NAMES:
@@ -370,8 +372,8 @@ def visible_thresholds(built, specs, images: np.ndarray) -> dict:
     """Thresholds under which random-weight models give gating and non-empty masks on ``images``:
     the binary gate at the median p_defect (about half pass), classes 1-2 always pass with the pixel
     threshold at the median probability (masks of about half the image), classes 3-4 never pass."""
-    from steel.cascade import Cascade, keras_callable
-    from steel.thresholds import default_thresholds
+    from steel.model.cascade import Cascade, keras_callable
+    from steel.model.thresholds import default_thresholds
 
     th = default_thresholds()
     probe = Cascade({n: keras_callable(m) for n, m in built.items()},
@@ -388,8 +390,8 @@ def visible_thresholds(built, specs, images: np.ndarray) -> dict:
 
 @pytest.mark.slow
 def test_cli_scores_s3_images_with_a_tiny_real_bundle(ray_local, s3_bucket, tmp_path, capsys):
-    from steel import bundle as bundle_lib
-    from steel import merge
+    from steel.model import bundle as bundle_lib
+    from steel.score import merge
     from steel.cli import main
 
     root = f"s3://{s3_bucket}"
@@ -426,7 +428,7 @@ def test_cli_scores_s3_images_with_a_tiny_real_bundle(ray_local, s3_bucket, tmp_
 
 
 def test_cli_flags_override_the_config(tmp_path, monkeypatch, capsys):
-    from steel import scoring
+    from steel.score import run as scoring
     from steel.cli import main
 
     seen = {}

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from steel.config import ConfigError, config_from_dict, load_config
+from steel.core.config import ConfigError, config_from_dict, load_config
 
 SEED = str(Path(__file__).resolve().parents[1] / "configs" / "severstal-seed.yaml")
 
@@ -19,7 +19,7 @@ def test_seed_config_is_the_seed():
     assert (t.segmenter.encoder, tuple(t.segmenter.input_size)) == ("efficientnetb1", (256, 1600))
     assert [t.batch_for(n) for n in ("binary", "multilabel", "seg1", "seg4")] == [16, 16, 8, 8]
     assert t.num_workers == 1  # global batch = the seed's batch
-    from steel.training import scaled_lr
+    from steel.train.run import scaled_lr
 
     # Every model at Keras' Adam default (the seed names no optimizer settings), after batch scaling.
     assert {n: scaled_lr(t.lr_for(n), t.batch_for(n), t.num_workers, t.base_batch) for n in t.models} == \
@@ -28,7 +28,7 @@ def test_seed_config_is_the_seed():
     assert cfg.tune.tta == "none" and cfg.score.tta == "none" and cfg.tune.mode == "fixed"
     assert cfg.data.seed == 42
 
-    from steel import models
+    from steel.model import networks as models
 
     assert models.model_spec("binary", t)["preprocessing"] == "unit"  # rescale=1./255
     assert models.model_spec("seg3", t)["preprocessing"] == "imagenet"  # get_preprocessing('efficientnetb1')
@@ -41,7 +41,7 @@ def test_per_kind_batch_and_learning_rate():
     assert [t.batch_for(n) for n in ("binary", "seg2")] == [4, 2]
     assert [t.lr_for(n) for n in ("multilabel", "seg2")] == [1e-3, 5e-4]
 
-    from steel.training import plan
+    from steel.train.run import plan
 
     sizes = {"train": 40, "val": 8}
     assert plan("binary", sizes, t)["steps_per_epoch"] == 40 // 2 // 4  # 2 workers x 4
@@ -61,8 +61,8 @@ def test_seed_config_trains_at_tiny_sizes(tmp_path, ray_local):
     from the seed config, shrunk by overrides only: random init (no internet), tiny input, one step.
     (Only seg1: the Xception classifier adds ~2 min of graph building on 2 CPUs; its batch of 16
     is checked by test_seed_config_is_the_seed / test_per_kind_batch_and_learning_rate.)"""
-    from steel import bundle
-    from steel.training import train_models
+    from steel.model import bundle
+    from steel.train.run import train_models
     from tests.test_train_data import make_tiny_dataset
 
     root = make_tiny_dataset(tmp_path / "data", n=64)  # 15 class-3 training images: a full batch of 8
@@ -86,7 +86,9 @@ def test_fixed_thresholds_are_the_eda_train_split_percentiles(tmp_path):
     """tune.mode fixed: probabilities 0.5 and the area bounds `steel eda --split train` writes."""
     import json
 
-    from steel import eda, thresholds, tuning
+    from steel.report import eda
+    from steel.model import thresholds
+    from steel.tune import run as tuning
     from tests.test_train_data import make_tiny_dataset
 
     root = make_tiny_dataset(tmp_path / "data")
@@ -117,8 +119,11 @@ def test_fixed_thresholds_are_the_eda_train_split_percentiles(tmp_path):
 @pytest.mark.timeout(240)
 def test_write_fixed_checks_the_deployed_cascade_on_the_validation_split(tmp_path, ray_local):
     """write_fixed's validation Dice is the full cascade's (scoring's Ray actors at 256x1600) on the val split."""
-    from steel import bundle, models, thresholds, tuning
-    from steel.config import MODEL_NAMES
+    from steel.model import bundle
+    from steel.model import networks as models
+    from steel.model import thresholds
+    from steel.tune import run as tuning
+    from steel.core.config import MODEL_NAMES
     from tests.test_train_data import make_tiny_dataset
 
     root = make_tiny_dataset(tmp_path / "data")

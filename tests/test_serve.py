@@ -1,8 +1,8 @@
-"""Online scoring (steel.serving): unit tests without Ray, then one Ray Serve on the session's local Ray.
+"""Online scoring (steel.serve.app): unit tests without Ray, then one Ray Serve on the session's local Ray.
 
 The Serve tests share one Serve start (module fixture ``endpoint``) on 127.0.0.1 with a tiny real
 bundle (random-weight models, the thresholds of tests/test_scoring.py that make masks visible). The
-predictor is the real :class:`steel.scoring.BundleCascade` wrapped so that an all-black image raises
+predictor is the real :class:`steel.score.run.BundleCascade` wrapped so that an all-black image raises
 (to see a replica error as a 5xx). Serve is shut down by its handle at the end of the module.
 """
 
@@ -22,8 +22,9 @@ import pytest
 import requests
 from PIL import Image
 
-from steel import score_io, storage
-from steel.config import ConfigError, ScoreConfig, ServeConfig, load_config
+from steel.score import io as score_io
+from steel.core import storage
+from steel.core.config import ConfigError, ScoreConfig, ServeConfig, load_config
 from tests.conftest import free_port
 from tests.test_scoring import jpeg_bytes, tiny_models, visible_thresholds
 
@@ -89,7 +90,7 @@ class Echo:
 
 
 def test_scorer_decodes_like_batch_scoring_and_limits_size():
-    from steel import serving
+    from steel.serve import app as serving
 
     scorer = serving.Scorer(Echo, "v1", ScoreConfig(), max_image_bytes=1_000_000)
     for name, data in bad_inputs().items():
@@ -112,7 +113,7 @@ def test_scorer_decodes_like_batch_scoring_and_limits_size():
 
 
 def test_parse_batch_body_errors():
-    from steel.serving import RequestError, parse_batch_body
+    from steel.serve.app import RequestError, parse_batch_body
 
     ok = {"images": [{"id": "a", "jpeg_b64": base64.b64encode(b"xy").decode()}, {"jpeg_b64": ""}]}
     assert parse_batch_body(json.dumps(ok).encode(), 4) == [("a", b"xy"), ("image-1", b"")]
@@ -154,9 +155,9 @@ def endpoint(ray_local, tmp_path_factory):
     import ray.cloudpickle
     from ray import serve
 
-    from steel import bundle as bundle_lib
-    from steel import serving
-    from steel.scoring import BundleCascade
+    from steel.model import bundle as bundle_lib
+    from steel.serve import app as serving
+    from steel.score.run import BundleCascade
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     root = tmp_path_factory.mktemp("serve")
@@ -193,7 +194,7 @@ def endpoint(ray_local, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.timeout(400)  # includes the module's Serve start (setup)
 def test_ready_health_and_routes(endpoint):
-    from steel.serving import resolve_bundle
+    from steel.serve.app import resolve_bundle
 
     url = endpoint["url"]
     ready = requests.get(f"{url}/ready", timeout=30)
@@ -236,9 +237,9 @@ def test_listens_only_on_loopback(endpoint):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_answers_equal_batch_scoring_rows_and_error_reasons(endpoint, tmp_path):
-    """The endpoint and ``steel.scoring.score`` give the same rows and the same error reasons."""
-    from steel import scoring
-    from steel.serving import json_rows
+    """The endpoint and ``steel.score.run.score`` give the same rows and the same error reasons."""
+    from steel.score import run as scoring
+    from steel.serve.app import json_rows
 
     url, images, names = endpoint["url"], endpoint["images"], endpoint["names"]
     out = str(tmp_path / "scores")
@@ -324,8 +325,8 @@ def test_limits_bad_batches_and_replica_errors(endpoint):
 @pytest.mark.timeout(300)
 def test_new_bundle_version_rolls_out_without_dropping_requests(endpoint):
     """Deploying a new bundle version under load: every request is answered, by the old or the new one."""
-    from steel import serving
-    from steel.bundle import read_manifest
+    from steel.serve import app as serving
+    from steel.model.bundle import read_manifest
 
     old = endpoint["bundle"]
     new = str(endpoint["root"] / "bundle-v2")
@@ -393,7 +394,7 @@ def serve_config_errors(config: dict) -> list[str]:
 
     from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 
-    from steel import serving
+    from steel.serve import app as serving
     from tests.conftest import REPO
 
     try:
@@ -404,7 +405,7 @@ def serve_config_errors(config: dict) -> list[str]:
     for app in config["applications"]:
         module, _, attr = app["import_path"].partition(":")
         if getattr(importlib.import_module(module), attr, None) is not serving.app_builder:
-            errors.append(f"{app['import_path']}: not steel.serving:app_builder")
+            errors.append(f"{app['import_path']}: not steel.serve.app:app_builder")
         for d in app.get("deployments", []):
             unknown = set(d) - set(DeploymentSchema.model_fields)
             if unknown:
@@ -433,7 +434,7 @@ def test_serve_configs_pass_serve_schema_and_the_builder(name):
 @pytest.mark.parametrize("breakage, words", [
     (lambda c: c["applications"][0]["deployments"][0].update(num_replica=2), "unknown keys"),
     (lambda c: c["applications"][0]["deployments"][0].update(name="Endpoint"), "has only"),
-    (lambda c: c["applications"][0].update(import_path="steel.serving:build_app"), "not steel.serving"),
+    (lambda c: c["applications"][0].update(import_path="steel.serve.app:build_app"), "not steel.serve.app"),
     (lambda c: c["applications"][0]["args"].update(set=["serve.max_batch=4"]), "did you mean"),
     (lambda c: c.update(http_options={"port": "eighty"}), "schema"),
 ])
@@ -446,7 +447,8 @@ def test_serve_config_check_catches_mistakes(breakage, words):
 def test_cli_flags_reach_the_serve_config(tmp_path, monkeypatch, capsys):
     import contextlib
 
-    from steel import ray_session, serving
+    from steel.core import ray_session
+    from steel.serve import app as serving
     from steel.cli import main
 
     seen = {}
@@ -472,9 +474,9 @@ def test_cli_flags_reach_the_serve_config(tmp_path, monkeypatch, capsys):
 
 def test_app_builder_reads_bundle_config_and_overrides(tmp_path):
     """What `serve run/deploy` calls: the bundle's thresholds and version, score.* and serve.* settings."""
-    from steel import bundle as bundle_lib
-    from steel import serving
-    from steel.thresholds import default_thresholds
+    from steel.model import bundle as bundle_lib
+    from steel.serve import app as serving
+    from steel.model.thresholds import default_thresholds
     from tests.conftest import REPO
 
     bundle = tmp_path / "bundle"

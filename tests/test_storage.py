@@ -1,4 +1,4 @@
-"""steel.storage on local paths, file:// URIs and a real S3 HTTP endpoint (moto server)."""
+"""steel.core.storage on local paths, file:// URIs and a real S3 HTTP endpoint (moto server)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import boto3
 import pyarrow.fs as pafs
 import pytest
 
-from steel import storage
+from steel.core import storage
 
 
 @pytest.fixture(params=["local", "file", "s3"])

@@ -1,12 +1,12 @@
-"""steel.submission: both CSV layouts into long form, Kaggle layouts out, clear errors."""
+"""steel.data.submission: both CSV layouts into long form, Kaggle layouts out, clear errors."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from steel import submission
-from steel.submission import RowsError, read_rows, to_kaggle
+from steel.data import submission
+from steel.data.submission import RowsError, read_rows, to_kaggle
 
 ROWS = [("b.jpg", 2, "5 3"), ("a.jpg", 1, "1 3 10 2"), ("a.jpg", 3, ""), ("b.jpg", 4, "100 50")]
 

@@ -1,4 +1,4 @@
-"""Synthetic Severstal-like dataset (steel.synth): layout, frequencies, masks, determinism, CLI."""
+"""Synthetic Severstal-like dataset (steel.data.synth): layout, frequencies, masks, determinism, CLI."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from steel import rle, synth
+from steel.data import rle
+from steel.data import synth
 from steel.cli import main
 
 ID_RE = re.compile(r"^[0-9a-f]{9}\.jpg$")
@@ -242,7 +243,7 @@ def test_refuses_to_overwrite_another_dataset_but_regenerates_its_own(tmp_path):
 
 
 def test_writes_to_s3(tmp_path, s3_bucket):
-    from steel import storage
+    from steel.core import storage
 
     uri = f"s3://{s3_bucket}/synth"
     summary = synth.generate(uri, images=3, test_images=1, seed=5, workers=1, progress=False)

@@ -1,4 +1,4 @@
-"""steel.train_data: label lookup, batch preparation (no Ray) and the Ray Data pipeline (local + S3)."""
+"""steel.train.data: label lookup, batch preparation (no Ray) and the Ray Data pipeline (local + S3)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from steel import rle
+from steel.data import rle
 
 H, W = 256, 1600
 
@@ -54,7 +54,7 @@ def make_tiny_dataset(root: Path, n: int = 24, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from steel.dataset import load_labels
+    from steel.data.labels import load_labels
 
     root = make_tiny_dataset(tmp_path_factory.mktemp("tinydata"))
     wide = load_labels(str(root / "train.csv"), images=str(root / "train_images"))
@@ -67,7 +67,7 @@ def _batch(root: Path, ids: list[str]) -> dict:
 
 
 def test_label_lookup_per_model(tiny):
-    from steel.train_data import label_lookup
+    from steel.train.data import label_lookup
 
     _, wide = tiny
     binary = label_lookup(wide, "binary")
@@ -84,7 +84,7 @@ def test_label_lookup_per_model(tiny):
 
 
 def test_prepare_batch_classifier_and_segmenter(tiny):
-    from steel.train_data import label_lookup, prepare_batch
+    from steel.train.data import label_lookup, prepare_batch
 
     root, wide = tiny
     ids = wide.loc[wide["hasDefect_3"] == 1, "ImageId"].tolist()[:3]
@@ -109,7 +109,7 @@ def test_prepare_batch_classifier_and_segmenter(tiny):
 
 def test_decoded_rows_finish_to_the_streamed_rows(tiny):
     """The worker cache's two steps (decode once, finish per epoch) give what prepare_batch gives."""
-    from steel.train_data import decode_batch, finish_batch, label_lookup, prepare_batch
+    from steel.train.data import decode_batch, finish_batch, label_lookup, prepare_batch
 
     root, wide = tiny
     for name, size in (("seg3", (64, 320)), ("binary", (32, 160)), ("unified", (32, 160))):
@@ -129,7 +129,7 @@ def test_decoded_rows_finish_to_the_streamed_rows(tiny):
 
 
 def test_prepare_batch_errors_name_the_file(tiny, tmp_path):
-    from steel.train_data import label_lookup, prepare_batch
+    from steel.train.data import label_lookup, prepare_batch
 
     root, wide = tiny
     labels = label_lookup(wide, "binary")
@@ -142,7 +142,7 @@ def test_prepare_batch_errors_name_the_file(tiny, tmp_path):
 
 
 def test_augmentation_keeps_shapes_and_mask_alignment(tiny):
-    from steel.train_data import label_lookup, prepare_batch
+    from steel.train.data import label_lookup, prepare_batch
 
     root, wide = tiny
     ids = wide.loc[wide["hasDefect_1"] == 1, "ImageId"].tolist()[:4]
@@ -164,7 +164,7 @@ def test_augmentation_keeps_shapes_and_mask_alignment(tiny):
 
 @pytest.mark.slow
 def test_ray_dataset_local_reads_only_model_images(tiny, ray_local):
-    from steel.train_data import build_dataset
+    from steel.train.data import build_dataset
 
     root, wide = tiny
     ds = build_dataset(wide, str(root / "train_images"), "seg2", (32, 160), shuffle=True)
@@ -182,7 +182,7 @@ def test_ray_dataset_local_reads_only_model_images(tiny, ray_local):
 def test_ray_dataset_from_s3(tiny, ray_local, s3_bucket):
     import boto3
 
-    from steel.train_data import build_dataset
+    from steel.train.data import build_dataset
 
     root, wide = tiny
     s3 = boto3.client("s3")

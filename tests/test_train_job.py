@@ -58,7 +58,7 @@ def _auth_headers() -> dict:
 def test_job_submission_trains_into_a_bundle(tmp_path, ray_head):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from steel.bundle import read_manifest
+    from steel.model.bundle import read_manifest
     root = make_tiny_dataset(tmp_path / "data")
     config = {"name": "job", "data": {"root": str(root)}, "bundle": str(tmp_path / "bundle"),
               "train": {"output": str(tmp_path / "ckpt"), "epochs": 1, "num_workers": 2, "per_worker_batch": 4,
@@ -70,7 +70,7 @@ def test_job_submission_trains_into_a_bundle(tmp_path, ray_head):
         try:
             job = client.submit_job(
                 entrypoint=f"python -m ray_jobs.train --config {tmp_path / 'job.yaml'} --model binary",
-                # No env_vars here: the job's driver calls ray.init(runtime_env=steel.keras_env.runtime_env())
+                # No env_vars here: the job's driver calls ray.init(runtime_env=steel.core.keras_env.runtime_env())
                 # and Ray refuses to merge two runtime envs that both set env_vars.
                 runtime_env={"working_dir": str(REPO),
                              "excludes": [".venv", "runs", ".git", "**/__pycache__", "*.egg-info"]},

@@ -1,4 +1,4 @@
-"""steel.training: unit pieces (no Ray) and tiny end-to-end Ray Train runs (2 CPU workers)."""
+"""steel.train.run: unit pieces (no Ray) and tiny end-to-end Ray Train runs (2 CPU workers)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from steel.config import config_from_dict
+from steel.core.config import config_from_dict
 from tests.test_train_data import make_tiny_dataset
 
 TINY_CLASSIFIER = {"encoder": "simplecnn", "input_size": [32, 160], "encoder_weights": "none",
@@ -37,7 +37,7 @@ def tiny_root(tmp_path_factory):
 
 
 def test_linear_scaling_and_warmup():
-    from steel.training import scaled_lr, warmup_schedule
+    from steel.train.run import scaled_lr, warmup_schedule
 
     assert scaled_lr(1e-4, per_worker_batch=16, num_workers=4, base_batch=8) == pytest.approx(8e-4)
     sched = warmup_schedule(8e-4, warmup_steps=4)
@@ -46,7 +46,7 @@ def test_linear_scaling_and_warmup():
 
 
 def test_cosine_schedule_decays_to_zero_after_warmup():
-    from steel.training import warmup_schedule
+    from steel.train.run import warmup_schedule
 
     sched = warmup_schedule(1e-3, warmup_steps=2, decay_steps=10)
     lrs = [float(sched(s)) for s in range(12)]
@@ -58,7 +58,7 @@ def test_cosine_schedule_decays_to_zero_after_warmup():
 
 
 def test_plan_gives_equal_steps_per_worker(tiny_root):
-    from steel.training import plan
+    from steel.train.run import plan
 
     cfg = tiny_config(tiny_root, "/tmp/unused", per_worker_batch=4, num_workers=2)
     p = plan("binary", {"train": 17, "val": 5}, cfg.train)
@@ -73,7 +73,7 @@ def test_plan_gives_equal_steps_per_worker(tiny_root):
 
 
 def test_plan_caches_in_workers_when_the_share_fits(tiny_root):
-    from steel.training import plan
+    from steel.train.run import plan
 
     cfg = tiny_config(tiny_root, "/tmp/unused", per_worker_batch=4, num_workers=2)
     p = plan("seg3", {"train": 17, "val": 5}, cfg.train)
@@ -86,8 +86,8 @@ def test_plan_caches_in_workers_when_the_share_fits(tiny_root):
 
 
 def test_local_train_config_one_worker_same_global_batch(tiny_root, monkeypatch):
-    from steel import ray_session
-    from steel.training import local_train_config, scaled_lr
+    from steel.core import ray_session
+    from steel.train.run import local_train_config, scaled_lr
 
     cfg = tiny_config(tiny_root, "/tmp/unused", num_workers=2, cpus_per_worker=1, per_worker_batch=4,
                       segmenter={**TINY_SEGMENTER, "per_worker_batch": 3})
@@ -106,7 +106,7 @@ def test_local_train_config_one_worker_same_global_batch(tiny_root, monkeypatch)
 
 
 def test_parse_fault():
-    from steel.training import parse_fault
+    from steel.train.run import parse_fault
 
     assert parse_fault(None) is None
     assert parse_fault("epoch=2,rank=1,marker=/tmp/m") == {"epoch": "2", "rank": "1", "marker": "/tmp/m"}
@@ -119,7 +119,7 @@ def test_parse_fault():
 def test_write_history_csv_png_tensorboard(tmp_path):
     import pandas as pd
 
-    from steel.training import write_history
+    from steel.train.run import write_history
 
     history = [{"epoch": e, "loss": 1.0 / e, "f1_m": 0.2 * e, "val_loss": 1.2 / e, "val_f1_m": 0.15 * e,
                 "seconds": 1.0} for e in (2, 1, 3)]
@@ -135,7 +135,7 @@ def test_write_history_csv_png_tensorboard(tmp_path):
 
 
 def test_checkpoint_files_keep_what_each_model_needs_to_continue():
-    from steel.training import BEST_WEIGHTS, WEIGHTS, checkpoint_files
+    from steel.train.run import BEST_WEIGHTS, WEIGHTS, checkpoint_files
 
     states = {"multilabel": {"epoch": 2, "epochs": 2},  # finished
               "seg1": {"epoch": 1, "epochs": 1},  # finished, no epoch with a finite metric: no best file
@@ -149,7 +149,7 @@ def test_checkpoint_files_keep_what_each_model_needs_to_continue():
 
 
 def test_train_key_tracks_config_and_data(tiny_root):
-    from steel.training import train_key
+    from steel.train.run import train_key
 
     cfg = tiny_config(tiny_root, "/tmp/unused")
     key = train_key("binary", cfg, "fp1")
@@ -165,7 +165,7 @@ def test_train_key_tracks_config_and_data(tiny_root):
 
 
 def test_other_runs_lists_the_models_runs_with_other_keys(tmp_path):
-    from steel.training import other_runs, run_name
+    from steel.train.run import other_runs, run_name
 
     for d in ("binary", "binary-aaaa", "binary-bbbb", "multilabel-aaaa", "seg1-aaaa"):
         (tmp_path / d).mkdir()
@@ -186,8 +186,8 @@ def _epochs(result) -> list[int]:
 
 @pytest.mark.slow
 def test_trains_all_six_into_a_loadable_bundle(tiny_root, tmp_path, ray_local):
-    from steel import bundle
-    from steel.training import load_trained, train_models
+    from steel.model import bundle
+    from steel.train.run import load_trained, train_models
 
     cfg = tiny_config(tiny_root, tmp_path, epochs=1, epochs_by_model={"seg2": 2}, lr_schedule="cosine")
     results = train_models(cfg)
@@ -219,8 +219,8 @@ def test_trains_all_six_into_a_loadable_bundle(tiny_root, tmp_path, ray_local):
         np.testing.assert_allclose(loaded.models[name].predict(x, verbose=0), trained.predict(x, verbose=0),
                                    rtol=1e-5, atol=1e-6)
     # binary trains on all 16-17 training images: both workers' full batches are used.
-    from steel.train_data import split_sizes
-    from steel.training import load_splits
+    from steel.train.data import split_sizes
+    from steel.train.run import load_splits
 
     splits, _ = load_splits(cfg)
     n = split_sizes(splits, "binary")["train"]
@@ -233,7 +233,7 @@ def test_trains_all_six_into_a_loadable_bundle(tiny_root, tmp_path, ray_local):
 
 @pytest.mark.slow
 def test_worker_failure_recovers_from_checkpoint(tiny_root, tmp_path, ray_local, monkeypatch):
-    from steel.training import FAULT_ENV, train_models
+    from steel.train.run import FAULT_ENV, train_models
 
     marker = tmp_path / "failed-once"
     monkeypatch.setenv(FAULT_ENV, f"epoch=2,rank=1,marker={marker}")
@@ -257,8 +257,9 @@ def test_crash_then_rerun_continues_on_s3(tiny_root, tmp_path, ray_local, s3_buc
     too big to cache; the other runs here use the cache."""
     import boto3
 
-    from steel import bundle, storage
-    from steel.training import FAULT_ENV, checkpoint_states, latest_checkpoint, train_models
+    from steel.model import bundle
+    from steel.core import storage
+    from steel.train.run import FAULT_ENV, checkpoint_states, latest_checkpoint, train_models
 
     out = f"s3://{s3_bucket}/run"
     cfg = tiny_config(tiny_root, out, epochs=2, epochs_by_model={"binary": 1}, max_failures=0, worker_cache_mb=0)
@@ -291,7 +292,7 @@ def test_crash_then_rerun_continues_on_s3(tiny_root, tmp_path, ray_local, s3_buc
 def test_rare_class_rows_are_repeated_for_every_worker():
     import pandas as pd
 
-    from steel.training import oversample_rare
+    from steel.train.run import oversample_rare
 
     train = pd.DataFrame({"ImageId": ["a.jpg", "b.jpg", "c.jpg"], "hasDefect": [1, 1, 0],
                           **{f"hasDefect_{k}": [int(k == 3), int(k == 2), 0] for k in (1, 2, 3, 4)},
@@ -308,8 +309,8 @@ def test_rare_class_rows_are_repeated_for_every_worker():
 @pytest.mark.timeout(600)
 def test_hyperparameter_change_after_a_finished_run_trains_afresh(tiny_root, tmp_path, ray_local, capsys):
     """A finished run is not resumed under a new base_lr: a new run folder, epoch 1 trained, new weights."""
-    from steel import bundle
-    from steel.training import train_models
+    from steel.model import bundle
+    from steel.train.run import train_models
 
     cfg = tiny_config(tiny_root, tmp_path, epochs=1)
     first = train_models(cfg, ["binary"])["binary"]
@@ -345,7 +346,7 @@ def test_tensorflow_backend_config_unpickles_without_tensorflow(tmp_path):
 
     import ray.cloudpickle as cloudpickle
 
-    from steel.training import tensorflow_backend_config
+    from steel.train.run import tensorflow_backend_config
 
     blob = tmp_path / "backend.pkl"
     blob.write_bytes(cloudpickle.dumps(tensorflow_backend_config()))

@@ -12,9 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from steel import metrics, rle
-from steel.thresholds import default_thresholds, validate_thresholds
-from steel.tuning import Evaluator, Grids, PredictionCache, search, truth_maps
+from steel.eval import metrics
+from steel.data import rle
+from steel.model.thresholds import default_thresholds, validate_thresholds
+from steel.tune.run import Evaluator, Grids, PredictionCache, search, truth_maps
 
 H, W = rle.SHAPE
 CS = (16, 100)  # cache resolution in these tests: one cell = 16 x 16 full-resolution pixels
@@ -169,7 +170,7 @@ def test_search_from_the_optimum_stays():
 
 
 def test_plateau_center_takes_the_middle_of_the_longest_tied_run():
-    from steel.tuning import plateau_center
+    from steel.tune.run import plateau_center
 
     assert plateau_center([0.1, 0.9, 0.9, 0.9, 0.2]) == 2
     assert plateau_center([0.9, 0.1, 0.9, 0.9, 0.9, 0.9]) == 3  # the longer run, its middle (left of centre)
@@ -259,7 +260,7 @@ class StubCascade:
     tta: str = "none"
 
     def __call__(self):
-        from steel.cascade import Cascade
+        from steel.model.cascade import Cascade
 
         models = {"binary": _stub_binary, "multilabel": _stub_multilabel, **{f"seg{k}": _stub_seg for k in range(1, 5)}}
         return Cascade(models, {n: (32, 160) for n in models}, self.thresholds, tta=self.tta)
@@ -278,7 +279,7 @@ def stub_pickled_by_value():
 
 
 def test_cache_key_and_stale_caches(tmp_path, caplog):
-    from steel.tuning import cache_key, load_cache
+    from steel.tune.run import cache_key, load_cache
 
     labels = pd.DataFrame({"ImageId": ["a.jpg", "b.jpg"], **{f"Defect_{k}": ["", "1 5"] for k in (1, 2, 3, 4)}})
     sizes = {k: (16, 100) for k in (1, 2, 3, 4)}
@@ -306,8 +307,8 @@ def test_cache_key_and_stale_caches(tmp_path, caplog):
 @pytest.mark.timeout(300)
 def test_tune_on_ray_actors_writes_thresholds_and_plots(tmp_path, ray_local, stub_pickled_by_value):
     cv2 = pytest.importorskip("cv2")
-    from steel.config import load_config
-    from steel.tuning import tune
+    from steel.core.config import load_config
+    from steel.tune.run import tune
 
     # 8 images: image i has brightness 20 * (i + 1). Even images carry a class-(i//2 % 4 + 1) defect
     # in the left 160 columns; the stub binary says 0.9 for those and 0.78 for clean ones (t_bin 0.8, 0.85
@@ -354,7 +355,7 @@ def test_tune_on_ray_actors_writes_thresholds_and_plots(tmp_path, ray_local, stu
         "dice_vs_binary.png", *(f"dice_vs_class{k}.png" for k in range(1, 5))]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in (bundle / "tuning").iterdir())
     # The actors' cache matches the stubs: binary 0.9 / 0.78, seg maps at (16, 80) with the left 16 columns hot.
-    from steel.tuning import PredictionCache as PC
+    from steel.tune.run import PredictionCache as PC
 
     cache = PC.load(str(tmp_path / "cache.npz"))
     assert cache.image_ids == ids  # labels' order, the broken file left out
@@ -375,10 +376,12 @@ def test_tune_on_ray_actors_writes_thresholds_and_plots(tmp_path, ray_local, stu
 def test_steel_tune_on_a_tiny_real_bundle(tmp_path, capsys, ray_local):
     """`steel tune` end to end on Ray actors: synthetic data, six tiny untrained Keras models in a real
     bundle; ``--cache`` is reused for the same bundle and recomputed when a model's weights change."""
-    from steel import bundle, models, synth
-    from steel.cascade import Cascade
+    from steel.model import bundle
+    from steel.model import networks as models
+    from steel.data import synth
+    from steel.model.cascade import Cascade
     from steel.cli import main
-    from steel.config import MODEL_NAMES, load_config
+    from steel.core.config import MODEL_NAMES, load_config
 
     data = tmp_path / "data"
     synth.generate(str(data), images=40, test_images=0, seed=1, workers=1, progress=False)
@@ -394,7 +397,7 @@ def test_steel_tune_on_a_tiny_real_bundle(tmp_path, capsys, ray_local):
     cas = Cascade.from_bundle(SimpleNamespace(models=built, specs=specs, thresholds=None))
     img = np.random.default_rng(0).integers(0, 256, (2, H, W, 3), dtype=np.uint8)
     probs = cas.predict_probabilities(img)
-    from steel.images import to_input
+    from steel.data.images import to_input
 
     x, x_seg = to_input(img, specs["binary"]), to_input(img, specs["seg2"])  # seg2: its own preprocessing
     np.testing.assert_allclose(probs["p_defect"], built["binary"](x, training=False).numpy()[:, 0], atol=1e-5)
@@ -412,7 +415,7 @@ def test_steel_tune_on_a_tiny_real_bundle(tmp_path, capsys, ray_local):
     assert v["after"] >= v["before"] and v["n_images"] >= 4
     assert (tmp_path / "bundle" / "tuning" / "dice_vs_class3.png").exists()
     # The actors computed what the models give in this process (binary probability of each image).
-    from steel.tuning import PredictionCache, read_image
+    from steel.tune.run import PredictionCache, read_image
 
     first = PredictionCache.load(cache)
     x = to_input(np.stack([read_image(f"{data}/train_images/{i}") for i in first.image_ids[:3]]), specs["binary"])
@@ -437,8 +440,8 @@ def test_steel_tune_on_a_tiny_real_bundle(tmp_path, capsys, ray_local):
 
 def test_full_tables_count_what_the_cascade_deploys():
     """Area and overlap per pixel threshold equal mask_from_prob's mask (linear resize to 256x1600)."""
-    from steel.cascade import mask_from_prob
-    from steel.ray_predict import full_tables
+    from steel.model.cascade import mask_from_prob
+    from steel.score.probabilities import full_tables
 
     rng = np.random.default_rng(5)
     prob = rng.random((8, 40)).astype(np.float32)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steel import rle
+from steel.data import rle
 from tests.test_train_data import make_tiny_dataset
 from tests.test_training import tiny_config
 
@@ -24,7 +24,7 @@ def tiny_root(tmp_path_factory):
 
 
 def test_build_two_outputs_and_the_head_on_the_deepest_features():
-    from steel import models
+    from steel.model import networks as models
 
     m = models.build("unified", **TINY_UNIFIED)
     assert m.output_names == ["cls", "mask"]
@@ -39,7 +39,7 @@ def test_build_two_outputs_and_the_head_on_the_deepest_features():
 
 
 def test_config_kind_selects_the_models():
-    from steel.config import ConfigError, config_from_dict
+    from steel.core.config import ConfigError, config_from_dict
 
     assert config_from_dict({}).train.model_names() == ["binary", "multilabel", "seg1", "seg2", "seg3", "seg4"]
     assert config_from_dict({"train": {"kind": "unified"}}).train.model_names() == ["unified"]
@@ -48,8 +48,8 @@ def test_config_kind_selects_the_models():
 
 
 def test_unified_targets_hold_every_class_mask_and_blackout_clears_the_head(tiny_root):
-    from steel import dataset
-    from steel.train_data import label_lookup, prepare_batch
+    from steel.data import labels as dataset
+    from steel.train.data import label_lookup, prepare_batch
 
     wide = dataset.load_labels(str(tiny_root / "train.csv"))
     row = wide[(wide["hasDefect_3"] == 1) & (wide["hasDefect"] == 1) & (wide[["hasDefect_1", "hasDefect_2",
@@ -73,7 +73,7 @@ def test_unified_targets_hold_every_class_mask_and_blackout_clears_the_head(tiny
 
 
 def test_pos_weights_follow_the_class_counts():
-    from steel.training import pos_weights
+    from steel.train.run import pos_weights
 
     rows = pd.DataFrame({"hasDefect": [1, 1, 0, 0], "hasDefect_1": [1, 0, 0, 0], "hasDefect_2": [0] * 4,
                          "hasDefect_3": [1, 1, 0, 0], "hasDefect_4": [1, 1, 1, 0]})
@@ -95,7 +95,7 @@ def _stub_unified(x):
 def test_mask_loss_leaves_classes_absent_from_the_batch_to_the_bce():
     """An absent class's predictions do not move the Dice term (only BCE punishes them); a present
     class's Dice does, so a rare class is not taught to predict nothing."""
-    from steel import keras_metrics as km
+    from steel.model import losses as km
 
     t = np.zeros((2, 4, 4, 4), np.float32)
     t[0, :2, :2, 2] = 1.0  # only class 3 is present
@@ -111,8 +111,8 @@ def test_mask_loss_leaves_classes_absent_from_the_batch_to_the_bce():
 
 
 def test_cascade_reads_gate_classes_and_masks_from_one_forward_pass():
-    from steel.cascade import Cascade
-    from steel.thresholds import default_thresholds
+    from steel.model.cascade import Cascade
+    from steel.model.thresholds import default_thresholds
 
     th = default_thresholds()
     th["binary"] = 0.1  # p_defect = brightness / 5: image 0 (50) is gated, 1 (200) and 2 (255) pass
@@ -153,10 +153,10 @@ def test_cascade_reads_gate_classes_and_masks_from_one_forward_pass():
 def test_unified_trains_resumes_reloads_tunes_and_scores(tiny_root, tmp_path, ray_local, monkeypatch, capsys):
     """One Ray Train run (2 workers, 2 epochs) killed at epoch 2 and resumed from its checkpoint; its
     bundle reloads and predicts what the checkpoint predicts; `steel tune` and `steel score` run on it."""
-    from steel import bundle
-    from steel.cascade import Cascade
+    from steel.model import bundle
+    from steel.model.cascade import Cascade
     from steel.cli import main
-    from steel.training import FAULT_ENV, load_trained, train_models
+    from steel.train.run import FAULT_ENV, load_trained, train_models
 
     marker = tmp_path / "failed-once"
     monkeypatch.setenv(FAULT_ENV, f"epoch=2,rank=1,marker={marker}")
@@ -167,8 +167,8 @@ def test_unified_trains_resumes_reloads_tunes_and_scores(tiny_root, tmp_path, ra
     assert [h["epoch"] for h in r["history"]] == [1, 2]  # resumed after epoch 1: nothing lost or repeated
     row = r["history"][0]
     assert r["monitor"] == "val_mask_class_dice_coef" and "val_cls_f1_m" in row and np.isfinite(row["loss"])
-    from steel.train_data import split_sizes
-    from steel.training import load_splits
+    from steel.train.data import split_sizes
+    from steel.train.run import load_splits
 
     splits, _ = load_splits(cfg)
     assert row["cls_images"] == (split_sizes(splits, "unified")["train"] // 2) * 2  # every image, both workers
@@ -182,7 +182,7 @@ def test_unified_trains_resumes_reloads_tunes_and_scores(tiny_root, tmp_path, ra
     cas = Cascade.from_bundle(loaded)
     imgs = np.stack([np.full((H, W, 3), v, np.uint8) for v in (60, 180)])
     probs = cas.predict_probabilities(imgs)
-    from steel.images import to_input
+    from steel.data.images import to_input
 
     cls, mask = trained(to_input(imgs, loaded.specs["unified"]), training=False)
     np.testing.assert_allclose(probs["p_defect"], cls.numpy()[:, 0], atol=1e-5)
@@ -203,7 +203,7 @@ def test_unified_trains_resumes_reloads_tunes_and_scores(tiny_root, tmp_path, ra
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["gating"]["images"] == n_images
     assert manifest["gating"]["forward_passes"] == n_images  # one pass per image (no TTA)
-    from steel import merge
+    from steel.score import merge
 
     s = merge.merge(str(out), str(tmp_path / "submission.csv"))
     assert (s["images"], s["rows"], s["errors"]) == (n_images, 4 * n_images, 0)

@@ -1,0 +1,531 @@
+"""Inputs and outputs of batch scoring: listing, shards, image decoding, shard files, the run manifest.
+
+Nothing here imports Ray or TensorFlow; :mod:`steel.score.run` runs these pieces inside a Ray Data
+pipeline, and the tests call them directly.
+
+**Image ids.** Every *file* under the images URI (recursively) is an input. Its ``ImageId`` is its
+path relative to that URI, with ``/`` separators: for the usual flat folder that is the file name
+(``0002cc93b.jpg``, as Kaggle's), and two files with the same name in different subfolders get
+different ids (``2026-11-23/a.jpg`` and ``2026-11-24/a.jpg``), so an image can never be scored twice
+under one id. Files that are not images are still inputs: they get an error row, never a silent skip.
+
+**Shards.** The pending ids are sorted and cut into groups of ``images_per_shard``; a shard is named
+``part-<first 16 hex digits of sha1(its sorted ids joined by newlines)>``, so the name depends only
+on which images it holds. A shard is *complete* when ``<out>/shards/<name>.csv|parquet`` exists: it
+is written (after ``<out>/errors/<name>.csv`` when the shard has errors) atomically, and only
+once every image of the shard has a result; then its index file ``<out>/index/<name>.json`` (its
+ImageIds and counts) is written. Which images are done comes from the index files (append-only, one
+per shard; never one file rewritten nightly), else from an old ``manifest.json`` that lists them
+(outputs of earlier code), else from the shard's own files (a run killed between shard and index).
+Those images are never scored again, so a re-run (same input, or with new images added: the nightly
+case) scores only what no complete shard holds and ends with exactly one row set per image.
+
+**Output rows.** ``csv``: ``ImageId,ClassId,EncodedPixels``, four rows per scored image (classes
+1..4, ``EncodedPixels`` empty for no defect). ``parquet``: the same rows plus per-image
+``p_defect``, ``p_class_1..4`` and ``area_1..4`` (mask pixel counts), repeated on its four rows.
+Parquet rows also carry ``bundle_version`` and ``scored_at``. Errors: ``ImageId,file,reason,kind`` in
+``<out>/errors/<name>.csv``; ``kind`` is ``decode`` (permanent). Transient failures are never rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import random
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from steel.data import images
+from steel.core import storage
+
+log = logging.getLogger(__name__)
+
+CLASSES: tuple[int, ...] = (1, 2, 3, 4)
+HEIGHT, WIDTH = images.HEIGHT, images.WIDTH
+FORMATS: tuple[str, ...] = ("csv", "parquet")
+MANIFEST = "manifest.json"
+SUCCESS = "_SUCCESS"
+ROW_COLUMNS: tuple[str, ...] = ("ImageId", "ClassId", "EncodedPixels")
+EXTRA_COLUMNS: tuple[str, ...] = (
+    "p_defect", *(f"p_class_{k}" for k in CLASSES), *(f"area_{k}" for k in CLASSES))
+ERROR_COLUMNS: tuple[str, ...] = ("ImageId", "file", "reason", "kind")
+# Error kinds: "decode" rows are permanent (the file itself is bad). Transient failures (storage,
+# network, throttling, credentials, predictor/OOM) are never written as rows: the image stays pending.
+PERMANENT_KINDS: tuple[str, ...] = ("decode",)
+VERSION_COLUMNS: tuple[str, ...] = ("bundle_version", "scored_at")  # parquet only
+INDEX_DIR = "index"
+RUNS_DIR = "runs"
+PARTITION = re.compile(r"^(?:dt=)?(\d{4}-\d{2}-\d{2})$")
+DEFAULT_IMAGE_FORMATS = images.DEFAULT_IMAGE_FORMATS
+ACCEPTED_MODES = images.ACCEPTED_MODES
+BadImage = images.BadImage  # an input file that cannot be scored; the message is the error row's reason
+
+
+# --------------------------------------------------------------------------------------------
+# Listing and shards
+# --------------------------------------------------------------------------------------------
+
+def list_inputs(images_uri: str, exclude: str | None = None, since: str | None = None) -> dict[str, str]:
+    """``{ImageId: file URI}`` for every file under ``images_uri`` (recursively), sorted by id.
+
+    ``exclude`` (a URI) drops files under it, so an output folder inside the input is not re-read.
+    ``since`` (``YYYY-MM-DD``) lists only the date partitions directly under ``images_uri`` named
+    ``dt=YYYY-MM-DD`` (or ``YYYY-MM-DD``) on or after that day, so a night lists only new partitions;
+    anything else at the top is skipped (counted in a log line). Ids stay relative to ``images_uri``.
+    A folder that does not exist raises FileNotFoundError naming it.
+    """
+    root = str(images_uri).rstrip("/")
+    if since is None:
+        files = storage.list_files(root, recursive=True)
+    else:
+        files = []
+        for part in _partitions(root, since):
+            files.extend(storage.list_files(storage.join(root, part), recursive=True))
+    if not files and not storage.exists(root):
+        raise FileNotFoundError(f"{images_uri}: no such folder (or S3 prefix)")
+    skip = str(exclude).rstrip("/") + "/" if exclude else None
+    out: dict[str, str] = {}
+    for uri in files:
+        if skip and uri.startswith(skip):
+            continue
+        rel = uri[len(root):].lstrip("/")
+        if not rel:
+            raise ValueError(f"{images_uri}: expected a folder (or S3 prefix) of images, got a file")
+        out[rel] = uri
+    return dict(sorted(out.items()))
+
+
+def check_since(since: str) -> str:
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(since)):
+        raise ValueError(f"since must be a date YYYY-MM-DD, got {since!r}")
+    return str(since)
+
+
+def _partitions(root: str, since: str) -> list[str]:
+    """Names of the date partitions directly under ``root`` on or after ``since``."""
+    import pyarrow.fs as pafs
+
+    check_since(since)
+    fs, path = storage.resolve(root)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    keep, other = [], 0
+    for info in infos:
+        m = PARTITION.match(info.base_name)
+        if info.type == pafs.FileType.Directory and m:
+            if m.group(1) >= since:
+                keep.append(info.base_name)
+        else:
+            other += 1
+    if other:
+        log.warning("%s: %d entries are not date partitions (dt=YYYY-MM-DD): not listed with --since", root, other)
+    return sorted(keep)
+
+
+def shard_name(image_ids) -> str:
+    """``part-<16 hex digits>`` from the sorted ids: the same images always give the same name."""
+    digest = hashlib.sha1("\n".join(sorted(image_ids)).encode("utf-8")).hexdigest()
+    return f"part-{digest[:16]}"
+
+
+@dataclass
+class Shard:
+    name: str
+    image_ids: list[str]
+
+
+def plan_shards(image_ids, per_shard: int) -> list[Shard]:
+    """Sorted ids cut into shards of ``per_shard`` (the last one may be smaller)."""
+    if per_shard < 1:
+        raise ValueError(f"images_per_shard must be at least 1, got {per_shard}")
+    ids = sorted(image_ids)
+    if len(set(ids)) != len(ids):
+        raise ValueError("plan_shards: repeated image ids")
+    groups = [ids[i:i + per_shard] for i in range(0, len(ids), per_shard)]
+    return [Shard(shard_name(g), g) for g in groups]
+
+
+def shard_uri(out_uri: str, name: str, fmt: str) -> str:
+    return storage.join(out_uri, "shards", f"{name}.{fmt}")
+
+
+def errors_uri(out_uri: str, name: str) -> str:
+    return storage.join(out_uri, "errors", f"{name}.csv")
+
+
+def complete_shards(out_uri: str) -> dict[str, str]:
+    """``{shard name: rows file URI}`` of the complete shards under ``out_uri`` (either format)."""
+    try:
+        files = storage.list_files(storage.join(out_uri, "shards"))
+    except FileNotFoundError:
+        return {}
+    out: dict[str, str] = {}
+    for uri in files:
+        base = storage.basename(uri)
+        stem, _, ext = base.rpartition(".")
+        if ext not in FORMATS or not stem.startswith("part-"):
+            continue
+        if stem in out:
+            raise ValueError(f"{out_uri}: shard {stem} exists in two formats ({storage.basename(out[stem])}, "
+                             f"{base}); delete one")
+        out[stem] = uri
+    return out
+
+
+def read_manifest(out_uri: str) -> dict | None:
+    """The last run's ``manifest.json`` under ``out_uri``, or None if there is none."""
+    uri = storage.join(out_uri, MANIFEST)
+    try:
+        text = storage.read_text(uri)
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{uri}: not valid JSON ({e}); delete it (the shard index files are the record)") from None
+    if not isinstance(data, dict) or not isinstance(data.get("shards", {}), dict):
+        raise ValueError(f"{uri}: not a scoring manifest (no 'shards' mapping)")
+    return data
+
+
+def read_rows_file(uri: str) -> pd.DataFrame:
+    """A shard's rows (csv or parquet) with ``EncodedPixels`` as str ('' = empty)."""
+    if str(uri).endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        df = pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pandas()
+    else:
+        df = pd.read_csv(io.BytesIO(storage.read_bytes(uri)), dtype={"ImageId": str, "EncodedPixels": str},
+                         keep_default_na=False)
+    missing = [c for c in ROW_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{uri}: not a shard file (missing columns {missing})")
+    df["EncodedPixels"] = df["EncodedPixels"].fillna("").astype(str)
+    df["ImageId"] = df["ImageId"].astype(str)
+    return df
+
+
+def read_errors_file(uri: str) -> pd.DataFrame:
+    """A shard's error rows; files written before error kinds existed get ``kind`` inferred."""
+    df = pd.read_csv(io.BytesIO(storage.read_bytes(uri)), dtype=str, keep_default_na=False)
+    missing = [c for c in ERROR_COLUMNS if c not in df.columns and c != "kind"]
+    if missing:
+        raise ValueError(f"{uri}: not an errors file (missing columns {missing})")
+    if "kind" not in df.columns:
+        legacy = df["reason"].str.startswith(("could not read the file", "scoring failed"))
+        df["kind"] = np.where(legacy, "legacy", "decode")
+    return df
+
+
+def shard_contents(out_uri: str, name: str, rows_uri: str) -> dict:
+    """``{"images": [ids], "scored": n, "errors": n}`` of a complete shard, read from its files."""
+    rows = read_rows_file(rows_uri)
+    scored = sorted(set(rows["ImageId"]))
+    err_uri = errors_uri(out_uri, name)
+    failed: list[str] = []
+    if storage.exists(err_uri):
+        failed = sorted(set(read_errors_file(err_uri)["ImageId"]))
+    return {"images": sorted(scored + failed), "scored": len(scored), "errors": len(failed)}
+
+
+def index_uri(out_uri: str, name: str) -> str:
+    return storage.join(out_uri, INDEX_DIR, f"{name}.json")
+
+
+def write_index(out_uri: str, name: str, entry: dict) -> None:
+    """``<out>/index/<shard>.json``: the shard's ImageIds and counts, written once after the shard."""
+    storage.write_text(index_uri(out_uri, name), json.dumps(entry, separators=(",", ":")) + "\n")
+
+
+def _read_index(uri: str) -> dict:
+    data = json.loads(storage.read_text(uri))
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{uri}: not a shard index file (no 'images' list)")
+    return data
+
+
+def done_images(out_uri: str, manifest: dict | None = None, threads: int = 16,
+                retry_call=None) -> tuple[dict[str, dict], dict[str, str]]:
+    """Complete shards and who holds each image.
+
+    Returns ``(shards, owner)``: ``shards`` maps each complete shard to its entry (``images``,
+    ``scored``, ``errors``, ...) read from its index file ``<out>/index/<shard>.json``; a shard with
+    no index file (a killed run wrote the shard but not its index, or an output from before index
+    files) is taken from the old ``manifest.json`` if that lists it, else read from the shard's own
+    files and marked ``recovered`` (the caller writes its index). ``owner`` maps every ImageId held by
+    a complete shard to that shard. An image in two shards is an error. ``retry_call(fn)`` wraps
+    each read (transient storage faults).
+    """
+    with _no_gc():  # a million ids in small lists: the cyclic GC's passes would double the time (no cycles here)
+        return _done_images(out_uri, manifest, threads, retry_call or (lambda fn: fn()))
+
+
+@contextlib.contextmanager
+def _no_gc():
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _done_images(out_uri, manifest, threads, call):
+    complete = call(lambda: complete_shards(out_uri))
+    try:
+        index_files = call(lambda: storage.list_files(storage.join(out_uri, INDEX_DIR), suffixes=".json"))
+    except FileNotFoundError:
+        index_files = []
+    indexed = {posixpath.splitext(storage.basename(u))[0]: u for u in index_files}
+    recorded = (manifest or {}).get("shards", {})
+    shards: dict[str, dict] = {}
+    wanted = [n for n in complete if n in indexed]
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for name, entry in zip(wanted, pool.map(lambda n: call(lambda: _read_index(indexed[n])), wanted)):
+            shards[name] = entry
+    for name, uri in complete.items():
+        if name in shards:
+            shards[name]["file"] = storage.basename(uri)
+            continue
+        entry = recorded.get(name)
+        if entry is None or "images" not in entry:
+            entry = {**call(lambda: shard_contents(out_uri, name, uri)), "recovered": True}
+        else:
+            entry = {**entry, "legacy": True}
+        shards[name] = {**entry, "file": storage.basename(uri)}
+    owner: dict[str, str] = {}
+    for name in sorted(shards):
+        for image_id in shards[name]["images"]:
+            if image_id in owner:
+                raise ValueError(f"{out_uri}: image {image_id!r} is in two shards ({owner[image_id]}, {name}); "
+                                 "delete one of them and run again")
+            owner[image_id] = name
+    return shards, owner
+
+
+# --------------------------------------------------------------------------------------------
+# Retries and run records
+# --------------------------------------------------------------------------------------------
+
+MAX_BACKOFF_S = 60.0
+
+
+def retry(fn, *, retries: int, backoff_s: float, what: str = "", permanent: tuple = (BadImage,),
+          sleep=time.sleep, on_retry=None):
+    """``fn()``, retried up to ``retries`` times on any exception not in ``permanent``.
+
+    Waits ``backoff_s * 2**attempt`` (capped at 60 s) times a jitter factor in [0.5, 1] between
+    attempts, so many workers hitting a throttled store do not retry in lock-step. The last
+    exception is re-raised. ``on_retry(exc)`` is called before each wait (metrics, tests).
+    """
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except permanent:
+            raise
+        except Exception as e:  # noqa: BLE001 - transient by definition here; re-raised when retries run out
+            if attempt >= retries:
+                raise
+            delay = min(backoff_s * 2 ** attempt, MAX_BACKOFF_S) * (0.5 + 0.5 * random.random())
+            log.warning("%s failed (%s: %s); retry %d/%d in %.2f s", what or "call", type(e).__name__,
+                        str(e)[:200], attempt + 1, retries, delay)
+            if on_retry is not None:
+                on_retry(e)
+            sleep(delay)
+            attempt += 1
+
+
+def new_run_id() -> str:
+    """``YYYYmmddTHHMMSSZ-<6 hex>``: sorts by start time, unique across hosts."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + hashlib.sha1(
+        f"{time.time_ns()}{random.random()}".encode()).hexdigest()[:6]
+
+
+def run_record_uri(out_uri: str, run_id: str) -> str:
+    return storage.join(out_uri, RUNS_DIR, f"{run_id}.json")
+
+
+def read_run_records(out_uri: str) -> list[dict]:
+    """Every ``<out>/runs/<run_id>.json``, oldest first (unreadable ones are skipped with a warning)."""
+    try:
+        files = storage.list_files(storage.join(out_uri, RUNS_DIR), suffixes=".json")
+    except FileNotFoundError:
+        return []
+    records = []
+    for uri in files:
+        try:
+            records.append(json.loads(storage.read_text(uri)))
+        except (ValueError, OSError) as e:
+            log.warning("%s: skipped (%s)", uri, e)
+    return sorted(records, key=lambda r: (str(r.get("started_at")), str(r.get("run_id"))))
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding: one decoder for training, tuning and scoring (steel.data.images)
+# --------------------------------------------------------------------------------------------
+
+decode_image = images.decode
+
+
+# --------------------------------------------------------------------------------------------
+# Shard files
+# --------------------------------------------------------------------------------------------
+
+def result_rows(image_id: str, result: dict) -> list[dict]:
+    """The four output rows of one scored image from a cascade result
+    (``p_defect``, ``p_class`` [4], ``masks`` [4 RLE], ``areas`` [4])."""
+    masks = list(result["masks"])
+    if len(masks) != len(CLASSES):
+        raise ValueError(f"{image_id}: cascade returned {len(masks)} masks, expected {len(CLASSES)}")
+    p_class = [float(v) for v in result.get("p_class", [np.nan] * 4)]
+    areas = [int(v) for v in result.get("areas", [0] * 4)]
+    extra = {"p_defect": float(result.get("p_defect", np.nan)),
+             **{f"p_class_{k}": p_class[k - 1] for k in CLASSES},
+             **{f"area_{k}": areas[k - 1] for k in CLASSES}}
+    return [{"ImageId": image_id, "ClassId": k, "EncodedPixels": masks[k - 1] or "", **extra} for k in CLASSES]
+
+
+def encode_rows(rows: list[dict], fmt: str) -> bytes:
+    """File content of a shard's rows, sorted by ImageId, ClassId (header only when empty).
+
+    Parquet also carries the per-image probabilities and areas, and ``bundle_version`` and
+    ``scored_at`` ('' when the rows do not have them)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    columns = list(ROW_COLUMNS) if fmt == "csv" else list(ROW_COLUMNS + EXTRA_COLUMNS + VERSION_COLUMNS)
+    df = pd.DataFrame(rows, columns=columns)
+    df = df.sort_values(["ImageId", "ClassId"], kind="stable").reset_index(drop=True)
+    df["ClassId"] = df["ClassId"].astype("int64")
+    if fmt == "csv":
+        return df.to_csv(index=False).encode("utf-8")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for col in ("ImageId", "EncodedPixels", *VERSION_COLUMNS):
+        df[col] = df[col].astype(object).where(df[col].notna(), "").astype(str)
+    for k in CLASSES:
+        df[f"area_{k}"] = df[f"area_{k}"].astype("int64")
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
+    return buf.getvalue()
+
+
+def encode_errors(errors: list[dict]) -> bytes:
+    df = pd.DataFrame(errors, columns=list(ERROR_COLUMNS)).sort_values("ImageId", kind="stable")
+    return df.to_csv(index=False).encode("utf-8")
+
+
+@dataclass
+class ShardResult:
+    """What a shard collected so far; :meth:`write` commits it (errors, rows file, then index).
+
+    An image with a transient failure (:meth:`add_failure`) keeps the shard from ever being
+    written in this run: its images stay pending for the next run.
+    """
+
+    name: str
+    image_ids: list[str]
+    rows: list[dict] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+    seen: set = field(default_factory=set)
+    failed: dict = field(default_factory=dict)  # ImageId -> transient failure reason
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed and len(self.seen) == len(self.image_ids)
+
+    @property
+    def settled(self) -> bool:
+        """Every image has a result or a transient failure: nothing more will come for this shard."""
+        return len(self.seen) + len(self.failed) >= len(self.image_ids)
+
+    def add_scored(self, image_id: str, result: dict, extra: dict | None = None) -> None:
+        if self._first(image_id):
+            self.rows.extend({**r, **(extra or {})} for r in result_rows(image_id, result))
+
+    def add_error(self, image_id: str, file: str, reason: str, kind: str = "decode") -> None:
+        if kind not in PERMANENT_KINDS:
+            raise ValueError(f"error kind {kind!r} is not permanent ({', '.join(PERMANENT_KINDS)}): "
+                             "use add_failure")
+        if self._first(image_id):
+            self.errors.append({"ImageId": image_id, "file": file, "reason": reason, "kind": kind})
+
+    def add_failure(self, image_id: str, reason: str) -> None:
+        if image_id not in self.seen:
+            self.failed.setdefault(image_id, reason)
+
+    def _first(self, image_id: str) -> bool:
+        if image_id in self.seen:  # a retried Ray task must not give an image two row sets
+            return False
+        self.failed.pop(image_id, None)
+        self.seen.add(image_id)
+        return True
+
+    def recorded_part(self) -> "ShardResult | None":
+        """The images of a settled shard that did not fail, as a shard of their own (named by its
+        ids like any other), or None when none is left: written so that only the failed images
+        stay pending and the next run scores exactly those."""
+        ids = sorted(self.seen)
+        if not ids:
+            return None
+        return ShardResult(shard_name(ids), ids, list(self.rows), list(self.errors), set(ids))
+
+    def entry(self, fmt: str) -> dict:
+        return {"images": sorted(self.image_ids), "scored": len(self.image_ids) - len(self.errors),
+                "errors": len(self.errors), "file": f"{self.name}.{fmt}"}
+
+    def write(self, out_uri: str, fmt: str, index_extra: dict | None = None, between=None) -> dict:
+        """Write the shard atomically (errors file, rows file, then its index file); returns its entry.
+
+        ``between()`` is called after the rows file and before the index (a test hook)."""
+        if not self.complete:
+            missing = sorted(set(self.image_ids) - self.seen)[:5]
+            raise RuntimeError(f"shard {self.name} is not complete (missing e.g. {missing})")
+        err_uri = errors_uri(out_uri, self.name)
+        if self.errors:
+            storage.write_bytes(err_uri, encode_errors(self.errors))
+        else:  # a stale errors file from an interrupted attempt would count twice
+            storage.delete(err_uri, missing_ok=True)
+        storage.write_bytes(shard_uri(out_uri, self.name, fmt), encode_rows(self.rows, fmt))
+        if between is not None:
+            between()
+        entry = self.entry(fmt)
+        write_index(out_uri, self.name, {**entry, **(index_extra or {})})
+        return entry
+
+
+def remove_orphan_errors(out_uri: str, complete: set[str]) -> list[str]:
+    """Delete ``errors/<name>.csv`` files whose shard never completed (left by a killed run)."""
+    try:
+        files = storage.list_files(storage.join(out_uri, "errors"), suffixes=".csv")
+    except FileNotFoundError:
+        return []
+    removed = []
+    for uri in files:
+        name = posixpath.splitext(storage.basename(uri))[0]
+        if name not in complete:
+            storage.delete(uri, missing_ok=True)
+            removed.append(name)
+    return removed
+
+
+__all__ = [
+    "CLASSES", "FORMATS", "MANIFEST", "SUCCESS", "ROW_COLUMNS", "EXTRA_COLUMNS", "ERROR_COLUMNS",
+    "PERMANENT_KINDS", "VERSION_COLUMNS", "index_uri", "write_index", "retry", "new_run_id", "run_record_uri",
+    "read_run_records", "check_since",
+    "DEFAULT_IMAGE_FORMATS", "BadImage", "Shard", "ShardResult", "list_inputs", "shard_name",
+    "plan_shards", "shard_uri", "errors_uri", "complete_shards", "read_manifest", "read_rows_file",
+    "read_errors_file", "shard_contents", "done_images", "decode_image", "result_rows", "encode_rows",
+    "encode_errors", "remove_orphan_errors",
+]
