@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 
 from bench.bench_rle import make_mask, rle2mask
-from steel.eval import metrics
+from steel.core.names import SHAPE
 from steel.data import rle
+from steel.eval import metrics
 
 # Per defect image: chance of each class and the mask kinds it is drawn from.
 CLASS_RATE = {1: 0.13, 2: 0.04, 3: 0.77, 4: 0.12}
@@ -68,8 +69,8 @@ def decode_everything(pred: pd.DataFrame, truth: pd.DataFrame) -> np.ndarray:
     scores = []
     for r in pred.sort_values(["ImageId", "ClassId"]).itertuples():
         p_rle, t_rle = r.EncodedPixels, t.get((r.ImageId, r.ClassId), "")
-        pm = rle2mask(p_rle) if p_rle else np.zeros(rle.SHAPE, np.uint8)
-        tm = rle2mask(t_rle) if t_rle else np.zeros(rle.SHAPE, np.uint8)
+        pm = rle2mask(p_rle) if p_rle else np.zeros(SHAPE, np.uint8)
+        tm = rle2mask(t_rle) if t_rle else np.zeros(SHAPE, np.uint8)
         total = int(pm.sum()) + int(tm.sum())
         scores.append(1.0 if total == 0 else 2.0 * int((pm & tm).sum()) / total)
     return np.array(scores)

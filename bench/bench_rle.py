@@ -15,9 +15,10 @@ import time
 
 import numpy as np
 
+from steel.core.names import SHAPE
 from steel.data import rle
 
-H, W = rle.SHAPE
+H, W = SHAPE
 
 
 # ----------------------------------------------------------------------------------------------

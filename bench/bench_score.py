@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+from steel.data import images as image_io
+
 H, W = 256, 1600
 CLASS_SHARE = {1: 897 / 6666, 2: 247 / 6666, 3: 5150 / 6666, 4: 801 / 6666}  # of defective train images
 
@@ -52,10 +54,9 @@ def make_images(folder: str, n: int, seed: int = 0) -> list[str]:
 
 
 def decode(path: str) -> np.ndarray:
-    from steel.score import io as score_io
 
     with open(path, "rb") as fh:
-        return score_io.decode_image(fh.read())
+        return image_io.decode(fh.read())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,8 +65,8 @@ def decode(path: str) -> np.ndarray:
 
 def seed_way(models: dict, specs: dict, paths: list[str], th: dict) -> list[dict]:
     from steel.data import rle
-    from steel.model.cascade import mask_from_prob
     from steel.data.images import to_input
+    from steel.model.cascade import mask_from_prob
 
     out = []
     for path in paths:
@@ -206,11 +207,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
+    from steel.core.config import ScoreConfig
+    from steel.core.names import MODEL_NAMES
     from steel.model import bundle as bundle_lib
     from steel.model import networks as models_lib
     from steel.model.cascade import Cascade, keras_callable
     from steel.score.run import static_callable
-    from steel.core.config import MODEL_NAMES, ScoreConfig
 
     work = tempfile.mkdtemp(prefix="bench_score_")
     results: dict = {"images": args.images, "batch": args.batch, "cpus": os.cpu_count()}
@@ -254,9 +256,9 @@ def main(argv: list[str] | None = None) -> dict:
               flush=True)
 
     if not args.skip_ray:
-        from steel.core.keras_env import runtime_env
         import ray
 
+        from steel.core.keras_env import runtime_env
         from steel.score.run import score
 
         bundle = os.path.join(work, "bundle")

@@ -47,9 +47,10 @@ RETRY_FOR_S = 120.0  # a client retries a request for this long (replica restart
 def quickstart_bundle(folder: str, image_paths: list[str]) -> str:
     """A bundle with the quickstart's architectures, random weights and seed-like thresholds."""
     from bench.bench_score import seed_like_thresholds
+    from steel.core.config import load_config
+    from steel.core.names import MODEL_NAMES
     from steel.model import bundle as bundle_lib
     from steel.model import networks as models
-    from steel.core.config import MODEL_NAMES, load_config
 
     cfg = load_config("configs/quickstart.yaml")
     built = {n: models.build_from_config(n, cfg.train) for n in MODEL_NAMES}
@@ -211,8 +212,8 @@ def kill_replica(app: str, deployment: str) -> str:
 
 def batch_baseline(bundle: str, work: str, score_cfg) -> dict:
     """Batch scoring (steel.score.run.score) of the images in ``work``; its steady-state and end-to-end images/s."""
-    from steel.score import run as scoring
     from steel.core.config import ScoreConfig
+    from steel.score import run as scoring
 
     # Steady state: images of every shard after the first, over the time between the first and the
     # last shard written (from steel.score.run's "shard ... written" log lines); excludes Ray Data's
@@ -267,9 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import steel.core.keras_env  # noqa: F401  (Keras variables before TensorFlow)
     from bench.bench_score import make_images
-    from steel.score import run as scoring
-    from steel.serve import app as serving
     from steel.core.config import ScoreConfig, ServeConfig, load_config
+    from steel.serve import app as serving
 
     work = tempfile.mkdtemp(prefix="bench-serve-")
     paths = make_images(os.path.join(work, "images"), args.images)

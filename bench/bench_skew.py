@@ -16,6 +16,8 @@ import io
 
 import numpy as np
 
+from steel.data import images as image_io
+
 
 def _jpegs(n: int) -> list[tuple[str, bytes]]:
     from PIL import Image
@@ -49,12 +51,11 @@ def _old_training(data: bytes, size) -> np.ndarray:
 
 
 def _old_scoring(data: bytes, size) -> np.ndarray:
-    """score_io.decode_image (PIL) + cascade.resize_images (INTER_AREA) + cascade.preprocess (x / 255)."""
+    """image_io.decode (PIL) + cascade.resize_images (INTER_AREA) + cascade.preprocess (x / 255)."""
     import cv2
 
-    from steel.data import images
 
-    img = images.decode(data)  # the PIL decoder is unchanged (now steel.data.images.decode)
+    img = image_io.decode(data)  # the PIL decoder is unchanged (steel.data.images.decode)
     if img.shape[:2] != tuple(size):
         img = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_AREA)
     return img.astype(np.float32) / np.float32(255.0)
@@ -65,7 +66,6 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=20, help="synthetic frames (x5 encodings)")
     args = parser.parse_args(argv)
 
-    from steel.data import images
     from steel.model import networks as models
     from steel.train.data import prepare_batch
 
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     decoder_diff: dict[str, int] = {}
     for kind, data in _jpegs(args.images):
         cv = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-        diff = int(np.count_nonzero(cv != images.decode(data)))
+        diff = int(np.count_nonzero(cv != image_io.decode(data)))
         decoder_diff[kind] = decoder_diff.get(kind, 0) + diff
         for label, size in sizes.items():
             before = float(np.abs(_old_training(data, size) - _old_scoring(data, size)).max())
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
             batch = {"path": np.array(["x.jpg"], dtype=object), "bytes": np.array([data], dtype=object)}
             train = prepare_batch(batch, name=name, labels={"x.jpg": "" if name == "seg1" else np.float32([0])},
                                   input_size=size, preprocessing=spec["preprocessing"])["image"][0]
-            serve = images.to_input(images.decode(data), spec)
+            serve = image_io.to_input(image_io.decode(data), spec)
             after = float(np.abs(train - serve).max())
             seed_gap = float(np.abs(_old_scoring(data, size) - serve).max()) if name == "seg1" else 0.0
             r = rows.setdefault((kind, label), [0.0, 0.0, 0.0])

@@ -107,8 +107,8 @@ def main(argv=None) -> int:
 
     import ray
 
-    from steel.data import synth
     from steel.core.keras_env import runtime_env
+    from steel.data import synth
 
     work = args.work or tempfile.mkdtemp(prefix="bench-train-")
     n = args.learn_images if args.learning else args.images

@@ -47,10 +47,10 @@ def keras_side(config: str, overrides: list[str], model_name: str) -> dict:
     t0 = time.time()
     import numpy as np
 
-    from steel.model import networks as models
-    from steel.train import data as train_data
     from steel.core.config import load_config
     from steel.core.keras_env import tf  # noqa: F401  (TensorFlow import counts on this side too)
+    from steel.model import networks as models
+    from steel.train import data as train_data
     from steel.train.run import _compile, load_splits, monitor_metric, scaled_lr, warmup_schedule
 
     cfg = load_config(config, overrides)

@@ -33,7 +33,7 @@ import os
 import statistics
 import time
 
-CLASSES = (1, 2, 3, 4)
+from steel.core.names import CLASSES
 
 
 def _weights_bytes(bundle: str) -> int:
@@ -196,8 +196,8 @@ def _manifest_models(bundle: str) -> dict:
 
 
 def run_seed(args, seed: int) -> list[dict]:
-    from steel.model.cascade import Cascade
     from steel.core.config import load_config
+    from steel.model.cascade import Cascade
     from steel.train.run import load_splits
 
     base = load_config(args.config)

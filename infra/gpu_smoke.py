@@ -17,9 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--require-gpu", action="store_true", help="fail unless TensorFlow runs on a GPU")
     args = parser.parse_args(argv)
 
-    import steel.core.keras_env as keras_env  # sets TF_USE_LEGACY_KERAS / SM_FRAMEWORK before TensorFlow
-
     import tensorflow as tf
+
+    import steel.core.keras_env as keras_env  # sets TF_USE_LEGACY_KERAS / SM_FRAMEWORK before TensorFlow
 
     build = tf.sysconfig.get_build_info()
     print(f"tensorflow {tf.__version__} (built for CUDA {build.get('cuda_version', 'none')}, "

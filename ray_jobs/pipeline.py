@@ -20,8 +20,8 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     from steel.core.config import load_config
-    from steel.pipeline import run_pipeline
     from steel.core.ray_session import local_cpus, ray_session
+    from steel.pipeline import run_pipeline
 
     cfg = load_config(args.config, args.overrides)
     with ray_session(args.address or cfg.ray_address, num_cpus=local_cpus(cfg)):

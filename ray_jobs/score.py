@@ -21,6 +21,8 @@ import argparse
 import dataclasses
 import sys
 
+from steel.core.names import FORMATS, TTA_MODES
+
 
 def cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML run config (bundle, score.*, storage_endpoint, ray_address)")
@@ -29,8 +31,8 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output folder URI (default: score.out)")
     parser.add_argument("--actors", type=int, help="cascade actors (model replicas)")
     parser.add_argument("--batch-size", type=int, help="images per cascade batch")
-    parser.add_argument("--format", choices=("csv", "parquet"), help="shard file format")
-    parser.add_argument("--tta", choices=("none", "h", "v", "hv"), help="flip test-time augmentation")
+    parser.add_argument("--format", choices=FORMATS, help="shard file format")
+    parser.add_argument("--tta", choices=TTA_MODES, help="flip test-time augmentation")
     parser.add_argument("--allow-resize", action="store_true", default=None,
                         help="resize images that are not 1600x256 instead of rejecting them")
     parser.add_argument("--gpus-per-actor", type=float, help="GPUs per cascade actor (0 = CPU)")

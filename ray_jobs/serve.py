@@ -49,8 +49,8 @@ def cli_main(args: argparse.Namespace) -> int:
 
     from ray import serve
 
-    from steel.serve import app as serving
     from steel.core.ray_session import ray_session
+    from steel.serve import app as serving
 
     with ray_session(args.ray_address or cfg.ray_address):
         serving.start(serve_cfg)

@@ -30,7 +30,7 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def selected_models(values: list[str], default: list[str]) -> list[str]:
     """``--model`` values (repeatable / comma-separated, ``all``) -> model names, checked."""
-    from steel.core.config import ALL_MODEL_NAMES
+    from steel.core.names import ALL_MODEL_NAMES
 
     names = [v.strip() for value in values for v in value.split(",") if v.strip()]
     if not names or "all" in names:

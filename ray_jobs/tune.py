@@ -19,11 +19,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from steel.core.names import TTA_MODES
+
 
 def cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML run config (data paths and split seed, bundle, tune.tta)")
     parser.add_argument("--bundle", help="model bundle URI (default: the config's bundle)")
-    parser.add_argument("--tta", choices=("none", "h", "v", "hv"), help="flip TTA (default: tune.tta)")
+    parser.add_argument("--tta", choices=TTA_MODES, help="flip TTA (default: tune.tta)")
     parser.add_argument("--rounds", type=int, default=4, help="coordinate-ascent rounds at most (default 4)")
     parser.add_argument("--cache-size", nargs=2, type=int, metavar=("H", "W"),
                         help="also keep the segmentation maps at this resolution in the cache (default: "
@@ -66,8 +68,8 @@ def cli_main(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
 
-    from steel.tune import run as tuning
     from steel.core.ray_session import local_cpus, ray_session
+    from steel.tune import run as tuning
 
     with ray_session(args.address or cfg.ray_address, num_cpus=local_cpus(cfg)):
         if cfg.tune.mode == "fixed":  # the seed's thresholds: no search (steel.tune.run.fixed_thresholds)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from steel.core import storage
 from steel.core.config import Config
+from steel.core.names import CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +190,9 @@ class Pipeline:
             "version": published.version, "uri": published.uri}
 
     def score(self):
-        from steel.score import run as scoring
-        from steel.score import io as score_io
         from steel.model import thresholds as th
+        from steel.score import io as score_io
+        from steel.score import run as scoring
 
         images = self.cfg.score.images or self.cfg.data.path("test_images")
         out = self.cfg.score.out
@@ -243,11 +244,11 @@ class Pipeline:
         import dataclasses
         import os
 
-        from steel.model import bundle as bundle_lib
         from steel.eval import protocol
-        from steel.tune import run as tuning
+        from steel.model import bundle as bundle_lib
         from steel.model import thresholds as th_lib
         from steel.score.run import BundleCascade
+        from steel.tune import run as tuning
 
         splits = self.state.get("splits")
         if splits is None:
@@ -280,8 +281,8 @@ class Pipeline:
     def _scored_test(self, truth: str) -> dict:
         """The scored submission against the test set's own truth (the extra table)."""
         from steel.eval import report as eval_report
-        from steel.score import merge
         from steel.eval.evaluate import evaluate
+        from steel.score import merge
 
         submission = storage.join(self.cfg.report, "submission.csv")
         merge.merge(self.cfg.score.out, submission)
@@ -386,7 +387,7 @@ def _all_empty_baseline(result: dict) -> tuple[float, dict]:
     defect = truth[truth["EncodedPixels"] != ""][["ImageId", "ClassId"]].assign(_defect=1)
     merged = pairs.merge(defect, on=["ImageId", "ClassId"], how="left")
     empty = merged["_defect"].isna()
-    per_class = {str(k): float(empty[merged["ClassId"] == k].mean()) for k in (1, 2, 3, 4)}
+    per_class = {str(k): float(empty[merged["ClassId"] == k].mean()) for k in CLASSES}
     return float(empty.mean()), per_class
 
 

@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from steel.core import storage
+from steel.core.config import load_config
+from steel.core.names import MODEL_NAMES, is_segmenter
 from steel.model import bundle
 from steel.model import networks as models
-from steel.core import storage
-from steel.core.config import MODEL_NAMES, load_config
 from steel.model.thresholds import default_thresholds
 
 TINY_CLS = dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none", dense_units=(16, 8))
@@ -21,7 +22,7 @@ FINGERPRINT = "f" * 64
 
 
 def _spec(name):
-    kwargs = MOBILE_SEG if name == "seg4" else TINY_SEG if models.is_segmenter(name) else TINY_CLS
+    kwargs = MOBILE_SEG if name == "seg4" else TINY_SEG if is_segmenter(name) else TINY_CLS
     return models.resolve_spec(name, **kwargs)
 
 
@@ -59,7 +60,7 @@ def tiny():
 
 def _save(uri, built):
     cfg = load_config(None)
-    metrics = {n: {"val_loss": np.float32(0.25), "val_dice_coef" if models.is_segmenter(n) else "val_f1_m": 0.75,
+    metrics = {n: {"val_loss": np.float32(0.25), "val_dice_coef" if is_segmenter(n) else "val_f1_m": 0.75,
                    "epoch": np.int64(3), "bad": float("nan")} for n in built}
     return bundle.save_bundle(uri, built, {n: _spec(n) for n in built}, cfg, metrics, FINGERPRINT,
                               {n: 1.5 for n in built}, extra={"note": "test"})

@@ -9,14 +9,20 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from steel.core.names import SHAPE
 from steel.data import rle
 from steel.model.cascade import Cascade, keras_callable, mask_from_prob, rows_from_predictions
 from steel.model.thresholds import (
-    ThresholdError, default_thresholds, from_area_json, load_thresholds, merge_areas, save_thresholds,
+    ThresholdError,
+    default_thresholds,
+    from_area_json,
+    load_thresholds,
+    merge_areas,
+    save_thresholds,
     validate_thresholds,
 )
 
-H, W = rle.SHAPE
+H, W = SHAPE
 CLS = (32, 160)  # classifier input size in these tests
 
 

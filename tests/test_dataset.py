@@ -8,11 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from steel.core.names import SHAPE
 from steel.data import labels as dataset
 from steel.data import rle
 from steel.data.labels import LabelError, load_labels
 
-SHAPE = rle.SHAPE
+SHAPE = SHAPE
 
 
 def _rle(y0, y1, x0, x1, shape=SHAPE):

@@ -125,8 +125,7 @@ def test_local_ray_without_gpus_fails_at_once(monkeypatch):
     """A one-machine Ray this process started has no autoscaler: no GPU can appear, so no waiting."""
     import ray
 
-    from steel.core import devices
-    from steel.core import ray_session
+    from steel.core import devices, ray_session
 
     submitted = []
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})

@@ -9,12 +9,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from steel.report import eda
-from steel.data import rle
-from steel.core import storage
 from steel.cli import main
+from steel.core import storage
+from steel.core.names import SHAPE
+from steel.data import rle
+from steel.report import eda
 
-H, W = rle.SHAPE
+H, W = SHAPE
 
 # (image, class) -> rectangle (y0, y1, x0, x1). No class 2 anywhere: the report must cope.
 DEFECTS = {
@@ -89,7 +90,8 @@ def test_numbers(report):
 
 
 def test_thresholds_file_is_what_the_cascade_reads(report):
-    from steel.model.thresholds import SEED_AREAS, from_area_json
+    from steel.core.names import SEED_AREAS
+    from steel.model.thresholds import from_area_json
 
     t = from_area_json(str(report / "area_thresholds.json"))
     assert t["classes"]["3"]["max_area"] == json.loads((report / "area_thresholds.json").read_text())["3"]["max_area"]

@@ -8,10 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from steel.core.names import SHAPE
 from steel.data import rle
 from steel.eval.report import confusion, pick_overlays, presence, write_report
 
-H, W = rle.SHAPE
+H, W = SHAPE
 
 
 def box(r0, r1, c0, c1) -> str:

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steel.data import rle
 from steel.cli import main
+from steel.data import rle
 from steel.eval.evaluate import evaluate
 
 SHAPE = (32, 64)  # small images keep the RLEs short; --shape passes it to the command

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from steel.core.config import load_config
+from steel.core.names import MODEL_NAMES, is_segmenter
+from steel.data import images, synth
 from steel.model import bundle
-from steel.data import images
 from steel.model import networks as models
-from steel.data import synth
 from steel.model.cascade import Cascade
-from steel.core.config import MODEL_NAMES, load_config
 from steel.model.thresholds import default_thresholds
 
 H, W = 256, 1600
@@ -57,15 +57,15 @@ def test_one_jpeg_identical_arrays_on_training_tuning_and_scoring_paths(tmp_path
     Data stage (scoring.decode_batch -> cascade), for each U-Net encoder's preprocessing and the
     classifier's."""
     from steel.score import run as scoring
-    from steel.tune import run as tuning
     from steel.train.data import prepare_batch
+    from steel.tune import run as tuning
 
     data = _jpeg()
     path = tmp_path / "a.jpg"
     path.write_bytes(data)
     seg = models.resolve_spec("seg1", encoder=encoder, input_size=(64, 320), encoder_weights="none")
     cls = models.resolve_spec("binary", encoder="simplecnn", input_size=(64, 160), encoder_weights="none")
-    specs = {n: seg if models.is_segmenter(n) else cls for n in MODEL_NAMES}
+    specs = {n: seg if is_segmenter(n) else cls for n in MODEL_NAMES}
 
     batch = {"path": np.array([str(path)], dtype=object), "bytes": np.array([data], dtype=object)}
     train = {
@@ -110,8 +110,8 @@ def test_decoder_reasons_are_permanent_errors():
 def test_bundle_records_preprocessing_and_old_bundles_load_as_unit(tmp_path):
     kw_cls = dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none", dense_units=(8,))
     kw_seg = dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none", decoder_filters=(8, 8, 4, 4, 4))
-    specs = {n: models.resolve_spec(n, **(kw_seg if models.is_segmenter(n) else kw_cls),
-                                    preprocessing="imagenet" if models.is_segmenter(n) else None)
+    specs = {n: models.resolve_spec(n, **(kw_seg if is_segmenter(n) else kw_cls),
+                                    preprocessing="imagenet" if is_segmenter(n) else None)
              for n in MODEL_NAMES}
     built = {n: models.build(n, **specs[n]) for n in MODEL_NAMES}
     new, old = str(tmp_path / "new"), str(tmp_path / "old")

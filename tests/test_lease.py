@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from steel.score import lease
 from steel.core import storage
+from steel.score import lease
 
 
 @pytest.fixture(params=["local", "s3"])

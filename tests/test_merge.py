@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from steel.score import merge
-from steel.score import io as score_io
 from steel.core import storage
+from steel.score import io as score_io
+from steel.score import merge
 
 EMPTY = {"p_defect": 0.1, "p_class": [0.0] * 4, "masks": ["", "", "", ""], "areas": [0] * 4}
 

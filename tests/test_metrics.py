@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from steel.eval import metrics
+from steel.core.names import SHAPE
 from steel.data import rle
+from steel.eval import metrics
 
 SMALL = (16, 24)
 
@@ -145,16 +146,16 @@ def test_mean_dice_full_size_masks():
     rng = np.random.default_rng(7)
     rows_p, rows_t = [], []
     for i in range(6):
-        t = np.zeros(rle.SHAPE, np.uint8)
+        t = np.zeros(SHAPE, np.uint8)
         t[50:120, 100 + 50 * i:400 + 50 * i] = 1
         p = np.roll(t, 7 * i, axis=1)
-        p[rng.random(rle.SHAPE) < 0.001] = 1  # some speckle, crossing column boundaries
+        p[rng.random(SHAPE) < 0.001] = 1  # some speckle, crossing column boundaries
         rows_p.append((f"img{i}.jpg", 3, rle.encode(p)))
         rows_t.append((f"img{i}.jpg", 3, rle.encode(t)))
     cols = ["ImageId", "ClassId", "EncodedPixels"]
     pred, truth = pd.DataFrame(rows_p, columns=cols), pd.DataFrame(rows_t, columns=cols)
     result = metrics.mean_dice(pred, truth)
-    ref = ref_mean_dice(pred, truth, rle.SHAPE)
+    ref = ref_mean_dice(pred, truth, SHAPE)
     np.testing.assert_allclose(result["per_pair"]["dice"], ref["dice"], atol=1e-12)
     assert result["per_class"][1] == 1.0 and result["per_class"][3] < 1.0
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from steel.model import networks as models
-from steel.core.config import MODEL_NAMES, load_config
+from steel.core.config import load_config
 from steel.core.keras_env import keras, tf
+from steel.core.names import MODEL_NAMES, class_of, is_segmenter
+from steel.data import images as image_io
 from steel.model import losses as km
+from steel.model import networks as models
 
 TINY_CLS = dict(encoder="mobilenetv2_035", input_size=(64, 320), encoder_weights="none", dense_units=(32, 16))
 TINY_SEG = dict(encoder="simplecnn", input_size=(64, 320), encoder_weights="none",
@@ -18,7 +20,7 @@ MOBILE_SEG = {**TINY_SEG, "encoder": "mobilenetv2_035"}
 
 def tiny(name: str) -> dict:
     """Tiny settings; seg1 uses the smallest real segmentation-models backbone, seg2..4 simplecnn."""
-    return MOBILE_SEG if name == "seg1" else TINY_SEG if models.is_segmenter(name) else TINY_CLS
+    return MOBILE_SEG if name == "seg1" else TINY_SEG if is_segmenter(name) else TINY_CLS
 
 
 # ---------------------------------------------------------------- seed architectures
@@ -33,7 +35,7 @@ def test_seed_parameter_counts(name, params):
     if name == "binary":  # the seed's summary: 57,600 non-trainable (BatchNorm statistics)
         non_trainable = sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
         assert non_trainable == 57_600
-    h, w = (256, 1600) if models.is_segmenter(name) else (256, 512)
+    h, w = (256, 1600) if is_segmenter(name) else (256, 512)
     assert tuple(model.input_shape) == (None, h, w, 3)
 
 
@@ -44,7 +46,7 @@ def test_tiny_models_shapes_and_no_lambda(name):
     model = models.build(name, **tiny(name))
     assert model.name == name
     assert tuple(model.input_shape) == (None, 64, 320, 3)
-    expected = (None, 64, 320, 1) if models.is_segmenter(name) else (None, 4 if name == "multilabel" else 1)
+    expected = (None, 64, 320, 1) if is_segmenter(name) else (None, 4 if name == "multilabel" else 1)
     assert tuple(model.output_shape) == expected
     assert not [layer for layer in model.layers if isinstance(layer, keras.layers.Lambda)]
     out = model(np.random.default_rng(0).random((2, 64, 320, 3), dtype=np.float32), training=False).numpy()
@@ -176,36 +178,36 @@ def test_default_spec_is_the_seed():
 
 
 def test_names_helpers():
-    assert [models.is_segmenter(n) for n in MODEL_NAMES] == [False, False, True, True, True, True]
-    assert [models.class_of(f"seg{k}") for k in range(1, 5)] == [1, 2, 3, 4]
+    assert [is_segmenter(n) for n in MODEL_NAMES] == [False, False, True, True, True, True]
+    assert [class_of(f"seg{k}") for k in range(1, 5)] == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="classifier"):
-        models.class_of("binary")
+        class_of("binary")
     with pytest.raises(ValueError, match="unknown model"):
-        models.is_segmenter("seg5")
+        is_segmenter("seg5")
 
 
 def test_resize():
     batch = np.random.default_rng(0).integers(0, 256, (2, 256, 1600, 3), dtype=np.uint8)
-    small = models.resize(batch, (256, 512))
+    small = image_io.resize(batch, (256, 512))
     assert small.shape == (2, 256, 512, 3) and small.dtype == np.uint8
     masks = (np.arange(256 * 1600).reshape(1, 256, 1600) % 7 == 0).astype(np.uint8)
-    assert set(np.unique(models.resize(masks, (64, 320), nearest=True))) <= {0, 1}
+    assert set(np.unique(image_io.resize(masks, (64, 320), nearest=True))) <= {0, 1}
     with pytest.raises(ValueError, match="size"):
-        models.resize(batch, (0, 5))
+        image_io.resize(batch, (0, 5))
 
 
 def test_preprocessing_unit_and_errors():
     images = np.array([[[[0, 128, 255]]]], dtype=np.uint8)  # 1x1x1x3
-    out = models.preprocess(images, "unit")
+    out = image_io.preprocess(images, "unit")
     assert out.dtype == np.float32
     np.testing.assert_allclose(out.ravel(), [0, 128 / 255, 1], rtol=1e-6)
-    np.testing.assert_allclose(models.preprocess(images, "tf").ravel(), [-1, 128 / 127.5 - 1, 1], atol=1e-6)
+    np.testing.assert_allclose(image_io.preprocess(images, "tf").ravel(), [-1, 128 / 127.5 - 1, 1], atol=1e-6)
     with pytest.raises(ValueError, match="RGB"):
-        models.preprocess(np.zeros((4, 4), np.uint8), "unit")
+        image_io.preprocess(np.zeros((4, 4), np.uint8), "unit")
     with pytest.raises(ValueError, match="uint8"):  # scaling twice is refused
-        models.preprocess(out, "unit")
+        image_io.preprocess(out, "unit")
     with pytest.raises(ValueError, match="unknown preprocessing 'torch'"):
-        models.preprocess(images, "torch")
+        image_io.preprocess(images, "torch")
 
 
 def test_spec_records_the_encoders_preprocessing():
@@ -228,7 +230,7 @@ def test_unet_preprocessing_is_segmentation_models_get_preprocessing(encoder):
     x = rng.integers(0, 256, (2, 32, 160, 3), dtype=np.uint8)
     x[0, 0, :3] = [[0, 0, 0], [255, 255, 255], [12, 200, 77]]
     spec = models.resolve_spec("seg2", encoder=encoder, input_size=(32, 160), encoder_weights="none")
-    ours = models.preprocess(x, spec)
+    ours = image_io.preprocess(x, spec)
     theirs = np.asarray(sm.get_preprocessing(encoder)(x.astype(np.float32).copy()), np.float32)
     assert ours.dtype == np.float32
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)

@@ -19,12 +19,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steel.model import bundle as bundle_lib
-from steel.score import merge
-from steel.score import io as score_io
 from steel.core import storage
 from steel.core.config import ScoreConfig
+from steel.core.retry import retry
+from steel.data import images as image_io
+from steel.model import bundle as bundle_lib
 from steel.model.thresholds import default_thresholds
+from steel.score import io as score_io
+from steel.score import merge
 from tests.test_scoring import BrightPredictor, check_output, jpeg_bytes, write_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,23 +61,23 @@ def test_retry_backs_off_with_jitter_and_never_retries_permanent_errors():
             raise ConnectionResetError("reset by peer")
         return "ok"
 
-    assert score_io.retry(flaky, retries=5, backoff_s=1.0, sleep=waits.append) == "ok"
+    assert retry(flaky, retries=5, backoff_s=1.0, sleep=waits.append) == "ok"
     assert len(calls) == 4 and len(waits) == 3
     for attempt, w in enumerate(waits):  # 1, 2, 4 s, each times a jitter in [0.5, 1]
         assert 0.5 * 2 ** attempt <= w <= 2 ** attempt
     calls.clear()
     with pytest.raises(ConnectionResetError):
-        score_io.retry(flaky, retries=1, backoff_s=0.0, sleep=waits.append)
+        retry(flaky, retries=1, backoff_s=0.0, sleep=waits.append)
     assert len(calls) == 2  # bounded
     calls.clear()
 
     def bad():
         calls.append(1)
-        raise score_io.BadImage("empty file (0 bytes)")
+        raise image_io.BadImage("empty file (0 bytes)")
 
-    with pytest.raises(score_io.BadImage):
-        score_io.retry(bad, retries=5, backoff_s=0.0)
-    assert len(calls) == 1
+    with pytest.raises(image_io.BadImage):
+        retry(bad, retries=5, backoff_s=0.0, permanent=(image_io.BadImage,))
+    assert len(calls) == 1  # a permanent error is not retried
 
 
 class ResourceExhaustedError(RuntimeError):
@@ -99,7 +101,7 @@ class OOMPredictor(BrightPredictor):
 def test_oom_retries_with_smaller_batches_and_predictor_failures_are_transient():
     from steel.score.run import CascadeActor
 
-    images = np.stack([score_io.decode_image(jpeg_bytes(i)) for i in range(5)])
+    images = np.stack([image_io.decode(jpeg_bytes(i)) for i in range(5)])
     batch = {"shard": np.array(["s"] * 5, dtype=object), "image_id": np.array(list("abcde"), dtype=object),
              "file": np.array(list("abcde"), dtype=object), "image": images,
              "error": np.array([""] * 5, dtype=object), "error_kind": np.array([""] * 5, dtype=object)}
@@ -194,9 +196,9 @@ def test_bundle_versions_resolve_once_and_publish_immutably(tmp_path):
 
 @pytest.mark.timeout(240)
 def test_bundle_promoted_during_a_run_and_lease_refusal(ray_local, stand_in, tmp_path, monkeypatch, capsys):
+    from steel.cli import main
     from steel.score import lease
     from steel.score import run as scoring
-    from steel.cli import main
     from tests.test_scoring import tiny_models
 
     built, specs = tiny_models()
@@ -328,9 +330,9 @@ class Jobs:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_kill_at_each_point_then_rerun_loses_nothing(ray_head, tmp_path):
-    from tests.score_driver import LOCK_TTL_S
-
     from ray.job_submission import JobStatus
+
+    from tests.score_driver import LOCK_TTL_S
 
     images, out = str(tmp_path / "archive"), str(tmp_path / "out")
     jobs = Jobs(ray_head)

@@ -164,8 +164,8 @@ def test_pipeline_as_a_ray_job(first_run, tmp_path, ray_head):
 
 
 def test_data_stage_regenerates_a_synthetic_set_of_other_sizes_only(tmp_path, capsys):
-    from steel.data import synth
     from steel.core.config import config_from_dict
+    from steel.data import synth
     from steel.pipeline import Pipeline
 
     root = tmp_path / "data"

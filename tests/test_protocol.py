@@ -6,12 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steel.eval import protocol
+from steel.core.names import SHAPE
 from steel.data import rle
+from steel.eval import protocol
 from steel.model.thresholds import default_thresholds
 from steel.tune.run import PredictionCache
 
-H, W = rle.SHAPE
+H, W = SHAPE
 
 
 def test_classifier_metrics_match_sklearn():
@@ -190,8 +191,8 @@ def test_pipeline_evaluate_stage_wiring(tmp_path, monkeypatch):
     import json
 
     from steel import pipeline
-    from steel.tune import run as tuning
     from steel.core.config import load_config
+    from steel.tune import run as tuning
 
     cfg = load_config(None, [f"bundle={tmp_path / 'bundle'}", f"report={tmp_path / 'report'}",
                              f"data.root={tmp_path / 'data'}", "evaluate.max_images_per_split=7"])

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from steel.core.names import SHAPE
 from steel.data import rle
 
 PROPS = settings(max_examples=200, deadline=None)
@@ -109,7 +110,7 @@ def test_whitespace_is_free(mask, sep, pad):
 # Edge cases
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (7, 1), (8, 8), (5, 3), rle.SHAPE])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (7, 1), (8, 8), (5, 3), SHAPE])
 def test_edges(shape):
     h, w = shape
     n = h * w
@@ -150,9 +151,9 @@ def test_touching_runs_are_accepted():
 
 def test_full_size_dense_and_sparse():
     rng = np.random.default_rng(0)
-    dense = np.zeros(rle.SHAPE, np.uint8)
+    dense = np.zeros(SHAPE, np.uint8)
     dense[40:200, 301:777] = 1  # a blob: the packed-bits path, columns not aligned to 8
-    sparse = (rng.random(rle.SHAPE) < 0.002).astype(np.uint8)  # pits: the scatter path
+    sparse = (rng.random(SHAPE) < 0.002).astype(np.uint8)  # pits: the scatter path
     sparse[-1, 10] = sparse[0, 11] = 1  # a run wrapping into the next column
     for mask in (dense, sparse, dense | sparse):
         encoded = rle.encode(mask)

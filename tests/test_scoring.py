@@ -16,10 +16,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from steel.data import rle
-from steel.score import io as score_io
 from steel.core import storage
 from steel.core.config import ScoreConfig
+from steel.core.names import MODEL_NAMES, is_segmenter
+from steel.data import images as image_io
+from steel.data import rle
+from steel.score import io as score_io
 
 H, W = 256, 1600
 
@@ -125,9 +127,9 @@ def test_shards_are_deterministic_and_disjoint():
 
 
 def test_decode_accepts_jpeg_and_rejects_bad_input_with_reasons():
-    good = score_io.decode_image(jpeg_bytes(1))
+    good = image_io.decode(jpeg_bytes(1))
     assert good.shape == (H, W, 3) and good.dtype == np.uint8
-    gray = score_io.decode_image(jpeg_bytes(2, mode="L"))
+    gray = image_io.decode(jpeg_bytes(2, mode="L"))
     assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
     data = jpeg_bytes(3)
     cases = {
@@ -139,11 +141,11 @@ def test_decode_accepts_jpeg_and_rejects_bad_input_with_reasons():
         jpeg_bytes(6, mode="CMYK"): "colour mode CMYK",
     }
     for payload, reason in cases.items():
-        with pytest.raises(score_io.BadImage, match=reason.replace("(", r"\(")):
-            score_io.decode_image(payload)
-    resized = score_io.decode_image(jpeg_bytes(5, size=(W - 1, H)), allow_resize=True)
+        with pytest.raises(image_io.BadImage, match=reason.replace("(", r"\(")):
+            image_io.decode(payload)
+    resized = image_io.decode(jpeg_bytes(5, size=(W - 1, H)), allow_resize=True)
     assert resized.shape == (H, W, 3)
-    png = score_io.decode_image(jpeg_bytes(4, fmt="PNG"), formats=("JPEG", "PNG"))
+    png = image_io.decode(jpeg_bytes(4, fmt="PNG"), formats=("JPEG", "PNG"))
     assert png.shape == (H, W, 3)
 
 
@@ -202,7 +204,7 @@ def test_cascade_actor_isolates_failing_images_and_passes_errors():
     from steel.score.run import CascadeActor, decode_batch
 
     actor = CascadeActor(BrightPredictor)
-    images = np.stack([score_io.decode_image(jpeg_bytes(i)) for i in range(3)])
+    images = np.stack([image_io.decode(jpeg_bytes(i)) for i in range(3)])
     images[1] = 0  # the stand-in raises on black images
     batch = {"shard": np.array(["s"] * 4, dtype=object), "image_id": np.array(list("abcd"), dtype=object),
              "file": np.array(list("abcd"), dtype=object),
@@ -361,8 +363,8 @@ def tiny_models():
     from steel.model import networks as models
 
     built, specs = {}, {}
-    for name in models.MODEL_NAMES:
-        kw = TINY["segmenter" if models.is_segmenter(name) else "classifier"]
+    for name in MODEL_NAMES:
+        kw = TINY["segmenter" if is_segmenter(name) else "classifier"]
         built[name] = models.build(name, **kw)
         specs[name] = models.resolve_spec(name, **kw)
     return built, specs
@@ -390,9 +392,9 @@ def visible_thresholds(built, specs, images: np.ndarray) -> dict:
 
 @pytest.mark.slow
 def test_cli_scores_s3_images_with_a_tiny_real_bundle(ray_local, s3_bucket, tmp_path, capsys):
+    from steel.cli import main
     from steel.model import bundle as bundle_lib
     from steel.score import merge
-    from steel.cli import main
 
     root = f"s3://{s3_bucket}"
     images, out, bundle = f"{root}/images", f"{root}/scores", f"{root}/bundle"
@@ -400,7 +402,7 @@ def test_cli_scores_s3_images_with_a_tiny_real_bundle(ray_local, s3_bucket, tmp_
     write_images(images, names)
     storage.write_bytes(storage.join(images, "broken.jpg"), b"not a jpeg")
     built, specs = tiny_models()
-    decoded = np.stack([score_io.decode_image(storage.read_bytes(storage.join(images, n))) for n in names])
+    decoded = np.stack([image_io.decode(storage.read_bytes(storage.join(images, n))) for n in names])
     bundle_lib.save_bundle(bundle, built, specs, {"test": "tiny"})
     bundle_lib.write_thresholds(bundle, visible_thresholds(built, specs, decoded))
 
@@ -428,8 +430,8 @@ def test_cli_scores_s3_images_with_a_tiny_real_bundle(ray_local, s3_bucket, tmp_
 
 
 def test_cli_flags_override_the_config(tmp_path, monkeypatch, capsys):
-    from steel.score import run as scoring
     from steel.cli import main
+    from steel.score import run as scoring
 
     seen = {}
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from steel.core.config import ConfigError, config_from_dict, load_config
+from steel.core.names import SEED_AREAS, is_segmenter
 
 SEED = str(Path(__file__).resolve().parents[1] / "configs" / "severstal-seed.yaml")
 
@@ -86,8 +86,8 @@ def test_fixed_thresholds_are_the_eda_train_split_percentiles(tmp_path):
     """tune.mode fixed: probabilities 0.5 and the area bounds `steel eda --split train` writes."""
     import json
 
-    from steel.report import eda
     from steel.model import thresholds
+    from steel.report import eda
     from steel.tune import run as tuning
     from tests.test_train_data import make_tiny_dataset
 
@@ -99,11 +99,11 @@ def test_fixed_thresholds_are_the_eda_train_split_percentiles(tmp_path):
     assert areas and th["binary"] == 0.5
     for k, c in th["classes"].items():
         assert (c["prob"], c["pixel"]) == (0.5, 0.5)
-        want = areas.get(k, dict(zip(("min_area", "max_area"), thresholds.SEED_AREAS[int(k)])))
+        want = areas.get(k, dict(zip(("min_area", "max_area"), SEED_AREAS[int(k)])))
         assert (c["min_area"], c["max_area"]) == (want["min_area"], want["max_area"])
     assert th["source"]["mode"] == "fixed" and "train split" in th["source"]["areas"]
     # The tiny set's rectangles are ~15,000 pixels: far from the seed's Kaggle bounds.
-    assert th["classes"]["1"]["max_area"] != thresholds.SEED_AREAS[1][1]
+    assert th["classes"]["1"]["max_area"] != SEED_AREAS[1][1]
 
     # From EDA's file instead, and written into the bundle (no validation pass here).
     cfg = load_config(SEED, [f"data.root={root}", f"bundle={tmp_path}/bundle",
@@ -119,17 +119,16 @@ def test_fixed_thresholds_are_the_eda_train_split_percentiles(tmp_path):
 @pytest.mark.timeout(240)
 def test_write_fixed_checks_the_deployed_cascade_on_the_validation_split(tmp_path, ray_local):
     """write_fixed's validation Dice is the full cascade's (scoring's Ray actors at 256x1600) on the val split."""
-    from steel.model import bundle
+    from steel.core.names import MODEL_NAMES
+    from steel.model import bundle, thresholds
     from steel.model import networks as models
-    from steel.model import thresholds
     from steel.tune import run as tuning
-    from steel.core.config import MODEL_NAMES
     from tests.test_train_data import make_tiny_dataset
 
     root = make_tiny_dataset(tmp_path / "data")
     kw_cls = dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none", dense_units=(8,))
     kw_seg = dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none", decoder_filters=(8, 8, 4, 4, 4))
-    specs = {n: models.resolve_spec(n, **(kw_seg if models.is_segmenter(n) else kw_cls)) for n in MODEL_NAMES}
+    specs = {n: models.resolve_spec(n, **(kw_seg if is_segmenter(n) else kw_cls)) for n in MODEL_NAMES}
     bundle.save_bundle(str(tmp_path / "bundle"), {n: models.build(n, **specs[n]) for n in MODEL_NAMES}, specs, {})
     # The seed config asks for GPU actors; this machine has none (tuning would refuse or wait for one).
     cfg = load_config(SEED, [f"data.root={root}", f"bundle={tmp_path}/bundle", "score.gpus_per_actor=0"])

@@ -22,9 +22,10 @@ import pytest
 import requests
 from PIL import Image
 
-from steel.score import io as score_io
 from steel.core import storage
 from steel.core.config import ConfigError, ScoreConfig, ServeConfig, load_config
+from steel.data import images as image_io
+from steel.score import io as score_io
 from tests.conftest import free_port
 from tests.test_scoring import jpeg_bytes, tiny_models, visible_thresholds
 
@@ -96,8 +97,8 @@ def test_scorer_decodes_like_batch_scoring_and_limits_size():
     for name, data in bad_inputs().items():
         with pytest.raises(serving.RequestError) as e:
             scorer.decode(data)
-        with pytest.raises(score_io.BadImage) as batch:
-            score_io.decode_image(data)
+        with pytest.raises(image_io.BadImage) as batch:
+            image_io.decode(data)
         assert (e.value.status, e.value.reason) == (422, str(batch.value)), name
     big = b"\xff" * 1_000_001
     with pytest.raises(serving.RequestError) as e:
@@ -156,8 +157,8 @@ def endpoint(ray_local, tmp_path_factory):
     from ray import serve
 
     from steel.model import bundle as bundle_lib
-    from steel.serve import app as serving
     from steel.score.run import BundleCascade
+    from steel.serve import app as serving
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     root = tmp_path_factory.mktemp("serve")
@@ -169,7 +170,7 @@ def endpoint(ray_local, tmp_path_factory):
     for name, data in bad_inputs().items():
         (images / name).write_bytes(data)
     built, specs = tiny_models()
-    decoded = np.stack([score_io.decode_image((images / n).read_bytes()) for n in names])
+    decoded = np.stack([image_io.decode((images / n).read_bytes()) for n in names])
     bundle_lib.save_bundle(bundle, built, specs, {"test": "tiny"})
     bundle_lib.write_thresholds(bundle, visible_thresholds(built, specs, decoded))
     thresholds = bundle_lib.read_thresholds(bundle)
@@ -325,8 +326,8 @@ def test_limits_bad_batches_and_replica_errors(endpoint):
 @pytest.mark.timeout(300)
 def test_new_bundle_version_rolls_out_without_dropping_requests(endpoint):
     """Deploying a new bundle version under load: every request is answered, by the old or the new one."""
-    from steel.serve import app as serving
     from steel.model.bundle import read_manifest
+    from steel.serve import app as serving
 
     old = endpoint["bundle"]
     new = str(endpoint["root"] / "bundle-v2")
@@ -447,9 +448,9 @@ def test_serve_config_check_catches_mistakes(breakage, words):
 def test_cli_flags_reach_the_serve_config(tmp_path, monkeypatch, capsys):
     import contextlib
 
+    from steel.cli import main
     from steel.core import ray_session
     from steel.serve import app as serving
-    from steel.cli import main
 
     seen = {}
     monkeypatch.setattr(ray_session, "ray_session", lambda address=None: contextlib.nullcontext())
@@ -475,8 +476,8 @@ def test_cli_flags_reach_the_serve_config(tmp_path, monkeypatch, capsys):
 def test_app_builder_reads_bundle_config_and_overrides(tmp_path):
     """What `serve run/deploy` calls: the bundle's thresholds and version, score.* and serve.* settings."""
     from steel.model import bundle as bundle_lib
-    from steel.serve import app as serving
     from steel.model.thresholds import default_thresholds
+    from steel.serve import app as serving
     from tests.conftest import REPO
 
     bundle = tmp_path / "bundle"

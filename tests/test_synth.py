@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from steel.data import rle
-from steel.data import synth
 from steel.cli import main
+from steel.core.names import SEED_AREAS, SHAPE
+from steel.data import rle, synth
 
 ID_RE = re.compile(r"^[0-9a-f]{9}\.jpg$")
 
@@ -91,11 +91,11 @@ def test_masks_valid_in_area_bounds_and_disjoint(d400):
     _, _, train, truth = d400
     for df in (train, truth):
         for image_id, rows in df.groupby("ImageId"):
-            union = np.zeros(rle.SHAPE, dtype=np.uint8)
+            union = np.zeros(SHAPE, dtype=np.uint8)
             for cls, enc in zip(rows.ClassId, rows.EncodedPixels):
                 rle.validate(enc)
                 mask = rle.decode(enc)
-                lo, hi = synth.AREA_BOUNDS[cls]
+                lo, hi = SEED_AREAS[cls]
                 assert lo <= int(mask.sum()) <= hi, (image_id, cls, int(mask.sum()))
                 union += mask
             assert union.max() <= 1, f"classes overlap in {image_id}"
@@ -140,7 +140,7 @@ def test_masks_are_exactly_the_painted_pixels(classes):
     for index in range(2):
         clean, painted, masks, _ = synth.render_layers(7, "train", index, classes)
         assert set(masks) == set(classes)
-        union = np.zeros(rle.SHAPE, dtype=bool)
+        union = np.zeros(SHAPE, dtype=bool)
         for m in masks.values():
             assert not (union & m).any()
             union |= m

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -257,8 +256,8 @@ def test_crash_then_rerun_continues_on_s3(tiny_root, tmp_path, ray_local, s3_buc
     too big to cache; the other runs here use the cache."""
     import boto3
 
-    from steel.model import bundle
     from steel.core import storage
+    from steel.model import bundle
     from steel.train.run import FAULT_ENV, checkpoint_states, latest_checkpoint, train_models
 
     out = f"s3://{s3_bucket}/run"

@@ -12,12 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from steel.eval import metrics
+from steel.core.names import SHAPE, is_segmenter
 from steel.data import rle
+from steel.eval import metrics
 from steel.model.thresholds import default_thresholds, validate_thresholds
 from steel.tune.run import Evaluator, Grids, PredictionCache, search, truth_maps
 
-H, W = rle.SHAPE
+H, W = SHAPE
 CS = (16, 100)  # cache resolution in these tests: one cell = 16 x 16 full-resolution pixels
 SCALE = (H * W) // (CS[0] * CS[1])
 
@@ -376,19 +377,20 @@ def test_tune_on_ray_actors_writes_thresholds_and_plots(tmp_path, ray_local, stu
 def test_steel_tune_on_a_tiny_real_bundle(tmp_path, capsys, ray_local):
     """`steel tune` end to end on Ray actors: synthetic data, six tiny untrained Keras models in a real
     bundle; ``--cache`` is reused for the same bundle and recomputed when a model's weights change."""
+    from steel.cli import main
+    from steel.core.config import load_config
+    from steel.core.names import MODEL_NAMES
+    from steel.data import synth
     from steel.model import bundle
     from steel.model import networks as models
-    from steel.data import synth
     from steel.model.cascade import Cascade
-    from steel.cli import main
-    from steel.core.config import MODEL_NAMES, load_config
 
     data = tmp_path / "data"
     synth.generate(str(data), images=40, test_images=0, seed=1, workers=1, progress=False)
     tiny_cls = dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none", dense_units=(8,))
     tiny_seg = dict(encoder="mobilenetv2_035", input_size=(32, 160), encoder_weights="none",
                     decoder_filters=(8, 8, 4, 4, 4))
-    specs = {n: models.resolve_spec(n, **(tiny_seg if models.is_segmenter(n) else tiny_cls)) for n in MODEL_NAMES}
+    specs = {n: models.resolve_spec(n, **(tiny_seg if is_segmenter(n) else tiny_cls)) for n in MODEL_NAMES}
     built = {n: models.build(n, **specs[n]) for n in MODEL_NAMES}
     uri = str(tmp_path / "bundle")
     bundle.save_bundle(uri, built, specs, load_config(None))

@@ -153,9 +153,9 @@ def test_cascade_reads_gate_classes_and_masks_from_one_forward_pass():
 def test_unified_trains_resumes_reloads_tunes_and_scores(tiny_root, tmp_path, ray_local, monkeypatch, capsys):
     """One Ray Train run (2 workers, 2 epochs) killed at epoch 2 and resumed from its checkpoint; its
     bundle reloads and predicts what the checkpoint predicts; `steel tune` and `steel score` run on it."""
+    from steel.cli import main
     from steel.model import bundle
     from steel.model.cascade import Cascade
-    from steel.cli import main
     from steel.train.run import FAULT_ENV, load_trained, train_models
 
     marker = tmp_path / "failed-once"

@@ -18,12 +18,18 @@ from typing import Any
 
 import yaml
 
-MODEL_NAMES: tuple[str, ...] = ("binary", "multilabel", "seg1", "seg2", "seg3", "seg4")
-# ``train.kind``: the seed's six-model cascade, or one network (U-Net with 4 class channels beside a
-# 5-output classification head; ``steel.model.networks``) that the same Cascade runs (``steel.model.cascade``).
-UNIFIED = "unified"
-KINDS: dict[str, tuple[str, ...]] = {"cascade": MODEL_NAMES, "unified": (UNIFIED,)}
-ALL_MODEL_NAMES: tuple[str, ...] = (*MODEL_NAMES, UNIFIED)
+from steel.core.names import (
+    ALL_MODEL_NAMES,
+    FORMATS,
+    KINDS,
+    MODEL_NAMES,
+    PREPROCESSINGS,
+    SHAPE,
+    SPLITS,
+    TTA_MODES,
+    UNIFIED,
+    model_kind,
+)
 
 
 class ConfigError(ValueError):
@@ -111,7 +117,7 @@ class TrainConfig:
     one_local_worker: bool = True
     classifier: ModelConfig = field(default_factory=ModelConfig)
     segmenter: ModelConfig = field(
-        default_factory=lambda: ModelConfig(encoder="efficientnetb1", input_size=(256, 1600))
+        default_factory=lambda: ModelConfig(encoder="efficientnetb1", input_size=SHAPE)
     )
     augment: bool = True
     blackout_prob: float = 0.2  # segmenters: chance to paint the defect out and relabel as clean
@@ -129,19 +135,19 @@ class TrainConfig:
         """The models this training produces: ``models`` (cascade) or ``["unified"]``."""
         return list(self.models) if self.kind == "cascade" else [UNIFIED]
 
-    def _kind(self, name: str) -> ModelConfig:
-        if name not in ALL_MODEL_NAMES:
-            raise ValueError(f"unknown model {name!r}; choose from {', '.join(ALL_MODEL_NAMES)}")
-        return self.segmenter if name.startswith("seg") or name == UNIFIED else self.classifier
+    def section(self, name: str) -> ModelConfig:
+        """The architecture section of model ``name``: ``classifier`` for the two classifiers,
+        ``segmenter`` for the U-Nets and the unified model."""
+        return self.classifier if model_kind(name) == "classifier" else self.segmenter
 
     def batch_for(self, name: str) -> int:
         """Per-worker batch of model ``name``: its kind's ``per_worker_batch``, else ``per_worker_batch``."""
-        value = self._kind(name).per_worker_batch
+        value = self.section(name).per_worker_batch
         return int(self.per_worker_batch if value is None else value)
 
     def lr_for(self, name: str) -> float:
         """Base learning rate (at ``base_batch``) of model ``name``: its kind's ``base_lr``, else ``base_lr``."""
-        value = self._kind(name).base_lr
+        value = self.section(name).base_lr
         return float(self.base_lr if value is None else value)
 
 
@@ -160,7 +166,7 @@ class TuneConfig:
 class EvaluateConfig:
     """The pipeline's evaluate stage (steel.eval.protocol): the seed's tables on the labelled splits."""
 
-    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])  # [] to skip them
+    splits: list[str] = field(default_factory=lambda: list(SPLITS))  # [] to skip them
     # Images per split at most (a seeded sample above it; the tables say so); null: every image.
     max_images_per_split: int | None = 3000  # the real val (2,262) and test (1,257) splits stay whole
 
@@ -354,8 +360,6 @@ def _check(obj, prefix: str) -> None:
         if obj.seg_loss not in ("dice", "bce_dice"):
             raise ConfigError(f"{p}seg_loss: must be 'dice' or 'bce_dice', got {obj.seg_loss!r}")
     if isinstance(obj, ModelConfig):
-        from steel.data.images import PREPROCESSINGS
-
         if obj.preprocessing is not None and obj.preprocessing not in PREPROCESSINGS:
             raise ConfigError(f"{p}preprocessing: must be one of {', '.join(PREPROCESSINGS)} (or null: the "
                               f"encoder's), got {obj.preprocessing!r}")
@@ -367,8 +371,8 @@ def _check(obj, prefix: str) -> None:
         raise ConfigError(f"{p}base_lr: must be positive, got {obj.base_lr}")
     if isinstance(obj, TuneConfig) and obj.mode not in ("search", "fixed"):
         raise ConfigError(f"{p}mode: must be 'search' or 'fixed', got {obj.mode!r}")
-    if isinstance(obj, (TuneConfig, ScoreConfig)) and obj.tta not in (None, "none", "h", "v", "hv"):
-        raise ConfigError(f"{p}tta: must be one of none, h, v, hv; got {obj.tta!r}")
+    if isinstance(obj, (TuneConfig, ScoreConfig)) and obj.tta is not None and obj.tta not in TTA_MODES:
+        raise ConfigError(f"{p}tta: must be one of {', '.join(TTA_MODES)}; got {obj.tta!r}")
     if isinstance(obj, ServeConfig):
         for name in ("replicas", "max_batch_size", "max_ongoing_requests", "max_image_bytes",
                      "max_images_per_request"):
@@ -390,14 +394,14 @@ def _check(obj, prefix: str) -> None:
         if obj.target_ongoing_requests <= 0:
             raise ConfigError(f"{p}target_ongoing_requests: must be positive, got {obj.target_ongoing_requests}")
     if isinstance(obj, EvaluateConfig):
-        unknown = [v for v in obj.splits if v not in ("train", "val", "test")]
+        unknown = [v for v in obj.splits if v not in SPLITS]
         if unknown:
-            raise ConfigError(f"{p}splits: unknown split {unknown[0]!r}; choose from train, val, test")
+            raise ConfigError(f"{p}splits: unknown split {unknown[0]!r}; choose from {', '.join(SPLITS)}")
         if obj.max_images_per_split is not None and obj.max_images_per_split < 1:
             raise ConfigError(f"{p}max_images_per_split: must be at least 1 (or null: every image), "
                               f"got {obj.max_images_per_split}")
-    if isinstance(obj, ScoreConfig) and obj.format not in ("csv", "parquet"):
-        raise ConfigError(f"{p}format: must be 'csv' or 'parquet', got {obj.format!r}")
+    if isinstance(obj, ScoreConfig) and obj.format not in FORMATS:
+        raise ConfigError(f"{p}format: must be one of {', '.join(FORMATS)}, got {obj.format!r}")
 
 
 def config_from_dict(data: dict) -> Config:

@@ -27,29 +27,26 @@ from collections.abc import Mapping
 
 import numpy as np
 
-HEIGHT, WIDTH = 256, 1600
-# Image formats (PIL's names) accepted by default: the camera archive and Kaggle's sets are JPEG.
-DEFAULT_IMAGE_FORMATS: tuple[str, ...] = ("JPEG",)
+from steel.core.names import HEIGHT, IMAGE_FORMATS, LEGACY_PREPROCESSING, PREPROCESSINGS, WIDTH
+
 ACCEPTED_MODES: tuple[str, ...] = ("RGB", "L")  # grayscale becomes 3 equal channels, like the data
 
 # ImageNet statistics of torchvision-style ("torch" mode) preprocessing, in RGB order.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-# name -> what it does to uint8 pixels x (as float32). Each equals a library function:
+# What each of steel.core.names.PREPROCESSINGS does to uint8 pixels x (as float32). Each equals a library function:
 #   unit      x / 255                         Keras ImageDataGenerator(rescale=1/255): the seed's classifiers
 #   imagenet  (x / 255 - mean) / std          sm.get_preprocessing('efficientnetb*') (efficientnet's 'torch' mode)
 #   tf        x / 127.5 - 1                   sm.get_preprocessing('mobilenetv2') (Keras' 'tf' mode)
 #   raw       x (0..255 as float)             sm.get_preprocessing('resnet18'/'resnet34') (identity)
-PREPROCESSINGS: tuple[str, ...] = ("unit", "imagenet", "tf", "raw")
-LEGACY_PREPROCESSING = "unit"
 
 
 class BadImage(ValueError):
     """An input file that cannot be used; the message is the reason written to the error row."""
 
 
-def decode(data: bytes, allow_resize: bool = False, formats=DEFAULT_IMAGE_FORMATS) -> np.ndarray:
+def decode(data: bytes, allow_resize: bool = False, formats=IMAGE_FORMATS) -> np.ndarray:
     """Bytes of an image file -> uint8 array (256, 1600, 3); :class:`BadImage` with the reason.
 
     Accepted: the ``formats`` (PIL names, default JPEG only) in mode RGB or L (grayscale is
@@ -181,10 +178,9 @@ def to_input(images: np.ndarray, spec: Mapping) -> np.ndarray:
     return out[0] if one else out
 
 
-def load(data: bytes, spec: Mapping, allow_resize: bool = False, formats=DEFAULT_IMAGE_FORMATS) -> np.ndarray:
+def load(data: bytes, spec: Mapping, allow_resize: bool = False, formats=IMAGE_FORMATS) -> np.ndarray:
     """File bytes -> the float32 ``H x W x 3`` input of the model ``spec`` describes."""
     return to_input(decode(data, allow_resize=allow_resize, formats=formats), spec)
 
 
-__all__ = ["BadImage", "decode", "resize", "preprocess", "preprocessing_of", "to_input", "load",
-           "PREPROCESSINGS", "LEGACY_PREPROCESSING", "DEFAULT_IMAGE_FORMATS", "HEIGHT", "WIDTH"]
+__all__ = ["BadImage", "decode", "resize", "preprocess", "preprocessing_of", "to_input", "load", "ACCEPTED_MODES"]

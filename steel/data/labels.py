@@ -28,14 +28,11 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from steel.data import rle
-from steel.core.config import MODEL_NAMES
-from steel.data.submission import (CLASSES, PROBLEM_COLUMNS, find_duplicates, format_problems, parse_rows,
-                              read_table)
+from steel.core.names import CLASSES, IMAGE_SUFFIXES, MODEL_NAMES, SHAPE, class_of, is_segmenter
+from steel.data.submission import PROBLEM_COLUMNS, find_duplicates, format_problems, parse_rows, read_table
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 WIDE_COLUMNS: tuple[str, ...] = (
     "ImageId", *(f"Defect_{k}" for k in CLASSES), *(f"hasDefect_{k}" for k in CLASSES), "hasDefect", "stratify",
 )
@@ -70,7 +67,7 @@ def list_images(images: str | Iterable[str]) -> list[str]:
 
 def load_labels(train_csv_uri: str | pd.DataFrame, images: str | Iterable[str] | None = None,
                 skip_bad: bool = False, report_uri: str | None = None,
-                shape: tuple[int, int] = rle.SHAPE) -> pd.DataFrame:
+                shape: tuple[int, int] = SHAPE) -> pd.DataFrame:
     """The seed's wide label table (one row per image, sorted by ImageId).
 
     Args:
@@ -248,7 +245,7 @@ def subset(wide_df: pd.DataFrame, model_name: str) -> pd.DataFrame:
         return wide_df
     if model_name == "multilabel":
         return wide_df[wide_df["hasDefect"] == 1]
-    if model_name in MODEL_NAMES and model_name.startswith("seg"):
-        k = int(model_name[3:])
+    if model_name in MODEL_NAMES and is_segmenter(model_name):
+        k = class_of(model_name)
         return wide_df[wide_df[f"hasDefect_{k}"] == 1]
     raise ValueError(f"unknown model name {model_name!r}; expected one of {', '.join(MODEL_NAMES)}")

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-SHAPE: tuple[int, int] = (256, 1600)
+from steel.core.names import SHAPE
+
 # decode() scatters pixels when they cover less than 1/_SCATTER_RATIO of the span from the first to
 # the last set pixel (measured crossover on masks like Severstal's: bench/bench_rle.py).
 _SCATTER_RATIO = 32

@@ -21,9 +21,9 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
+from steel.core.names import CLASSES, LAYOUTS, SHAPE
 from steel.data import rle
 
-CLASSES: tuple[int, ...] = (1, 2, 3, 4)
 LONG_COLUMNS: tuple[str, ...] = ("ImageId", "ClassId", "EncodedPixels")
 COMBINED_COLUMNS: tuple[str, ...] = ("ImageId_ClassId", "EncodedPixels")
 PROBLEM_COLUMNS: tuple[str, ...] = ("row", "ImageId", "ClassId", "reason")
@@ -101,7 +101,7 @@ def detect_layout(columns: Iterable[str], name: str = "CSV") -> str:
     )
 
 
-def parse_rows(table: pd.DataFrame, layout: str, shape: tuple[int, int] = rle.SHAPE,
+def parse_rows(table: pd.DataFrame, layout: str, shape: tuple[int, int] = SHAPE,
                validate_rle: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split a table from :func:`read_table` into long rows and problems.
 
@@ -196,7 +196,7 @@ def format_problems(problems: pd.DataFrame, name: str, what: str = "bad rows",
     return "\n".join(lines)
 
 
-def read_rows(src: str | pd.DataFrame, shape: tuple[int, int] = rle.SHAPE,
+def read_rows(src: str | pd.DataFrame, shape: tuple[int, int] = SHAPE,
               validate_rle: bool = True) -> pd.DataFrame:
     """Read a submission or label CSV (URI or DataFrame, either layout) into the long form.
 
@@ -228,7 +228,7 @@ def to_kaggle(df: pd.DataFrame, layout: str = "long", images: Iterable[str] | No
     gives columns ImageId, ClassId, EncodedPixels; ``"combined"`` gives ImageId_ClassId,
     EncodedPixels. Two rows for the same pair raise ValueError.
     """
-    if layout not in ("long", "combined"):
+    if layout not in LAYOUTS:
         raise ValueError(f"layout must be 'long' or 'combined', got {layout!r}")
     missing = [c for c in LONG_COLUMNS if c not in df.columns]
     if missing:

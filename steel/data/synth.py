@@ -44,14 +44,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from steel.core.names import CLASSES, SEED_AREAS, SHAPE
 from steel.data import rle
 
 log = logging.getLogger(__name__)
 
-H, W = rle.SHAPE
-CLASSES = (1, 2, 3, 4)
+H, W = SHAPE
 # The seed notebook's per-class area bounds (pixels of one class in one image).
-AREA_BOUNDS: dict[int, tuple[int, int]] = {1: (500, 15500), 2: (700, 10000), 3: (1100, 160000), 4: (2800, 127000)}
 # Log-normal (median, sigma) of the sampled areas, fitted to the quartiles in the seed's area table.
 _AREA_DIST: dict[int, tuple[float, float]] = {1: (3200, 0.75), 2: (3000, 0.55), 3: (12000, 1.25), 4: (25000, 0.85)}
 
@@ -238,7 +237,7 @@ class _Shape:
 
 
 def _sample_area(rng: np.random.Generator, cls: int) -> int:
-    lo, hi = AREA_BOUNDS[cls]
+    lo, hi = SEED_AREAS[cls]
     lo_t, hi_t = lo * 1.15, hi * 0.95
     med, sigma = _AREA_DIST[cls]
     for _ in range(50):
@@ -525,7 +524,7 @@ def render_layers(seed: int, split: str, index: int, classes: tuple[int, ...]
     The second image differs from the first exactly on the union of the masks (float32, H x W).
     """
     for cls in classes:
-        if cls not in AREA_BOUNDS:
+        if cls not in SEED_AREAS:
             raise ValueError(f"unknown defect class {cls!r}; classes are {CLASSES}")
     rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
     bg = _background(rng, bool(classes))
@@ -535,7 +534,7 @@ def render_layers(seed: int, split: str, index: int, classes: tuple[int, ...]
     masks: dict[int, np.ndarray] = {}
     taken = np.zeros((H, W), dtype=bool)
     for cls in rng.permutation(np.array(classes, dtype=int)).tolist() if classes else []:
-        lo, hi = AREA_BOUNDS[cls]
+        lo, hi = SEED_AREAS[cls]
         allowed = bg.steel & ~taken
         allowed_idx = np.flatnonzero(allowed)
         area = min(_sample_area(rng, cls), int(0.5 * allowed_idx.size))

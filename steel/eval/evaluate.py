@@ -17,8 +17,8 @@ import logging
 
 import pandas as pd
 
-from steel.data import rle
-from steel.data.submission import CLASSES, MAX_LISTED, read_rows
+from steel.core.names import CLASSES, SHAPE
+from steel.data.submission import MAX_LISTED, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def _listed(names, limit: int = MAX_LISTED) -> str:
 
 
 def evaluate(submission: str | pd.DataFrame, truth: str | pd.DataFrame,
-             shape: tuple[int, int] = rle.SHAPE) -> dict:
+             shape: tuple[int, int] = SHAPE) -> dict:
     """Score a submission (URI or DataFrame, either layout) against truth (same).
 
     Returns a dict with ``mean_dice`` (float), ``per_class`` ({"1": float, ..., "4": float}),
@@ -111,7 +111,7 @@ def cli_arguments(parser) -> None:
                         help="truth CSV (URI), train.csv-style: defect rows only, or 4 rows per image")
     parser.add_argument("--json", action="store_true",
                         help="print only a JSON object {mean_dice, per_class, n_images}")
-    parser.add_argument("--shape", nargs=2, type=int, metavar=("H", "W"), default=list(rle.SHAPE),
+    parser.add_argument("--shape", nargs=2, type=int, metavar=("H", "W"), default=list(SHAPE),
                         help="image height and width the RLEs refer to (default %(default)s)")
     parser.add_argument("--report", metavar="DIR",
                         help="also write a report folder (URI): report.md, confusion matrices, classification "
@@ -128,8 +128,8 @@ def cli_main(args) -> int:
     # Further outputs (e.g. a --report DIR with confusion matrices and overlays) take `result`,
     # which also carries per_pair and the scored rows.
     if args.report:
-        if (h, w) != rle.SHAPE:
-            raise ValueError(f"--report needs the Severstal image shape {rle.SHAPE}, got --shape {h} {w}")
+        if (h, w) != SHAPE:
+            raise ValueError(f"--report needs the Severstal image shape {SHAPE}, got --shape {h} {w}")
         from steel.eval import report as eval_report
 
         written = eval_report.write_report(result["pred"], result["truth"], args.images, args.report)

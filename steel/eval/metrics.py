@@ -14,10 +14,10 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from steel.core.names import CLASSES
 from steel.data import rle
 from steel.data.rle import SHAPE
 
-CLASSES: tuple[int, ...] = (1, 2, 3, 4)
 _BLOCK_PAIRS = 2048  # pairs scored together (512 images)
 _COLUMNS = ("ImageId", "ClassId", "EncodedPixels")
 

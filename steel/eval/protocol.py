@@ -35,11 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from steel.model.thresholds import CLASSES
+from steel.core.names import CLASSES, class_of, is_segmenter
 
 log = logging.getLogger(__name__)
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 EPS = 1e-7  # the seed's K.epsilon(), clipping probabilities in the loss
 
 
@@ -180,9 +179,10 @@ def evaluate_splits(splits: dict, images_uri: str, cascade_factory, thresholds: 
 
 def _model_label(name: str, kind: str) -> str:
     if kind != "unified":
-        return {"binary": "binary classifier", "multilabel": "4-label classifier"}.get(name, f"U-Net class {name[3:]}")
-    return {"binary": "unified: defect head cls[0]", "multilabel": "unified: class heads cls[1:5]"}.get(
-        name, f"unified: mask channel {name[3:]}")
+        labels = {"binary": "binary classifier", "multilabel": "4-label classifier"}
+        return labels[name] if name in labels else f"U-Net class {class_of(name)}"
+    labels = {"binary": "unified: defect head cls[0]", "multilabel": "unified: class heads cls[1:5]"}
+    return labels[name] if name in labels else f"unified: mask channel {class_of(name)}"
 
 
 def _f(v: float) -> str:
@@ -207,7 +207,7 @@ def model_rows(result: dict) -> list[list[str]]:
     for model in ("binary", "multilabel", *(f"seg{k}" for k in CLASSES)):
         for name, t in result["splits"].items():
             m = t["models"][model]
-            if model.startswith("seg"):
+            if is_segmenter(model):
                 rows.append([_model_label(model, result["kind"]), name, str(m["images"]), "", "", "", "", "",
                              _f(m["dice"])])
             else:

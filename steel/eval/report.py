@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from steel.core.names import CLASSES, SHAPE
 from steel.data import rle
 
 log = logging.getLogger(__name__)
 
-CLASSES: tuple[int, ...] = (1, 2, 3, 4)
 NAMES: tuple[str, ...] = tuple(f"Defect_{k}" for k in CLASSES)
 # RGB colour per class (1 red, 2 green, 3 blue, 4 yellow).
 COLORS: dict[int, tuple[int, int, int]] = {1: (230, 40, 40), 2: (40, 200, 40), 3: (50, 110, 255), 4: (250, 210, 0)}
@@ -142,7 +142,7 @@ def overlay(image: np.ndarray | None, truth: dict[int, str], pred: dict[int, str
     """PNG: image, truth and prediction (one above the other), each class painted in its colour."""
     import cv2
 
-    shape = rle.SHAPE
+    shape = SHAPE
     base = image if image is not None else np.full((*shape, 3), 60, np.uint8)
     tm = {k: rle.decode(truth.get(k, "") or "", shape) for k in CLASSES}
     pm = {k: rle.decode(pred.get(k, "") or "", shape) for k in CLASSES}
@@ -202,9 +202,9 @@ def write_report(submission_df: Any, truth_df: Any, images_uri: str | None, out_
     Returns ``{"mean_dice", "per_class", "n_images", "confusion", "classification_report",
     "overlays": {"worst": [...], "best": [...]}, "files": [...], "report": <report.md URI>}``.
     """
-    from steel.eval import metrics
     from steel.core import storage
     from steel.data.submission import read_rows
+    from steel.eval import metrics
 
     if n_overlays < 0:
         raise ValueError(f"n_overlays must be >= 0, got {n_overlays}")

@@ -135,7 +135,7 @@ def _sha256(path: str) -> str:
 
 
 def _check_name(name: str) -> None:
-    from steel.core.config import ALL_MODEL_NAMES
+    from steel.core.names import ALL_MODEL_NAMES
 
     if name not in ALL_MODEL_NAMES:
         raise BundleError(f"unknown model {name!r}; choose from {', '.join(ALL_MODEL_NAMES)}")
@@ -208,7 +208,7 @@ def save_bundle(uri: str, models: dict, specs: dict, config: Any, metrics: dict 
 
     Args:
         uri: bundle folder (local path, ``file://`` or ``s3://``); created if needed.
-        models: ``{name: tf_keras.Model}`` (names from ``steel.core.config.MODEL_NAMES``).
+        models: ``{name: tf_keras.Model}`` (names from ``steel.core.names.MODEL_NAMES``).
         specs: ``{name: steel.model.networks.model_spec(...)}`` for every model (checked and normalized).
         config: the run configuration (``Config`` or its ``to_dict()``), stored for provenance.
         metrics: ``{name: {metric: value}}`` (e.g. the best epoch's validation metrics).

@@ -36,21 +36,10 @@ from typing import Any
 
 import numpy as np
 
+from steel.core.names import CLASSES, MODEL_NAMES, SHAPE, TTA_VIEWS, UNIFIED, class_of
 from steel.data import images as image_io
 from steel.data import rle
-from steel.model.thresholds import CLASSES, TTA_MODES, validate_thresholds
-
-MODEL_NAMES: tuple[str, ...] = ("binary", "multilabel", "seg1", "seg2", "seg3", "seg4")
-UNIFIED = "unified"
-SHAPE: tuple[int, int] = rle.SHAPE
-
-# Flip views per TTA mode: (flip rows / vertical, flip columns / horizontal).
-_VIEWS: dict[str, tuple[tuple[bool, bool], ...]] = {
-    "none": ((False, False),),
-    "h": ((False, False), (False, True)),
-    "v": ((False, False), (True, False)),
-    "hv": ((False, False), (False, True), (True, False), (True, True)),
-}
+from steel.model.thresholds import TTA_MODES, validate_thresholds
 
 
 def _cv2():
@@ -234,7 +223,7 @@ class Cascade:
         for start in range(0, n, step):
             chunk = x[start:start + step]
             acc = None
-            views = _VIEWS[self.tta[name]]
+            views = TTA_VIEWS[self.tta[name]]
             for flip_v, flip_h in views:
                 view = chunk
                 if flip_v:
@@ -311,7 +300,7 @@ class Cascade:
             elif name == "multilabel":
                 out = cls[:, 1:]
             else:
-                out = mask[..., int(name[3:]) - 1]
+                out = mask[..., class_of(name) - 1]
             return out if index.size == out.shape[0] else out[index]
         x = self._inputs(images, name, cache)
         if index.size != x.shape[0]:

@@ -40,9 +40,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from steel.core.config import ALL_MODEL_NAMES, MODEL_NAMES, UNIFIED
-from steel.data.images import check_size as _check_size
-from steel.data.images import preprocess, resize  # noqa: F401 - re-exported: the one implementation
+from steel.core.names import CLASSES, MODEL_KINDS, PREPROCESSINGS, SHAPE, UNIFIED, has_unet, model_kind
+from steel.data.images import check_size
 
 # ---------------------------------------------------------------------
 #  Defaults (the seed notebook) and allowed values
@@ -57,7 +56,7 @@ CLASSIFIER_DEFAULTS: dict[str, Any] = {
 }
 SEGMENTER_DEFAULTS: dict[str, Any] = {
     "encoder": "efficientnetb1",
-    "input_size": (256, 1600),
+    "input_size": SHAPE,
     "encoder_weights": "imagenet",
     "decoder_filters": (256, 128, 64, 32, 16),  # segmentation-models' default
     "dense_units": None,
@@ -89,7 +88,7 @@ _SEGMENTER_ENCODERS: tuple[str, ...] = (
 CLASSIFIER_ENCODERS: tuple[str, ...] = tuple(_CLASSIFIER_ENCODERS)
 SEGMENTER_ENCODERS: tuple[str, ...] = _SEGMENTER_ENCODERS
 
-# Input preprocessing (a name of steel.data.images.PREPROCESSINGS) per (kind, encoder): what the encoder was
+# Input preprocessing (a name of steel.core.names.PREPROCESSINGS) per (kind, encoder): what the encoder was
 # pretrained with. Classifiers: the seed's /255 for every encoder (tf_keras' EfficientNets rescale
 # inside the model, see input_scale). U-Nets: segmentation_models.get_preprocessing(backbone), which
 # tests/test_models.py checks for every backbone; simplecnn (never pretrained) keeps [0, 1].
@@ -109,35 +108,11 @@ assert set(DEFAULT_PREPROCESSING["segmenter"]) == set(SEGMENTER_ENCODERS)
 #  Utility functions
 # ---------------------------------------------------------------------
 
-def is_segmenter(name: str) -> bool:
-    """True for ``seg1`` .. ``seg4``; ValueError for a name that is not one of the six models."""
-    _check_name(name)
-    return name.startswith("seg")
-
-
-def class_of(name: str) -> int:
-    """Defect class (1..4) a segmenter predicts; ValueError for the classifiers and unknown names."""
-    if not is_segmenter(name):
-        raise ValueError(f"{name!r} is a classifier, not a per-class segmenter (seg1..seg4)")
-    return int(name[3:])
-
-
-def is_unet(name: str) -> bool:
-    """True for the models with a U-Net decoder: ``seg1`` .. ``seg4`` and ``unified``."""
-    _check_name(name)
-    return name.startswith("seg") or name == UNIFIED
-
-
 def num_outputs(name: str) -> int:
     """Sigmoid outputs of a classifier (binary 1, multilabel 4), channels of a U-Net mask (1), or of
     the unified model's classification head (5: any defect + 4 classes; its mask has 4 channels)."""
-    _check_name(name)
-    return {"multilabel": 4, UNIFIED: 5}.get(name, 1)
-
-
-def _check_name(name: str) -> None:
-    if name not in ALL_MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(ALL_MODEL_NAMES)}")
+    model_kind(name)  # a ValueError naming the choices for an unknown model
+    return REGISTRY[name].outputs
 
 
 @contextlib.contextmanager
@@ -187,13 +162,13 @@ def resolve_spec(name: str, encoder: str | None = None, input_size=None, encoder
                  decoder_filters=None, dense_units=None, preprocessing=None) -> dict:
     """The complete, checked architecture spec of ``name`` (``None`` arguments -> the seed's defaults).
 
-    ``preprocessing`` (one of ``steel.data.images.PREPROCESSINGS``) defaults to the encoder's
+    ``preprocessing`` (one of ``steel.core.names.PREPROCESSINGS``) defaults to the encoder's
     (:data:`DEFAULT_PREPROCESSING`).
 
     Returns a JSON-friendly dict with the keys of :data:`SPEC_KEYS` (tuples become lists). This is
     what a bundle manifest stores and what :func:`build` accepts back as keyword arguments.
     """
-    seg = is_unet(name)
+    seg = has_unet(name)
     defaults = SEGMENTER_DEFAULTS if seg else CLASSIFIER_DEFAULTS
     encoder = defaults["encoder"] if encoder is None else str(encoder).lower()
     allowed = SEGMENTER_ENCODERS if seg else CLASSIFIER_ENCODERS
@@ -201,7 +176,7 @@ def resolve_spec(name: str, encoder: str | None = None, input_size=None, encoder
         kind = "U-Net (seg1..seg4, unified)" if seg else "classifier (binary, multilabel)"
         raise ValueError(f"unknown {kind} encoder {encoder!r} for model {name!r}; "
                          f"choose from {', '.join(allowed)}")
-    h, w = _check_size(defaults["input_size"] if input_size is None else input_size, "input_size")
+    h, w = check_size(defaults["input_size"] if input_size is None else input_size, "input_size")
     if seg and (h % UNET_DIVISOR or w % UNET_DIVISOR):
         raise ValueError(f"input_size {h}x{w} for U-Net {name!r}: height and width must be divisible "
                          f"by {UNET_DIVISOR} (e.g. {max(32, h // 32 * 32)}x{max(32, w // 32 * 32)})")
@@ -227,8 +202,6 @@ def resolve_spec(name: str, encoder: str | None = None, input_size=None, encoder
             raise ValueError(f"decoder_filters applies to U-Nets only, not to classifier {name!r}")
         units = _norm_tuple(defaults["dense_units"] if dense_units is None else dense_units, "dense_units")
         filters = None
-    from steel.data.images import PREPROCESSINGS
-
     if preprocessing is None:
         preprocessing = DEFAULT_PREPROCESSING["segmenter" if seg else "classifier"][encoder]
     if preprocessing not in PREPROCESSINGS:
@@ -421,18 +394,19 @@ class ModelEntry:
     description: str
 
 
-REGISTRY: dict[str, ModelEntry] = {
-    "binary": ModelEntry("binary", "classifier", 1, _build_classifier,
-                         "defect / no defect, trained on all images"),
-    "multilabel": ModelEntry("multilabel", "classifier", 4, _build_classifier,
-                             "which of the 4 classes, trained on defect images only"),
-    **{f"seg{k}": ModelEntry(f"seg{k}", "segmenter", 1, _build_segmenter,
-                             f"U-Net mask of class {k}, trained on images with class {k}")
-       for k in range(1, 5)},
-    UNIFIED: ModelEntry(UNIFIED, "unified", 5, _build_unified,
-                        "one network: 4-class U-Net + any-defect/4-class head, trained on all images"),
+_BUILDERS = {"classifier": _build_classifier, "segmenter": _build_segmenter, "unified": _build_unified}
+_OUTPUTS = {"binary": 1, "multilabel": 4, UNIFIED: 5}  # segmenters: one mask channel
+_DESCRIPTIONS = {
+    "binary": "defect / no defect, trained on all images",
+    "multilabel": "which of the 4 classes, trained on defect images only",
+    **{f"seg{k}": f"U-Net mask of class {k}, trained on images with class {k}" for k in CLASSES},
+    UNIFIED: "one network: 4-class U-Net + any-defect/4-class head, trained on all images",
 }
-assert tuple(REGISTRY) == ALL_MODEL_NAMES
+# Each model's kind is steel.core.names.MODEL_KINDS's; the registry adds how to build it.
+REGISTRY: dict[str, ModelEntry] = {
+    name: ModelEntry(name, kind, _OUTPUTS.get(name, 1), _BUILDERS[kind], _DESCRIPTIONS[name])
+    for name, kind in MODEL_KINDS.items()
+}
 
 
 # ---------------------------------------------------------------------
@@ -501,7 +475,7 @@ def set_bn_momentum(model, momentum: float) -> int:
 
 def model_config(name: str, train_cfg):
     """The ``ModelConfig`` section of ``train_cfg`` that applies to ``name`` (classifier or segmenter)."""
-    return train_cfg.segmenter if is_unet(name) else train_cfg.classifier
+    return train_cfg.section(name)
 
 
 def model_spec(name: str, train_cfg) -> dict:
@@ -528,7 +502,7 @@ def build_from_spec(name: str, spec: dict, encoder_weights: str | None = "none")
 
 
 __all__ = [
-    "MODEL_NAMES", "REGISTRY", "CLASSIFIER_ENCODERS", "SEGMENTER_ENCODERS", "SPEC_KEYS",
+    "REGISTRY", "CLASSIFIER_ENCODERS", "SEGMENTER_ENCODERS", "SPEC_KEYS",
     "build", "build_from_config", "build_from_spec", "model_spec", "model_config", "resolve_spec",
-    "preprocess", "resize", "DEFAULT_PREPROCESSING", "is_segmenter", "is_unet", "class_of", "num_outputs",
+    "DEFAULT_PREPROCESSING", "num_outputs",
 ]

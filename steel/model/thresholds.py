@@ -27,12 +27,10 @@ import json
 import math
 from typing import Any
 
-CLASSES: tuple[int, ...] = (1, 2, 3, 4)
-TTA_MODES: tuple[str, ...] = ("none", "h", "v", "hv")
+from steel.core.names import CLASSES, SEED_AREAS, TTA_MODES
+
 FILENAME = "thresholds.json"
 
-# Seed notebook, section 4.1 ("'area' thresholds selected").
-SEED_AREAS: dict[int, tuple[int, int]] = {1: (500, 15500), 2: (700, 10000), 3: (1100, 160000), 4: (2800, 127000)}
 CLASS_KEYS: tuple[str, ...] = ("prob", "pixel", "min_area", "max_area")
 
 
@@ -211,7 +209,7 @@ def save_thresholds(uri: str, d: dict) -> str:
 
 
 __all__ = [
-    "CLASSES", "TTA_MODES", "SEED_AREAS", "FILENAME", "ThresholdError", "default_thresholds",
+    "FILENAME", "ThresholdError", "default_thresholds",
     "validate_thresholds", "class_thresholds", "merge_areas", "from_area_json", "load_thresholds",
     "save_thresholds", "dumps",
 ]

@@ -30,8 +30,8 @@ import logging
 import numpy as np
 import pandas as pd
 
+from steel.core.names import CLASSES, SEED_AREAS, SHAPE
 from steel.data import rle
-from steel.data.submission import CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ PLOTS = ("class_distribution.png", "labels_per_image.png", "area_histograms.png"
 # Numbers
 # --------------------------------------------------------------------------------------------
 
-def mask_areas(wide: pd.DataFrame, shape: tuple[int, int] = rle.SHAPE) -> pd.DataFrame:
+def mask_areas(wide: pd.DataFrame, shape: tuple[int, int] = SHAPE) -> pd.DataFrame:
     """One row per (image, class) defect: ImageId, ClassId, area (pixels)."""
     out = []
     for k in CLASSES:
@@ -226,7 +226,7 @@ def _read_image(images_uri: str, image_id: str) -> np.ndarray:
 
 
 def plot_samples(wide: pd.DataFrame, images_uri: str, k: int, n: int = 3, seed: int = 42,
-                 shape: tuple[int, int] = rle.SHAPE) -> bytes | None:
+                 shape: tuple[int, int] = SHAPE) -> bytes | None:
     """Up to ``n`` images with class ``k`` (all their masks overlaid, outlined); None if there are none."""
     from matplotlib.patches import Patch
 
@@ -319,7 +319,6 @@ def render_report(s: dict, plots: list[str]) -> str:
               "Written to `area_thresholds.json` for the cascade's area filter (masks whose area falls "
               "outside [min_area, max_area] are emptied). The seed's rounded choice is shown for comparison.",
               ""]
-    from steel.model.thresholds import SEED_AREAS
 
     rows = []
     for k in CLASSES:
@@ -339,10 +338,10 @@ def render_report(s: dict, plots: list[str]) -> str:
 
 
 def run_eda(data_uri: str, out_uri: str, split: str | None = None, samples: int = 3, seed: int = 42,
-            skip_bad: bool = False, shape: tuple[int, int] = rle.SHAPE) -> dict:
+            skip_bad: bool = False, shape: tuple[int, int] = SHAPE) -> dict:
     """Write the EDA report of ``data_uri`` (Kaggle layout) under ``out_uri``; returns the summary dict."""
-    from steel.data import labels as dataset
     from steel.core import storage
+    from steel.data import labels as dataset
 
     if split not in (None, "all", "train"):
         raise ValueError(f"split must be 'train' or None (whole train.csv), got {split!r}")

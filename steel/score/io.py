@@ -45,14 +45,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from steel.data import images
 from steel.core import storage
+from steel.core.names import CLASSES, FORMATS
 
 log = logging.getLogger(__name__)
 
-CLASSES: tuple[int, ...] = (1, 2, 3, 4)
-HEIGHT, WIDTH = images.HEIGHT, images.WIDTH
-FORMATS: tuple[str, ...] = ("csv", "parquet")
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
 ROW_COLUMNS: tuple[str, ...] = ("ImageId", "ClassId", "EncodedPixels")
@@ -66,9 +63,6 @@ VERSION_COLUMNS: tuple[str, ...] = ("bundle_version", "scored_at")  # parquet on
 INDEX_DIR = "index"
 RUNS_DIR = "runs"
 PARTITION = re.compile(r"^(?:dt=)?(\d{4}-\d{2}-\d{2})$")
-DEFAULT_IMAGE_FORMATS = images.DEFAULT_IMAGE_FORMATS
-ACCEPTED_MODES = images.ACCEPTED_MODES
-BadImage = images.BadImage  # an input file that cannot be scored; the message is the error row's reason
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,37 +308,8 @@ def _done_images(out_uri, manifest, threads, call):
 
 
 # --------------------------------------------------------------------------------------------
-# Retries and run records
+# Run records
 # --------------------------------------------------------------------------------------------
-
-MAX_BACKOFF_S = 60.0
-
-
-def retry(fn, *, retries: int, backoff_s: float, what: str = "", permanent: tuple = (BadImage,),
-          sleep=time.sleep, on_retry=None):
-    """``fn()``, retried up to ``retries`` times on any exception not in ``permanent``.
-
-    Waits ``backoff_s * 2**attempt`` (capped at 60 s) times a jitter factor in [0.5, 1] between
-    attempts, so many workers hitting a throttled store do not retry in lock-step. The last
-    exception is re-raised. ``on_retry(exc)`` is called before each wait (metrics, tests).
-    """
-    attempt = 0
-    while True:
-        try:
-            return fn()
-        except permanent:
-            raise
-        except Exception as e:  # noqa: BLE001 - transient by definition here; re-raised when retries run out
-            if attempt >= retries:
-                raise
-            delay = min(backoff_s * 2 ** attempt, MAX_BACKOFF_S) * (0.5 + 0.5 * random.random())
-            log.warning("%s failed (%s: %s); retry %d/%d in %.2f s", what or "call", type(e).__name__,
-                        str(e)[:200], attempt + 1, retries, delay)
-            if on_retry is not None:
-                on_retry(e)
-            sleep(delay)
-            attempt += 1
-
 
 def new_run_id() -> str:
     """``YYYYmmddTHHMMSSZ-<6 hex>``: sorts by start time, unique across hosts."""
@@ -369,13 +334,6 @@ def read_run_records(out_uri: str) -> list[dict]:
         except (ValueError, OSError) as e:
             log.warning("%s: skipped (%s)", uri, e)
     return sorted(records, key=lambda r: (str(r.get("started_at")), str(r.get("run_id"))))
-
-
-# --------------------------------------------------------------------------------------------
-# Decoding: one decoder for training, tuning and scoring (steel.data.images)
-# --------------------------------------------------------------------------------------------
-
-decode_image = images.decode
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,11 +479,11 @@ def remove_orphan_errors(out_uri: str, complete: set[str]) -> list[str]:
 
 
 __all__ = [
-    "CLASSES", "FORMATS", "MANIFEST", "SUCCESS", "ROW_COLUMNS", "EXTRA_COLUMNS", "ERROR_COLUMNS",
-    "PERMANENT_KINDS", "VERSION_COLUMNS", "index_uri", "write_index", "retry", "new_run_id", "run_record_uri",
+    "MANIFEST", "SUCCESS", "ROW_COLUMNS", "EXTRA_COLUMNS", "ERROR_COLUMNS",
+    "PERMANENT_KINDS", "VERSION_COLUMNS", "index_uri", "write_index", "new_run_id", "run_record_uri",
     "read_run_records", "check_since",
-    "DEFAULT_IMAGE_FORMATS", "BadImage", "Shard", "ShardResult", "list_inputs", "shard_name",
+    "Shard", "ShardResult", "list_inputs", "shard_name",
     "plan_shards", "shard_uri", "errors_uri", "complete_shards", "read_manifest", "read_rows_file",
-    "read_errors_file", "shard_contents", "done_images", "decode_image", "result_rows", "encode_rows",
+    "read_errors_file", "shard_contents", "done_images", "result_rows", "encode_rows",
     "encode_errors", "remove_orphan_errors",
 ]

@@ -250,7 +250,7 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=30)
         if self.tag is not None and not self.lost:
-            from steel.score.io import retry
+            from steel.core.retry import retry
 
             try:  # storage faults are retried; a lease left behind expires after its TTL
                 retry(lambda: self.backend.delete(self.tag), retries=self.retries, backoff_s=self.backoff_s,

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from steel.core.names import LAYOUTS
+
 log = logging.getLogger(__name__)
 
 
@@ -31,8 +33,8 @@ def load_shards(out_uri: str, partial: bool = False):
     """All shard rows (long layout + ``shard`` column) and all error rows of a scoring output."""
     import pandas as pd
 
-    from steel.score import io as score_io
     from steel.core import storage
+    from steel.score import io as score_io
 
     if not partial and not storage.exists(storage.join(out_uri, score_io.SUCCESS)):
         raise MergeError(f"{out_uri}: the scoring run has not finished (no {score_io.SUCCESS}); "
@@ -91,7 +93,7 @@ def merge(out_uri: str, to_uri: str, layout: str = "long", fill_errors: bool = F
     from steel.core import storage
     from steel.data import submission
 
-    if layout not in ("long", "combined"):
+    if layout not in LAYOUTS:
         raise ValueError(f"layout must be 'long' or 'combined', got {layout!r}")
     rows, errors = load_shards(out_uri, partial=partial)
     check_rows(rows)
@@ -114,7 +116,7 @@ def merge(out_uri: str, to_uri: str, layout: str = "long", fill_errors: bool = F
 def cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="scoring output folder (URI) with shards/")
     parser.add_argument("--to", required=True, help="submission CSV to write (URI)")
-    parser.add_argument("--layout", choices=("long", "combined"), default="long",
+    parser.add_argument("--layout", choices=LAYOUTS, default="long",
                         help="long: ImageId,ClassId,EncodedPixels; combined: ImageId_ClassId,EncodedPixels")
     parser.add_argument("--fill-errors", action="store_true",
                         help="write images that failed to score as four empty rows")

@@ -33,10 +33,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from steel.data import rle
 from steel.core import storage
+from steel.core.names import CLASSES, IMAGE_FORMATS, SHAPE
+from steel.data import rle
 from steel.score.run import CascadeActor, _add_stats, cascade_dataset
-from steel.model.thresholds import CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def full_tables(prob: np.ndarray, truth: np.ndarray | None, edges: np.ndarray) -
     """
     from steel.model.cascade import resize_prob
 
-    full = resize_prob(prob, rle.SHAPE, "linear").ravel()
+    full = resize_prob(prob, SHAPE, "linear").ravel()
     p = edges.size
     bins = np.searchsorted(edges, full, side="right")  # value >= edges[j] iff bin > j
     counts = np.bincount(bins, minlength=p + 1)
@@ -200,9 +200,8 @@ def _skip_reason(batch: dict, i: int) -> str:
 
 
 def _formats(score_cfg) -> tuple[str, ...]:
-    from steel.score import io as score_io
 
-    return tuple(getattr(score_cfg, "image_formats", None) or score_io.DEFAULT_IMAGE_FORMATS)
+    return tuple(getattr(score_cfg, "image_formats", None) or IMAGE_FORMATS)
 
 
 def predict_probabilities(cascade_factory: Callable[[], Any], image_ids: Sequence[str], images_uri: str,

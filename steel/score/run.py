@@ -31,7 +31,6 @@ test can SIGKILL it there (see :func:`_hook`).
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import logging
 import math
@@ -44,9 +43,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from steel.score import io as score_io
 from steel.core import storage
 from steel.core.config import ScoreConfig
+from steel.core.names import CLASSES, FORMATS, HEIGHT, IMAGE_FORMATS, WIDTH
+from steel.core.retry import retry
+from steel.data import images as image_io
+from steel.score import io as score_io
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ PAUSE_FILE_ENV = "STEEL_SCORE_PAUSE_FILE"
 # --------------------------------------------------------------------------------------------
 
 def decode_batch(batch: dict, filesystem=None, allow_resize: bool = False,
-                 formats=score_io.DEFAULT_IMAGE_FORMATS, retries: int = 0, backoff_s: float = 1.0) -> dict:
+                 formats=IMAGE_FORMATS, retries: int = 0, backoff_s: float = 1.0) -> dict:
     """Ray Data stage: read and decode each file of a batch.
 
     In: columns ``shard``, ``image_id``, ``file`` (URI), ``path`` (path on ``filesystem``). Out: the
@@ -69,7 +71,7 @@ def decode_batch(batch: dict, filesystem=None, allow_resize: bool = False,
     row) or ``transient`` (the read failed ``retries + 1`` times: not recorded, retried next run).
     """
     n = len(batch["image_id"])
-    images = np.zeros((n, score_io.HEIGHT, score_io.WIDTH, 3), dtype=np.uint8)
+    images = np.zeros((n, HEIGHT, WIDTH, 3), dtype=np.uint8)
     errors = np.full(n, "", dtype=object)
     kinds = np.full(n, "", dtype=object)
     for i in range(n):
@@ -83,14 +85,14 @@ def decode_batch(batch: dict, filesystem=None, allow_resize: bool = False,
 
         try:
             # A file deleted since listing is not retried (nor recorded: the next listing decides).
-            data = score_io.retry(read, retries=retries, backoff_s=backoff_s, what=f"reading {path}",
+            data = retry(read, retries=retries, backoff_s=backoff_s, what=f"reading {path}",
                                   permanent=(FileNotFoundError,))
         except Exception as e:  # noqa: BLE001 - transient: this image stays pending, not the job's end
             errors[i], kinds[i] = f"could not read the file: {type(e).__name__}: {e}", "transient"
             continue
         try:
-            images[i] = score_io.decode_image(data, allow_resize=allow_resize, formats=formats)
-        except score_io.BadImage as e:
+            images[i] = image_io.decode(data, allow_resize=allow_resize, formats=formats)
+        except image_io.BadImage as e:
             errors[i], kinds[i] = str(e), "decode"
     return {
         "shard": np.asarray(batch["shard"], dtype=object),
@@ -252,7 +254,7 @@ class CascadeActor:
     def _predict(self, images: np.ndarray) -> list:
         """One result dict per image, or an exception instance for images that still failed."""
         try:
-            return score_io.retry(lambda: self._predict_split(images), retries=self.retries,
+            return retry(lambda: self._predict_split(images), retries=self.retries,
                                   backoff_s=self.backoff_s, what=f"predicting {len(images)} images")
         except Exception as e:  # noqa: BLE001 - isolate the failing image(s) below
             if len(images) == 1:
@@ -323,9 +325,9 @@ def batch_result(batch: dict, i: int) -> dict:
     :func:`steel.score.io.result_rows` takes it (batch shards and the Serve endpoint both use this)."""
     return {
         "p_defect": batch["p_defect"][i],
-        "p_class": [batch[f"p_class_{k}"][i] for k in score_io.CLASSES],
-        "areas": [batch[f"area_{k}"][i] for k in score_io.CLASSES],
-        "masks": [str(batch[f"mask_{k}"][i]) for k in score_io.CLASSES],
+        "p_class": [batch[f"p_class_{k}"][i] for k in CLASSES],
+        "areas": [batch[f"area_{k}"][i] for k in CLASSES],
+        "masks": [str(batch[f"mask_{k}"][i]) for k in CLASSES],
     }
 
 
@@ -334,8 +336,8 @@ def batch_result(batch: dict, i: int) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def _check_cfg(cfg: ScoreConfig) -> None:
-    if cfg.format not in score_io.FORMATS:
-        raise ValueError(f"format must be one of {', '.join(score_io.FORMATS)}, got {cfg.format!r}")
+    if cfg.format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
     if cfg.tta not in (None, "none", "h", "v", "hv"):
         raise ValueError(f"tta must be one of none, h, v, hv; got {cfg.tta!r}")
     for name in ("actors", "batch_size", "images_per_shard"):
@@ -469,7 +471,7 @@ def score(bundle_uri: str, images_uri: str, out_uri: str, score_cfg: ScoreConfig
               else {"uri": resolved.uri, "version": resolved.version})
     used_thresholds = _resolve_thresholds(resolved.uri, thresholds) if predictor_factory is None else (
         thresholds if isinstance(thresholds, dict) else None)
-    formats = tuple(getattr(cfg, "image_formats", None) or score_io.DEFAULT_IMAGE_FORMATS)
+    formats = tuple(getattr(cfg, "image_formats", None) or IMAGE_FORMATS)
     tuned_tta = (used_thresholds or {}).get("tta", "none")
     if cfg.tta is None:  # not chosen: score with the TTA the thresholds were tuned for
         cfg = dataclasses.replace(cfg, tta=tuned_tta)
@@ -478,12 +480,12 @@ def score(bundle_uri: str, images_uri: str, out_uri: str, score_cfg: ScoreConfig
                     "to match)", cfg.tta, tuned_tta, tuned_tta)
 
     def call(fn, what=""):
-        return score_io.retry(fn, retries=cfg.retries, backoff_s=cfg.retry_backoff_s, what=what,
+        return retry(fn, retries=cfg.retries, backoff_s=cfg.retry_backoff_s, what=what,
                               permanent=(FileNotFoundError, ValueError))
 
     lease = Lease(out_uri, run_id, ttl_s=cfg.lock_ttl_s, retries=cfg.retries, backoff_s=cfg.retry_backoff_s)
     call_lease = dict(retries=cfg.retries, backoff_s=cfg.retry_backoff_s, what="taking the lease")
-    score_io.retry(lease.acquire, permanent=(LeaseHeld, ValueError), **call_lease)
+    retry(lease.acquire, permanent=(LeaseHeld, ValueError), **call_lease)
     record = {"run_id": run_id, "started_at": started_at, "host": socket.gethostname(),
               "images_uri": str(images_uri), "out": str(out_uri), "since": cfg.since, "bundle": bundle,
               "status": "running"}
@@ -581,8 +583,8 @@ def _score_locked(record, resolved, bundle, used_thresholds, images_uri, out_uri
         "error_examples": error_examples,
         "transient_reasons": dict(Counter(_reason_kind(r) for r in failures.values())),
         "transient_examples": [{"ImageId": k, "reason": v} for k, v in sorted(failures.items())[:20]],
-        "defect_image_rate": {str(k): round(defects[k] / scored, 6) if scored else None for k in score_io.CLASSES},
-        "defect_images": {str(k): defects[k] for k in score_io.CLASSES},
+        "defect_image_rate": {str(k): round(defects[k] / scored, 6) if scored else None for k in CLASSES},
+        "defect_images": {str(k): defects[k] for k in CLASSES},
         "gating": gating,
         "timings": {
             "list_s": round(t_listed - t_start, 3),

@@ -54,8 +54,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from steel.score import io as score_io
 from steel.core.config import ScoreConfig, ServeConfig
+from steel.core.names import HEIGHT, IMAGE_FORMATS, WIDTH
+from steel.data import images as image_io
+from steel.score import io as score_io
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +135,7 @@ class Scorer:
         cfg = score_cfg or ScoreConfig()
         self.version = version
         self.allow_resize = cfg.allow_resize
-        self.formats = tuple(cfg.image_formats or score_io.DEFAULT_IMAGE_FORMATS)
+        self.formats = tuple(cfg.image_formats or IMAGE_FORMATS)
         self.max_image_bytes = max_image_bytes
         self.batches = self.images = 0  # cascade calls and images scored (mean batch size in /ready)
         self.decoded, self.decode_s, self.score_s = 0, 0.0, 0.0  # wall time decoding / in cascade calls
@@ -151,7 +153,7 @@ class Scorer:
         for name, fn in getattr(predictor, "models", {}).items():
             h, w = predictor.input_sizes[name]
             fn(np.zeros((1, h, w, 3), np.float32))
-        predictor.predict(np.full((1, score_io.HEIGHT, score_io.WIDTH, 3), 128, np.uint8))
+        predictor.predict(np.full((1, HEIGHT, WIDTH, 3), 128, np.uint8))
         if hasattr(predictor, "reset_stats"):
             predictor.reset_stats()
 
@@ -161,8 +163,8 @@ class Scorer:
             raise RequestError(413, f"image of {len(data)} bytes is over the limit of {self.max_image_bytes} bytes")
         t0 = time.perf_counter()
         try:
-            return score_io.decode_image(data, allow_resize=self.allow_resize, formats=self.formats)
-        except score_io.BadImage as e:
+            return image_io.decode(data, allow_resize=self.allow_resize, formats=self.formats)
+        except image_io.BadImage as e:
             raise RequestError(422, str(e)) from None
         finally:
             with self._count:
@@ -176,7 +178,7 @@ class Scorer:
         n = len(ids)
         batch = {"shard": np.full(n, "", dtype=object), "image_id": np.asarray(ids, dtype=object),
                  "file": np.asarray(ids, dtype=object), "error": np.full(n, "", dtype=object),
-                 "image": np.stack(images) if n else np.zeros((0, score_io.HEIGHT, score_io.WIDTH, 3), np.uint8)}
+                 "image": np.stack(images) if n else np.zeros((0, HEIGHT, WIDTH, 3), np.uint8)}
         self.batches += 1
         self.images += n
         t0 = time.perf_counter()

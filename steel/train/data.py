@@ -40,19 +40,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from steel.core.names import CLASSES, UNIFIED, class_of, is_segmenter
 from steel.data import rle
-from steel.core.config import ALL_MODEL_NAMES, UNIFIED
 
-CLASSES = (1, 2, 3, 4)
 # Rows per map_batches call: small, because a decoded 256x1600 RGB frame is 1.2 MB and each output
 # row is float32 at the model's input size.
 MAP_BATCH = 8
-
-
-def is_segmenter(name: str) -> bool:
-    if name not in ALL_MODEL_NAMES:
-        raise ValueError(f"unknown model name {name!r}; expected one of {', '.join(ALL_MODEL_NAMES)}")
-    return name.startswith("seg")
 
 
 def label_columns(name: str) -> list[str]:
@@ -64,7 +57,7 @@ def _mask_classes(name: str) -> tuple[int, ...]:
     """Classes whose masks make ``name``'s target: (k,) for segK, all four for unified, () otherwise."""
     if name == UNIFIED:
         return CLASSES
-    return (int(name[3:]),) if is_segmenter(name) else ()
+    return (class_of(name),) if is_segmenter(name) else ()
 
 
 def model_rows(table: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -94,7 +87,7 @@ def label_lookup(table: pd.DataFrame, name: str) -> dict[str, Any]:
     if name == "multilabel":
         values = rows[[f"hasDefect_{k}" for k in CLASSES]].to_numpy(np.float32)
         return dict(zip(ids, values))
-    k = int(name[3:])
+    k = class_of(name)
     return dict(zip(ids, rows[f"Defect_{k}"].fillna("").astype(str).tolist()))
 
 
@@ -238,8 +231,9 @@ def build_dataset(table: pd.DataFrame, images_uri: str, name: str, input_size: t
 
     rows = model_rows(table, name)
     if rows.empty:
-        raise ValueError(f"no images for model {name!r} in this split: it needs "
-                         f"{'defect images' if name == 'multilabel' else 'images with class ' + name[3:] if name.startswith('seg') else 'images'}")
+        need = ("defect images" if name == "multilabel" else
+                f"images with class {class_of(name)}" if is_segmenter(name) else "images")
+        raise ValueError(f"no images for model {name!r} in this split: it needs {need}")
     labels = label_lookup(rows, name)
     # One path per row, not per label: rows repeated on purpose (steel.train.run.oversample_rare) stay.
     paths, fs = image_paths(images_uri, rows["ImageId"].astype(str).tolist())

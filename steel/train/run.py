@@ -87,6 +87,8 @@ import tempfile
 import time
 from typing import Any
 
+from steel.core.names import is_segmenter
+
 log = logging.getLogger(__name__)
 
 WEIGHTS = "model.weights.h5"
@@ -101,7 +103,7 @@ def monitor_metric(name: str) -> str:
     (classifiers) or, for the unified model, its mask's mean per-class Dice."""
     if name == "unified":
         return "val_mask_class_dice_coef"
-    return "val_dice_coef" if name.startswith("seg") else "val_f1_m"
+    return "val_dice_coef" if is_segmenter(name) else "val_f1_m"
 
 
 def pos_weights(train_rows, max_weight: float) -> list[float]:
@@ -215,7 +217,7 @@ def _type_specs(name: str, input_size):
     if name == "unified":
         return image, {"cls": tf.TensorSpec(shape=(None, 5), dtype=tf.float32, name="cls"),
                        "mask": tf.TensorSpec(shape=(None, h, w, 4), dtype=tf.float32, name="mask")}
-    if name.startswith("seg"):
+    if is_segmenter(name):
         label = tf.TensorSpec(shape=(None, h, w, 1), dtype=tf.float32, name="label")
     else:
         label = tf.TensorSpec(shape=(None, 4 if name == "multilabel" else 1), dtype=tf.float32, name="label")
@@ -330,8 +332,8 @@ def _epoch_reporter(on_end, on_begin, validate=None):
 
 def _compile(model, name: str, lr_schedule, seg_loss: str, cls_loss_weight: float = 1.0,
              pos_weight=None):
-    from steel.model import losses as km
     from steel.core.keras_env import keras
+    from steel.model import losses as km
 
     if name == "unified":
         # One joint loss: mask loss (per-class Dice, so rare classes count) + weighted head BCE.
@@ -340,7 +342,7 @@ def _compile(model, name: str, lr_schedule, seg_loss: str, cls_loss_weight: floa
         model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr_schedule), loss=loss, metrics=metrics,
                       loss_weights={"cls": float(cls_loss_weight), "mask": 1.0})
         return
-    if name.startswith("seg"):
+    if is_segmenter(name):
         loss = km.segmenter_loss(seg_loss)
         metrics = [km.dice_coef, _images_metric()]
     else:
@@ -781,10 +783,10 @@ def train_group(cfg, names: list[str], splits: dict, images_uri: str, fault: dic
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    from steel.data import labels as dataset
     from steel.core import storage
-    from steel.train import data as train_data
     from steel.core.keras_env import runtime_env
+    from steel.data import labels as dataset
+    from steel.train import data as train_data
 
     tc = cfg.train
     keys = keys or {n: train_key(n, cfg, dataset.fingerprint(splits)) for n in names}
@@ -1046,8 +1048,8 @@ def train_key(name: str, cfg, data_fingerprint: str) -> str:
 
 def _completed(bundle_uri: str, name: str, key: str) -> bool:
     """True when the bundle already holds ``name`` trained with the same ``train_key``."""
-    from steel.model import bundle
     from steel.core import storage
+    from steel.model import bundle
 
     try:
         manifest = bundle.read_manifest(bundle_uri)
@@ -1077,8 +1079,8 @@ def _check_bundle_kind(bundle_uri: str, names: list[str]) -> None:
 
 def load_splits(cfg) -> tuple[dict, str]:
     """Labels of ``cfg.data``, the seed's split, and its fingerprint."""
-    from steel.data import labels as dataset
     from steel.core import storage
+    from steel.data import labels as dataset
 
     images = cfg.data.path("train_images")
     wide = dataset.load_labels(cfg.data.path("train_csv"), images=images, skip_bad=cfg.data.skip_bad,
@@ -1137,7 +1139,7 @@ def train_models(cfg, models: list[str] | None = None) -> dict[str, dict]:
     "seconds", "history"}``.
     """
     from steel.core import storage
-    from steel.core.config import ALL_MODEL_NAMES
+    from steel.core.names import ALL_MODEL_NAMES
 
     names = list(models or cfg.train.model_names())
     unknown = [n for n in names if n not in ALL_MODEL_NAMES]

@@ -43,12 +43,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from steel.core.names import CLASSES, PIXELS
 from steel.data import rle
-from steel.model.thresholds import CLASSES, validate_thresholds
+from steel.model.thresholds import validate_thresholds
 
 log = logging.getLogger(__name__)
 
-FULL_PIXELS = rle.SHAPE[0] * rle.SHAPE[1]
 MAX_CACHE_PIXELS = 64 * 400  # default cap of the cached map size per image and class (25,600 cells)
 
 PROB_GRID: tuple[float, ...] = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2).tolist())
@@ -57,7 +57,7 @@ AREA_GRID: tuple[int, ...] = (0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 10
                               3000, 3500, 4000, 5000, 6000, 8000, 10000)
 # max_area: from a small blob to the whole image (the seed's bounds are 10,000-160,000).
 MAX_AREA_GRID: tuple[int, ...] = (2000, 4000, 6000, 8000, 10000, 15000, 20000, 30000, 50000, 80000, 127000, 160000,
-                                  250000, FULL_PIXELS)
+                                  250000, PIXELS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ class PredictionCache:
     def scale(self, k: int) -> float:
         """Full-resolution pixels per cache cell of class k."""
         h, w = self.seg[k].shape[1:]
-        return FULL_PIXELS / float(h * w)
+        return PIXELS / float(h * w)
 
     def save(self, path: str) -> None:
         """Write to a local .npz file (reload with :meth:`load`)."""
@@ -184,8 +184,8 @@ def truth_maps(rles: Sequence[str], size: tuple[int, int]) -> tuple[np.ndarray, 
 def read_image(uri: str) -> np.ndarray:
     """One image as uint8 RGB 256 x 1600 x 3 (``steel.data.images.decode``: scoring's decoder; ValueError
     naming the file if it is not one)."""
-    from steel.data import images
     from steel.core import storage
+    from steel.data import images
 
     try:
         return images.decode(storage.read_bytes(uri))
@@ -676,8 +676,8 @@ def full_resolution_dice(cascade_factory: Callable[[], Any], labels, images_uri:
     """
     import pandas as pd
 
-    from steel.eval import metrics
     from steel.core.config import ScoreConfig
+    from steel.eval import metrics
     from steel.score.probabilities import predict_masks
 
     ids = [str(i) for i in labels["ImageId"].tolist()]
