@@ -32,6 +32,7 @@ import time
 import numpy as np
 
 from steel.data import images as image_io
+from steel.model.thresholds import save_thresholds
 
 H, W = 256, 1600
 CLASS_SHARE = {1: 897 / 6666, 2: 247 / 6666, 3: 5150 / 6666, 4: 801 / 6666}  # of defective train images
@@ -211,8 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
     from steel.core.names import MODEL_NAMES
     from steel.model import bundle as bundle_lib
     from steel.model import networks as models_lib
-    from steel.model.cascade import Cascade, keras_callable
-    from steel.score.run import static_callable
+    from steel.model.cascade import Cascade
+    from steel.model.predictor import to_numpy, traced_callable
 
     work = tempfile.mkdtemp(prefix="bench_score_")
     results: dict = {"images": args.images, "batch": args.batch, "cpus": os.cpu_count()}
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     paths = make_images(os.path.join(work, "bench"), args.images)
     sizes = {n: tuple(s["input_size"]) for n, s in specs.items()}
     prep = {n: s["preprocessing"] for n, s in specs.items()}
-    callables = {n: static_callable(m) for n, m in models.items()}  # what the scoring actors use
+    callables = {n: traced_callable(m) for n, m in models.items()}  # what the scoring actors use
     seed_th = seed_like_thresholds(models, specs, paths)
 
     # warm-up: first calls build the graphs; neither way should pay that in its timing
@@ -240,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"seed way (6 models x 1 image at a time): {args.images} images in {base_s:.1f} s "
           f"= {args.images / base_s:.3f} images/s", flush=True)
 
-    on_batch = {n: keras_callable(m) for n, m in models.items()}  # predict_on_batch: retraces per batch shape
+    on_batch = {n: (lambda m: lambda x: to_numpy(m.predict_on_batch(x)))(m)  # retraces per new batch shape
+                for n, m in models.items()}
     Cascade(on_batch, sizes, all_pass_thresholds(), preprocessing=prep).predict(warm)
     for label, th, fns in (("all_pass", all_pass_thresholds(), callables), ("seed_like", seed_th, callables),
                            ("seed_like_predict_on_batch", seed_th, on_batch)):
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         bundle = os.path.join(work, "bundle")
         bundle_lib.save_bundle(bundle, models, specs, {"bench": "score"})
-        bundle_lib.write_thresholds(bundle, seed_th)
+        save_thresholds(bundle, seed_th)
         del models, callables, on_batch
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  runtime_env=runtime_env())

@@ -40,6 +40,8 @@ import time
 
 import numpy as np
 
+from steel.model.thresholds import save_thresholds
+
 RETRY_STATUSES = {408, 500, 502, 503, 504}  # scoring is idempotent: a timeout or 5xx is safe to retry
 RETRY_FOR_S = 120.0  # a client retries a request for this long (replica restart included)
 
@@ -56,7 +58,7 @@ def quickstart_bundle(folder: str, image_paths: list[str]) -> str:
     built = {n: models.build_from_config(n, cfg.train) for n in MODEL_NAMES}
     specs = {n: models.model_spec(n, cfg.train) for n in MODEL_NAMES}
     bundle_lib.save_bundle(folder, built, specs, cfg.to_dict(), extra={"bench": "random weights"})
-    bundle_lib.write_thresholds(folder, seed_like_thresholds(built, specs, image_paths[:64]))
+    save_thresholds(folder, seed_like_thresholds(built, specs, image_paths[:64]))
     return folder
 
 

@@ -37,6 +37,7 @@ def _config(root: str, out: str, args, **train):
 
 
 def throughput(root: str, work: str, args) -> dict:
+    from steel.data import labels
     from steel.train import run as training
 
     rows = {}
@@ -44,7 +45,7 @@ def throughput(root: str, work: str, args) -> dict:
         for workers in (1, 2):
             cfg = _config(root, f"{work}/{name}-{workers}w", args, num_workers=workers, epochs=2,
                           max_steps_per_epoch=args.steps)
-            splits, _ = training.load_splits(cfg)
+            splits, _ = labels.load_splits(cfg)
             t0 = time.time()
             out = training.train_one(cfg, name, splits, cfg.data.path("train_images"))
             last = out["state"]["history"][-1]
@@ -65,6 +66,7 @@ def throughput(root: str, work: str, args) -> dict:
 
 
 def learning(root: str, work: str, args) -> dict:
+    from steel.data import labels
     from steel.train import run as training
 
     size = list(args.learn_size)
@@ -74,7 +76,7 @@ def learning(root: str, work: str, args) -> dict:
                               "dense_units": [64, 32, 16]},
                   segmenter={"encoder": "mobilenetv2", "input_size": size, "encoder_weights": "none",
                              "decoder_filters": [64, 32, 16, 16, 8]})
-    splits, _ = training.load_splits(cfg)
+    splits, _ = labels.load_splits(cfg)
     out = {}
     for name, metric in (("binary", "val_f1_m"), ("seg3", "val_dice_coef")):
         t0 = time.time()

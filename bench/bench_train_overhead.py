@@ -1,8 +1,8 @@
 """`steel train` of one model against a plain Keras ``fit`` in one process: wall-time ratio and val metric.
 
 Both sides train the same model (``steel.model.networks.build_from_config``), compiled the same way
-(``steel.train.run._compile``: loss, metrics, Adam with the same warm-up + schedule at the same peak
-rate), on the same synthetic data and split (``steel.train.run.load_splits``), for the same epochs
+(``steel.train.loop.compile_model``: loss, metrics, Adam with the same warm-up + schedule at the same peak
+rate), on the same synthetic data and split (``steel.data.labels.load_splits``), for the same epochs
 and global batch:
 
 - **steel**: the command a user runs, ``steel train --config <config> --model <model>`` (a fresh
@@ -49,9 +49,12 @@ def keras_side(config: str, overrides: list[str], model_name: str) -> dict:
 
     from steel.core.config import load_config
     from steel.core.keras_env import tf  # noqa: F401  (TensorFlow import counts on this side too)
+    from steel.data.labels import load_splits
     from steel.model import networks as models
     from steel.train import data as train_data
-    from steel.train.run import _compile, load_splits, monitor_metric, scaled_lr, warmup_schedule
+    from steel.train.checkpoints import monitor_metric
+    from steel.train.loop import compile_model
+    from steel.train.schedule import scaled_lr, warmup_schedule
 
     cfg = load_config(config, overrides)
     tc = cfg.train
@@ -81,7 +84,7 @@ def keras_side(config: str, overrides: list[str], model_name: str) -> dict:
     model = models.build_from_config(model_name, tc)
     schedule = warmup_schedule(peak, int(round(tc.warmup_epochs * steps)),
                                epochs * steps if tc.lr_schedule == "cosine" else None)
-    _compile(model, model_name, schedule, tc.seg_loss, tc.cls_loss_weight)
+    compile_model(model, model_name, schedule, tc.seg_loss, tc.cls_loss_weight)
     hist = model.fit(x_train, y_train, batch_size=batch, epochs=epochs, validation_data=(x_val, y_val),
                      validation_batch_size=batch, shuffle=True, verbose=0)
     monitor = monitor_metric(model_name)
@@ -152,7 +155,7 @@ def _steel_once(args, overrides: list[str], work: str) -> dict:
     phases["exit"] = round(wall - last, 1)
     import pandas as pd
 
-    from steel.train.run import monitor_metric
+    from steel.train.checkpoints import monitor_metric
 
     monitor = monitor_metric(args.model)
     frame = pd.read_csv(os.path.join(bundle, "history", f"{args.model}.csv"))

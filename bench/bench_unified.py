@@ -127,8 +127,8 @@ def labelled_test_dice(cfg) -> dict:
     """Dice of ``cfg.bundle`` on the labelled split's ``test`` part (never trained or tuned on)."""
     import pandas as pd
 
-    from steel.model.cascade import Cascade
-    from steel.train.run import load_splits
+    from steel.data.labels import load_splits
+    from steel.model.predictor import cascade_from_bundle
 
     splits, _ = load_splits(cfg)
     ids = sorted(splits["test"]["ImageId"])
@@ -137,7 +137,7 @@ def labelled_test_dice(cfg) -> dict:
         truth[["ImageId", "ClassId"]] = truth["ImageId_ClassId"].str.rsplit("_", n=1, expand=True)
         truth["ClassId"] = truth["ClassId"].astype(int)
     truth = truth[truth["ImageId"].isin(ids)][["ImageId", "ClassId", "EncodedPixels"]]
-    pred = predict_rows(Cascade.from_bundle(cfg.bundle), _decode_all(cfg.data.path("train_images"), ids), ids)
+    pred = predict_rows(cascade_from_bundle(cfg.bundle), _decode_all(cfg.data.path("train_images"), ids), ids)
     return dice_with_baseline(pred, truth)
 
 
@@ -197,8 +197,8 @@ def _manifest_models(bundle: str) -> dict:
 
 def run_seed(args, seed: int) -> list[dict]:
     from steel.core.config import load_config
-    from steel.model.cascade import Cascade
-    from steel.train.run import load_splits
+    from steel.data.labels import load_splits
+    from steel.model.predictor import cascade_from_bundle
 
     base = load_config(args.config)
     synth = dict(base.to_dict()["data"]["synth"] or {})
@@ -223,7 +223,7 @@ def run_seed(args, seed: int) -> list[dict]:
     n = args.score_images
     names = sorted(os.listdir(cascade["cfg"].data.path("test_images")))[:n]
     images = _decode_all(cascade["cfg"].data.path("test_images"), names)
-    rates = interleaved_rates({r["kind"]: Cascade.from_bundle(r["cfg"].bundle, batch_size=16) for r in rows},
+    rates = interleaved_rates({r["kind"]: cascade_from_bundle(r["cfg"].bundle, batch_size=16) for r in rows},
                               images, args.score_rounds)
     for r in rows:
         r.update(seed=seed, **rates[r["kind"]])

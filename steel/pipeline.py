@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from steel.core import storage
 from steel.core.config import Config
 from steel.core.names import CLASSES
+from steel.model.thresholds import bundle_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +117,9 @@ class Pipeline:
         return None
 
     def split(self):
-        from steel.data import labels as dataset
+        from steel.data.labels import load_splits
 
-        cfg = self.cfg.data
-        report = storage.join(self.cfg.report, "skipped_labels.csv") if cfg.skip_bad else None
-        wide = dataset.load_labels(cfg.path("train_csv"), images=cfg.path("train_images"),
-                                   skip_bad=cfg.skip_bad, report_uri=report)
-        splits = dataset.split(wide, seed=cfg.seed)
-        fp = dataset.fingerprint(splits)
+        splits, fp = load_splits(self.cfg, report_uri=storage.join(self.cfg.report, "skipped_labels.csv"))
         self.state["splits"] = splits
         counts = {k: len(v) for k, v in splits.items()}
         return False, (f"train {counts['train']} / val {counts['val']} / test {counts['test']} images "
@@ -140,9 +136,8 @@ class Pipeline:
         return skipped, summary, {"bundle": self.cfg.bundle, "models": list(results)}
 
     def tune(self):
-        from steel.model import bundle as bundle_lib
 
-        existing = bundle_lib.read_thresholds(self.cfg.bundle)
+        existing = bundle_thresholds(self.cfg.bundle)
         if not self.cfg.tune.enabled:
             return True, "disabled in config (default thresholds)", {}
         if self.cfg.tune.mode == "fixed":
@@ -190,6 +185,7 @@ class Pipeline:
             "version": published.version, "uri": published.uri}
 
     def score(self):
+        from steel.model import bundle as bundle_lib
         from steel.model import thresholds as th
         from steel.score import io as score_io
         from steel.score import run as scoring
@@ -198,9 +194,8 @@ class Pipeline:
         out = self.cfg.score.out
         previous = score_io.read_manifest(out)
         if previous is not None:
-            bundle = scoring._bundle_info(self.cfg.bundle)
-            current = th.load_thresholds(self.cfg.bundle) if storage.exists(
-                storage.join(self.cfg.bundle, "thresholds.json")) else th.default_thresholds()
+            bundle = bundle_lib.provenance(self.cfg.bundle)
+            current = th.resolve(self.cfg.bundle)
             same_models = previous.get("bundle", {}).get("models") == bundle.get("models")
             same_thresholds = _core(previous.get("thresholds")) == _core(current)
             if not (same_models and same_thresholds):
@@ -244,10 +239,11 @@ class Pipeline:
         import dataclasses
         import os
 
-        from steel.eval import protocol
+        from steel.core.ray_session import ensure_ray_for_actors
+        from steel.eval import predictions, protocol
         from steel.model import bundle as bundle_lib
         from steel.model import thresholds as th_lib
-        from steel.score.run import BundleCascade
+        from steel.model.predictor import BundleCascade
         from steel.tune import run as tuning
 
         splits = self.state.get("splits")
@@ -264,16 +260,16 @@ class Pipeline:
             thresholds["seed"] = seed
         tta = self.cfg.score.tta or deployed.get("tta", "none")
         score_cfg = dataclasses.replace(self.cfg.score, tta=tta, allow_resize=False)
-        tuning._ray_for_models(self.cfg.ray_address, score_cfg)
+        ensure_ray_for_actors(self.cfg.ray_address, score_cfg.gpus_per_actor, "evaluation")
         kind = "unified" if "unified" in (bundle_lib.read_manifest(self.cfg.bundle).get("models") or {}) else "cascade"
         reuse = {}
         if self._tmp is not None and os.path.exists(self._val_cache):
-            reuse["val"] = tuning.PredictionCache.load(self._val_cache)
+            reuse["val"] = predictions.PredictionCache.load(self._val_cache)
         result = protocol.evaluate_splits(
             {name: splits[name] for name in want}, self.cfg.data.path("train_images"),
             BundleCascade(str(self.cfg.bundle), deployed, tta, endpoint=storage.current_endpoint()),
             thresholds, score_cfg, max_images=self.cfg.evaluate.max_images_per_split, seed=self.cfg.data.seed,
-            kind=kind, identity=tuning.bundle_identity(self.cfg.bundle), reuse=reuse)
+            kind=kind, identity=predictions.bundle_identity(self.cfg.bundle), reuse=reuse)
         storage.write_text(storage.join(self.cfg.report, "protocol", "metrics.json"), protocol.to_json(result))
         self.state["protocol"] = result
         return result

@@ -155,3 +155,34 @@ def ray_head(tmp_path_factory):
         yield f"http://127.0.0.1:{dash_port}"
     finally:
         _stop_group(proc)
+
+
+# Six random-weight models small enough to build in a second: a real bundle (weights, manifest,
+# provenance), for tests whose predictor is a stand-in or whose models only need to run.
+TINY_SPECS = {
+    "classifier": dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none", dense_units=(8,)),
+    "segmenter": dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none",
+                      decoder_filters=(16, 8, 8, 4, 4)),
+}
+
+
+def save_tiny_bundle(uri: str) -> dict:
+    """Save the six tiny models as a bundle at ``uri``; returns its manifest."""
+    from steel.core.names import MODEL_NAMES, model_kind
+    from steel.model import bundle as bundle_lib
+    from steel.model import networks
+
+    built, specs = {}, {}
+    for name in MODEL_NAMES:
+        kw = TINY_SPECS[model_kind(name)]
+        built[name] = networks.build(name, **kw)
+        specs[name] = networks.resolve_spec(name, **kw)
+    return bundle_lib.save_bundle(uri, built, specs, {"test": "tiny"})
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> str:
+    """A real bundle of six tiny random-weight models (no thresholds.json), saved once per session."""
+    uri = str(tmp_path_factory.mktemp("bundle") / "tiny")
+    save_tiny_bundle(uri)
+    return uri

@@ -1,10 +1,10 @@
 """A scoring job for the kill tests: scores with the light stand-in predictor on the Ray it runs in.
 
-    python -m tests.score_driver IMAGES OUT      (submitted as a Ray job by tests/test_nightly.py)
+    python -m tests.score_driver BUNDLE IMAGES OUT      (submitted as a Ray job by tests/test_nightly.py)
 
 Exits 1 when the run reports problems (like ``steel score``). With ``STEEL_SCORE_PAUSE_AT`` set the
 run pauses at that point and writes ``<point> <pid>`` to ``STEEL_SCORE_PAUSE_FILE``; the test then
-SIGKILLs this process's group (see ``steel.score.run._hook``).
+SIGKILLs this process's group (see ``steel.core.faults.pause_point``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ LOCK_TTL_S = 2.0
 
 
 def main(argv: list[str]) -> int:
-    images, out = argv
+    bundle, images, out = argv
     import ray
     import ray.cloudpickle
 
@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
     ray.cloudpickle.register_pickle_by_value(mod)
     ray.init(log_to_driver=False)
     cfg = ScoreConfig(batch_size=2, images_per_shard=3, lock_ttl_s=LOCK_TTL_S, retries=1, retry_backoff_s=0.01)
-    summary = score("stand-in", images, out, cfg, predictor_factory=mod.BrightPredictor)
+    summary = score(bundle, images, out, cfg, predictor=mod.BrightCascade)
     print(format_summary(summary))
     for p in summary["problems"]:
         print("problem:", p)

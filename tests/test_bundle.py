@@ -12,7 +12,7 @@ from steel.core.config import load_config
 from steel.core.names import MODEL_NAMES, is_segmenter
 from steel.model import bundle
 from steel.model import networks as models
-from steel.model.thresholds import default_thresholds
+from steel.model.thresholds import default_thresholds, save_thresholds
 
 TINY_CLS = dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none", dense_units=(16, 8))
 TINY_SEG = dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none",
@@ -118,7 +118,7 @@ def test_save_model_to_bundle_adds_and_replaces(tmp_path, tiny, caplog):
     uri = str(tmp_path / "b")
     bundle.save_model_to_bundle(uri, "binary", built["binary"], _spec("binary"), {"val_f1_m": 0.5}, 2.0,
                                 config={"name": "t"}, fingerprint=FINGERPRINT)
-    bundle.write_thresholds(uri, default_thresholds())
+    save_thresholds(uri, default_thresholds())
     first = bundle.read_manifest(uri)
     bundle.save_model_to_bundle(uri, "seg1", built["seg1"], _spec("seg1"), {"val_dice_coef": 0.4}, 3.0,
                                 fingerprint=FINGERPRINT)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from steel.core.names import SHAPE
 from steel.data import rle
-from steel.model.cascade import Cascade, keras_callable, mask_from_prob, rows_from_predictions
+from steel.model.cascade import Cascade, mask_from_prob, rows_from_predictions
 from steel.model.thresholds import (
     ThresholdError,
     default_thresholds,
@@ -310,35 +309,6 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match=r"multilabel model must return \(N, 4\)"):
         Cascade(bad, stubs.sizes(), thresholds()).predict(make_images(1))
     assert Cascade(stubs.models(), stubs.sizes(), thresholds()).predict(np.zeros((0, H, W, 3), np.uint8)) == []
-
-
-def test_from_bundle_wraps_keras_like_models():
-    class FakeKeras:
-        def __init__(self, fn):
-            self.fn = fn
-            self.batches = 0
-
-        def predict_on_batch(self, x):
-            self.batches += 1
-            return self.fn(x)
-
-    stubs = Stubs([0.9], [[0.9, 0.1, 0.9, 0.1]], [[100] * 4])
-    models = {name: FakeKeras(fn) for name, fn in stubs.models().items()}
-    specs = {name: {"input_size": list(size)} for name, size in stubs.sizes().items()}
-    th = thresholds(binary=0.95)
-    bundle = SimpleNamespace(models=models, specs=specs, thresholds=th)
-    assert Cascade.from_bundle(bundle).predict(make_images(1))[0]["masks"] == [""] * 4  # bundle thresholds
-    cas = Cascade.from_bundle(bundle, thresholds=thresholds(), tta={"binary": "h"})
-    assert cas.tta == {"binary": "h", "multilabel": "none", "seg1": "none", "seg2": "none", "seg3": "none", "seg4": "none"}
-    assert cas.predict(make_images(1))[0]["masks"] == ["1 100", "", "1 100", ""]
-    assert models["binary"].batches == 1 + 2  # once without TTA, twice (2 views) with h
-
-    class Callable:
-        def __call__(self, x, training=False):
-            assert training is False
-            return np.ones((len(x), 1))
-
-    assert keras_callable(Callable())(np.zeros((2, 4, 4, 3))).shape == (2, 1)
 
 
 # ------------------------------------------------------------------------------ thresholds

@@ -41,7 +41,7 @@ import ray
 from steel.core.config import ScoreConfig
 from steel.core.keras_env import runtime_env
 
-root, work = sys.argv[1], sys.argv[2]
+root, work, bundle = sys.argv[1], sys.argv[2], sys.argv[3]
 ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
          runtime_env=runtime_env())
 
@@ -51,8 +51,15 @@ class Constant:
         return [{"p_defect": 0.0, "p_class": [0.0] * 4, "masks": [""] * 4, "areas": [0] * 4} for _ in images]
 
 
-def factory():
-    return Constant()
+class ConstantCascade:  # BundleCascade's shape: (bundle_uri, thresholds, tta, endpoint=, threads=)
+    def __init__(self, bundle_uri, thresholds, tta="none", endpoint=None, threads=None):
+        pass
+
+    def __call__(self):
+        return Constant()
+
+
+factory = ConstantCascade("", {}, "none")
 
 
 def attempt(fn):
@@ -66,25 +73,27 @@ def attempt(fn):
 
 out = {}
 from steel.score import run as scoring
+from steel.score import stages
 from steel.core import storage
 from steel.core.config import config_from_dict
 images = f"{root}/train_images"
 cfg = ScoreConfig(gpus_per_actor=1, actors=1, batch_size=2, images_per_shard=4)
 # driver check (score) and the actor's own check (the pipeline run without the driver check)
-out["score_driver"] = attempt(lambda: scoring.score("unused-bundle", images, f"{work}/scores", cfg,
-                                                    predictor_factory=factory))
+out["score_driver"] = attempt(lambda: scoring.score(bundle, images, f"{work}/scores", cfg, predictor=ConstantCascade))
 files = sorted(storage.list_files(images))[:2]
 items = [{"shard": "s", "image_id": f.rsplit("/", 1)[-1], "file": f, "path": f} for f in files]
-out["score_actor"] = attempt(lambda: scoring.cascade_dataset(items, cfg, None, ("JPEG",), factory).take_all())
+out["score_actor"] = attempt(lambda: stages.cascade_dataset(items, cfg, None, ("JPEG",), factory).take_all())
 
 from steel.train import run as training
+
+from steel.data import labels
 train = {"output": f"{work}/ckpt", "epochs": 1, "per_worker_batch": 4, "num_workers": 1, "cpus_per_worker": 1,
          "max_failures": 0, "use_gpu": True, "models": ["binary"],
          "classifier": {"encoder": "simplecnn", "input_size": [32, 160], "encoder_weights": "none",
                         "dense_units": [8, 8, 8]}}
 tcfg = config_from_dict({"name": "gpu", "data": {"root": root}, "bundle": f"{work}/bundle", "train": train})
 out["train_driver"] = attempt(lambda: training.train_models(tcfg))
-splits, _ = training.load_splits(tcfg)
+splits, _ = labels.load_splits(tcfg)
 out["train_worker"] = attempt(lambda: training.train_one(tcfg, "binary", splits, images))
 print("RESULT " + json.dumps(out))
 ray.shutdown()
@@ -94,7 +103,7 @@ ray.shutdown()
 @needs_no_gpu
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_gpu_settings_fail_at_once_where_tensorflow_sees_no_gpu(tmp_path):
+def test_gpu_settings_fail_at_once_where_tensorflow_sees_no_gpu(tmp_path, tiny_bundle):
     from tests.test_train_data import make_tiny_dataset
 
     root = make_tiny_dataset(tmp_path / "data", n=8)
@@ -102,7 +111,7 @@ def test_gpu_settings_fail_at_once_where_tensorflow_sees_no_gpu(tmp_path):
     script.write_text(textwrap.dedent(SCRIPT))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(p) for p in sys.path if p])}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(script), str(root), str(tmp_path / "work")], env=env,
+    proc = subprocess.run([sys.executable, str(script), str(root), str(tmp_path / "work"), tiny_bundle], env=env,
                           capture_output=True, text=True, timeout=280)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, f"no result (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

@@ -13,7 +13,6 @@ from steel.cli import main
 from steel.core import storage
 from steel.core.names import SHAPE
 from steel.data import rle
-from steel.report import eda
 
 H, W = SHAPE
 
@@ -118,10 +117,12 @@ def test_plots_and_report_page(report):
 
 
 def test_overlay_colours_masks_only():
+    from steel.core import figures
+
     img = np.full((4, 6), 100, np.uint8)
     m = np.zeros((4, 6), np.uint8)
     m[1:3, 2:4] = 1
-    out = eda.overlay(img, {1: m})
+    out = figures.paint(img, {1: m})
     assert out.shape == (4, 6, 3) and out.dtype == np.uint8
     assert (out[0, 0] == 100).all()
     r, g, b = out[1, 2]

@@ -16,6 +16,7 @@ from steel.data import images, synth
 from steel.model import bundle
 from steel.model import networks as models
 from steel.model.cascade import Cascade
+from steel.model.predictor import cascade_from_bundle
 from steel.model.thresholds import default_thresholds
 
 H, W = 256, 1600
@@ -54,11 +55,10 @@ def _recording_cascade(specs: dict) -> tuple[Cascade, dict]:
 def test_one_jpeg_identical_arrays_on_training_tuning_and_scoring_paths(tmp_path, encoder):
     """The same file bytes give bit-identical model inputs through training's Ray Data stage
     (train_data.prepare_batch), tuning's reader (tuning.read_image -> cascade) and scoring's Ray
-    Data stage (scoring.decode_batch -> cascade), for each U-Net encoder's preprocessing and the
+    Data stage (stages.decode_batch -> cascade), for each U-Net encoder's preprocessing and the
     classifier's."""
-    from steel.score import run as scoring
+    from steel.score import stages
     from steel.train.data import prepare_batch
-    from steel.tune import run as tuning
 
     data = _jpeg()
     path = tmp_path / "a.jpg"
@@ -75,10 +75,10 @@ def test_one_jpeg_identical_arrays_on_training_tuning_and_scoring_paths(tmp_path
     }
 
     cas, seen = _recording_cascade(specs)
-    cas.predict_probabilities(tuning.read_image(str(path))[None])
+    cas.predict_probabilities(images.read(str(path))[None])
     tune = {n: seen["binary"] if n == "binary" else seen["seg1"] for n in ("binary", "seg1")}
 
-    decoded = scoring.decode_batch({"shard": ["s"], "image_id": ["a.jpg"], "file": [str(path)], "path": [str(path)]})
+    decoded = stages.decode_batch({"shard": ["s"], "image_id": ["a.jpg"], "file": [str(path)], "path": [str(path)]})
     assert decoded["error"][0] == ""
     seen.clear()
     cas.predict(decoded["image"])
@@ -119,7 +119,7 @@ def test_bundle_records_preprocessing_and_old_bundles_load_as_unit(tmp_path):
         bundle.save_bundle(uri, built, specs, load_config(None))
     loaded = bundle.load_bundle(new)
     assert loaded.specs["seg2"]["preprocessing"] == "imagenet" and loaded.specs["binary"]["preprocessing"] == "unit"
-    cas = Cascade.from_bundle(loaded)
+    cas = cascade_from_bundle(loaded)
     assert cas.preprocessing["seg2"] == "imagenet" and cas.preprocessing["binary"] == "unit"
 
     # A bundle written before specs recorded preprocessing: the same manifest without the field.
@@ -131,7 +131,7 @@ def test_bundle_records_preprocessing_and_old_bundles_load_as_unit(tmp_path):
     legacy = bundle.load_bundle(old, names=["binary", "seg1"])
     assert {s["preprocessing"] for s in legacy.specs.values()} == {"unit"}  # what it was trained on
     np.testing.assert_array_equal(legacy.models["seg1"].get_weights()[0], built["seg1"].get_weights()[0])
-    cas = Cascade.from_bundle(SimpleNamespace(models=built, thresholds=None, specs={
+    cas = cascade_from_bundle(SimpleNamespace(models=built, thresholds=None, specs={
         n: bundle.spec_with_preprocessing(e["spec"]) for n, e in bundle.read_manifest(old)["models"].items()}))
     assert set(cas.preprocessing.values()) == {"unit"}
     x = cas._inputs(np.full((1, H, W, 3), 255, np.uint8), "seg1", {})

@@ -24,10 +24,10 @@ from steel.core.config import ScoreConfig
 from steel.core.retry import retry
 from steel.data import images as image_io
 from steel.model import bundle as bundle_lib
-from steel.model.thresholds import default_thresholds
+from steel.model.thresholds import bundle_thresholds, default_thresholds, save_thresholds
 from steel.score import io as score_io
 from steel.score import merge
-from tests.test_scoring import BrightPredictor, check_output, jpeg_bytes, write_images
+from tests.test_scoring import BrightCascade, BrightPredictor, check_output, jpeg_bytes, write_images
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def stand_in():
     import tests.test_scoring as mod
 
     ray.cloudpickle.register_pickle_by_value(mod)
-    yield BrightPredictor
+    yield BrightCascade
     ray.cloudpickle.unregister_pickle_by_value(mod)
 
 
@@ -81,7 +81,7 @@ def test_retry_backs_off_with_jitter_and_never_retries_permanent_errors():
 
 
 class ResourceExhaustedError(RuntimeError):
-    """Named like TensorFlow's OOM error (what steel.score.run.is_oom recognises)."""
+    """Named like TensorFlow's OOM error (what steel.score.stages.is_oom recognises)."""
 
 
 class OOMPredictor(BrightPredictor):
@@ -99,7 +99,7 @@ class OOMPredictor(BrightPredictor):
 
 
 def test_oom_retries_with_smaller_batches_and_predictor_failures_are_transient():
-    from steel.score.run import CascadeActor
+    from steel.score.stages import CascadeActor
 
     images = np.stack([image_io.decode(jpeg_bytes(i)) for i in range(5)])
     batch = {"shard": np.array(["s"] * 5, dtype=object), "image_id": np.array(list("abcde"), dtype=object),
@@ -169,12 +169,12 @@ def test_bundle_versions_resolve_once_and_publish_immutably(tmp_path):
         storage.join(root, "versions", v1.version), v1.version, storage.join(root, "CURRENT"))
     assert bundle_lib.read_manifest(v1.uri)["version"] == v1.version
 
-    bundle_lib.write_thresholds(work, {**default_thresholds(), "binary": 0.9})
+    save_thresholds(work, {**default_thresholds(), "binary": 0.9})
     v2 = bundle_lib.publish_bundle(work, root, promote=False)
     assert v2.version != v1.version and bundle_lib.resolve_bundle(root).version == v1.version
     bundle_lib.promote_bundle(root, v2.version)
     assert bundle_lib.resolve_bundle(root).uri == v2.uri
-    assert bundle_lib.read_thresholds(v1.uri) is None  # the old version folder is untouched
+    assert bundle_thresholds(v1.uri) is None  # the old version folder is untouched
     with pytest.raises(FileNotFoundError, match="no such bundle version"):
         bundle_lib.promote_bundle(root, "b-000000000000")
     with pytest.raises(FileNotFoundError, match="nor a versioned bundle root"):
@@ -184,7 +184,7 @@ def test_bundle_versions_resolve_once_and_publish_immutably(tmp_path):
     from steel.core.config import Config
     from steel.pipeline import Pipeline
 
-    bundle_lib.write_thresholds(work, {**default_thresholds(), "binary": 0.8})
+    save_thresholds(work, {**default_thresholds(), "binary": 0.8})
     skipped, summary, outputs = Pipeline(Config(bundle=work, bundle_versions=root)).publish()
     assert not skipped and bundle_lib.resolve_bundle(root).version == outputs["version"] not in (v1.version, v2.version)
     assert Pipeline(Config(bundle=work, bundle_versions=root)).publish()[0]  # nothing new: skipped
@@ -197,6 +197,7 @@ def test_bundle_versions_resolve_once_and_publish_immutably(tmp_path):
 @pytest.mark.timeout(240)
 def test_bundle_promoted_during_a_run_and_lease_refusal(ray_local, stand_in, tmp_path, monkeypatch, capsys):
     from steel.cli import main
+    from steel.core import faults
     from steel.score import lease
     from steel.score import run as scoring
     from tests.test_scoring import tiny_models
@@ -205,7 +206,7 @@ def test_bundle_promoted_during_a_run_and_lease_refusal(ray_local, stand_in, tmp
     root, work = str(tmp_path / "bundles"), str(tmp_path / "work")
     bundle_lib.save_bundle(work, built, specs, {"test": "tiny"})
     v1 = bundle_lib.publish_bundle(work, root)
-    bundle_lib.write_thresholds(work, {**default_thresholds(), "binary": 0.7})
+    save_thresholds(work, {**default_thresholds(), "binary": 0.7})
     images, out = str(tmp_path / "images"), str(tmp_path / "out")
     write_images(images, [f"p{i}.jpg" for i in range(6)])
     seen = {}
@@ -217,11 +218,11 @@ def test_bundle_promoted_during_a_run_and_lease_refusal(ray_local, stand_in, tmp
             # A second run on the same output is refused at once, naming the holder.
             seen["rc"] = main(["score", "--bundle", root, "--images", images, "--out", out])
 
-    monkeypatch.setattr(scoring, "_hook", promote_midway)
+    monkeypatch.setattr(faults, "pause_point", promote_midway)
     cfg = ScoreConfig(batch_size=2, images_per_shard=2, format="parquet")
-    summary = scoring.score(root, images, out, cfg, predictor_factory=stand_in)
+    summary = scoring.score(root, images, out, cfg, predictor=stand_in)
     assert seen["v2"].version != v1.version and bundle_lib.resolve_bundle(root).version == seen["v2"].version
-    assert summary["bundle"] == {"uri": v1.uri, "version": v1.version} and summary["scored"] == 6
+    assert (summary["bundle"]["uri"], summary["bundle"]["version"], summary["scored"]) == (v1.uri, v1.version, 6)
     rows = pd.concat([score_io.read_rows_file(u) for u in score_io.complete_shards(out).values()])
     assert set(rows["bundle_version"]) == {v1.version} and set(rows["scored_at"]) == {summary["started_at"]}
     record = json.loads(storage.read_text(score_io.run_record_uri(out, summary["run_id"])))
@@ -234,7 +235,7 @@ def test_bundle_promoted_during_a_run_and_lease_refusal(ray_local, stand_in, tmp
 
 @pytest.mark.timeout(300)
 def test_s3_faults_through_a_proxy_are_retried_and_persistent_ones_fail_the_run(
-        ray_local, stand_in, s3_endpoint, s3_bucket, tmp_path):
+        ray_local, stand_in, tiny_bundle, s3_endpoint, s3_bucket, tmp_path):
     from steel.score.run import score
     from tests.faulty_proxy import FaultyProxy
 
@@ -247,7 +248,7 @@ def test_s3_faults_through_a_proxy_are_retried_and_persistent_ones_fail_the_run(
         try:
             # Intermittent: every key's first 8 GETs/PUTs fail (more than botocore's 5 and pyarrow's 3
             # attempts, so only our retries get through), plus 20% at random: 503 SlowDown or a drop.
-            s = score("stand-in", images, out, cfg, predictor_factory=stand_in)
+            s = score(tiny_bundle, images, out, cfg, predictor=stand_in)
             assert (s["scored"], s["errors"], s["transient_failures"], s["problems"]) == (8, 0, 0, [])
             faulted = {k for (m, k), n in proxy.faults_per_key.items() if n}
             assert any(k.endswith(".jpg") for k in faulted) and any("/shards/" in k for k in faulted)
@@ -263,7 +264,7 @@ def test_s3_faults_through_a_proxy_are_retried_and_persistent_ones_fail_the_run(
             new = [f"g{i}.jpg" for i in range(5)]
             write_images(images, new, start=50)
             proxy.set(rate=0.1, persist=["/g1.jpg", "/g3.jpg"])
-            s = score("stand-in", images, out, cfg, predictor_factory=stand_in)
+            s = score(tiny_bundle, images, out, cfg, predictor=stand_in)
             proxy.set(rate=0.0)
             assert (s["images_in"], s["scored"], s["transient_failures"]) == (5, 3, 2)
             assert s["problems"] and "2 images failed after 8 retries" in s["problems"][0]
@@ -276,7 +277,7 @@ def test_s3_faults_through_a_proxy_are_retried_and_persistent_ones_fail_the_run(
 
             # Faults cleared: the re-run scores exactly the two.
             proxy.set(rate=0.0, persist=[])
-            s = score("stand-in", images, out, cfg, predictor_factory=stand_in)
+            s = score(tiny_bundle, images, out, cfg, predictor=stand_in)
             assert (s["images_in"], s["scored"], s["problems"]) == (2, 2, [])
             assert s["images_already_scored"] == 11
         finally:
@@ -292,8 +293,10 @@ def test_s3_faults_through_a_proxy_are_retried_and_persistent_ones_fail_the_run(
 class Jobs:
     """Scoring jobs (tests/score_driver.py) on the Ray head, each a driver we can SIGKILL."""
 
-    def __init__(self, dashboard: str):
+    def __init__(self, dashboard: str, bundle: str):
         from ray.job_submission import JobSubmissionClient
+
+        self.bundle = bundle
 
         from tests.test_train_job import _auth_headers
 
@@ -304,7 +307,7 @@ class Jobs:
         while True:
             try:
                 return self.client.submit_job(
-                    entrypoint=f"python -m tests.score_driver {images} {out}",
+                    entrypoint=f"python -m tests.score_driver {self.bundle} {images} {out}",
                     runtime_env={"working_dir": str(REPO), "env_vars": env or {},
                                  "excludes": [".venv", "runs", ".git", "**/__pycache__", "*.egg-info"]})
             except RuntimeError as e:
@@ -329,13 +332,13 @@ class Jobs:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_kill_at_each_point_then_rerun_loses_nothing(ray_head, tmp_path):
+def test_kill_at_each_point_then_rerun_loses_nothing(ray_head, tiny_bundle, tmp_path):
     from ray.job_submission import JobStatus
 
     from tests.score_driver import LOCK_TTL_S
 
     images, out = str(tmp_path / "archive"), str(tmp_path / "out")
-    jobs = Jobs(ray_head)
+    jobs = Jobs(ray_head, tiny_bundle)
     day1 = [f"dt=2026-11-28/a{i}.jpg" for i in range(4)]
     write_images(images, day1)
     job = jobs.submit(images, out)
@@ -397,7 +400,7 @@ def test_metrics_reach_rays_prometheus_endpoint(ray_local):
 
     import ray
 
-    from steel.score.run import _Metrics
+    from steel.score.stages import _Metrics
 
     @ray.remote(num_cpus=0)
     class Scorer:

@@ -9,8 +9,8 @@ import pytest
 from steel.core.names import SHAPE
 from steel.data import rle
 from steel.eval import protocol
+from steel.eval.predictions import PredictionCache
 from steel.model.thresholds import default_thresholds
-from steel.tune.run import PredictionCache
 
 H, W = SHAPE
 
@@ -127,7 +127,7 @@ def test_evaluate_splits_on_ray_actors_equals_the_deployed_cascade(tmp_path, ray
 
     cv2 = pytest.importorskip("cv2")
     from steel.core.config import ScoreConfig
-    from steel.tune.run import full_resolution_dice
+    from steel.eval.predictions import full_resolution_dice
     from tests import test_tuning
     from tests.test_tuning import StubCascade
 
@@ -152,13 +152,13 @@ def test_evaluate_splits_on_ray_actors_equals_the_deployed_cascade(tmp_path, ray
     cfg = ScoreConfig(actors=1, batch_size=3)
     ray.cloudpickle.register_pickle_by_value(sys.modules[test_tuning.__name__])
     try:
-        result = protocol.evaluate_splits({"val": labels.iloc[:5], "test": labels}, str(images), StubCascade(tuned),
+        result = protocol.evaluate_splits({"val": labels.iloc[:5], "test": labels}, str(images), StubCascade("unused", tuned),
                                           {"deployed": tuned, "seed": seed}, cfg, max_images=6, seed=1)
         t = result["splits"]["test"]
         assert t["n_images"] == 6 and t["of"] == 8 and t["sampled"] and result["splits"]["val"]["n_images"] == 5
         chosen = labels[labels["ImageId"].isin(protocol.sample(labels, 6, 1)["ImageId"])]
         for name, th in (("deployed", tuned), ("seed", seed)):
-            deployed = full_resolution_dice(StubCascade(th), chosen, str(images), cfg)
+            deployed = full_resolution_dice(StubCascade("unused", th), chosen, str(images), cfg)
             assert t["cascade"][name]["mean_dice"] == pytest.approx(deployed["mean_dice"], abs=1e-9), name
             for k in "1234":
                 assert t["cascade"][name]["per_class"][k] == pytest.approx(deployed["per_class"][k], abs=1e-9)
@@ -191,6 +191,7 @@ def test_pipeline_evaluate_stage_wiring(tmp_path, monkeypatch):
     import json
 
     from steel import pipeline
+    from steel.core import ray_session
     from steel.core.config import load_config
     from steel.tune import run as tuning
 
@@ -210,7 +211,7 @@ def test_pipeline_evaluate_stage_wiring(tmp_path, monkeypatch):
         return {"splits": {"val": t}, "kind": kw["kind"], "max_images": kw["max_images"], "thresholds": {}}
 
     monkeypatch.setattr(protocol, "evaluate_splits", fake_evaluate_splits)
-    monkeypatch.setattr(tuning, "_ray_for_models", lambda *a: None)
+    monkeypatch.setattr(ray_session, "ensure_ray_for_actors", lambda *a: None)
     monkeypatch.setattr(tuning, "fixed_thresholds", lambda cfg: default_thresholds())
     p = pipeline.Pipeline(cfg)
     labels = pd.DataFrame({"ImageId": ["a.jpg"]})

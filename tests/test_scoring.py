@@ -2,11 +2,12 @@
 
 Unit tests run without Ray. Integration tests use the session's local Ray (``ray_local``) with a
 light stand-in predictor (``BrightPredictor``: deterministic masks from pixel brightness), and the
-slow ones a tiny real bundle (random-weight models) through ``Cascade.from_bundle``.
+slow ones a tiny real bundle (random-weight models) through ``steel.model.predictor``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import sys
@@ -21,6 +22,7 @@ from steel.core.config import ScoreConfig
 from steel.core.names import MODEL_NAMES, is_segmenter
 from steel.data import images as image_io
 from steel.data import rle
+from steel.model.thresholds import save_thresholds
 from steel.score import io as score_io
 
 H, W = 256, 1600
@@ -76,13 +78,34 @@ class BrightPredictor:
         return out
 
 
+@dataclasses.dataclass
+class BrightCascade:
+    """Stand-in for ``steel.model.predictor.BundleCascade`` (same constructor): builds a
+    :class:`BrightPredictor` where it is called, after reading the bundle's manifest from the URI it
+    was given (so the actor must see the run's resolved bundle folder)."""
+
+    bundle_uri: str
+    thresholds: dict
+    tta: str = "none"
+    endpoint: str | None = None
+    threads: int | None = None
+
+    def __call__(self) -> BrightPredictor:
+        from steel.model.bundle import read_manifest
+
+        if self.endpoint:
+            storage.set_endpoint(self.endpoint)
+        read_manifest(self.bundle_uri)
+        return BrightPredictor()
+
+
 @pytest.fixture(scope="module")
 def stand_in():
-    """Factory of the stand-in predictor, pickled by value so Ray workers need not import tests/."""
+    """The stand-in predictor's factory class, pickled by value so Ray workers need not import tests/."""
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield BrightPredictor
+    yield BrightCascade
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
@@ -201,7 +224,7 @@ def test_shard_files_resume_state_and_recovery(tmp_path):
 
 
 def test_cascade_actor_isolates_failing_images_and_passes_errors():
-    from steel.score.run import CascadeActor, decode_batch
+    from steel.score.stages import CascadeActor, decode_batch
 
     actor = CascadeActor(BrightPredictor)
     images = np.stack([image_io.decode(jpeg_bytes(i)) for i in range(3)])
@@ -236,7 +259,7 @@ BAD_FILES = {
 }
 
 
-def test_score_local_with_bad_inputs_and_merge(ray_local, stand_in, tmp_path):
+def test_score_local_with_bad_inputs_and_merge(ray_local, stand_in, tiny_bundle, tmp_path):
     from steel.score import merge
     from steel.score.run import format_summary, score
 
@@ -246,7 +269,7 @@ def test_score_local_with_bad_inputs_and_merge(ray_local, stand_in, tmp_path):
     for name, make in BAD_FILES.items():
         storage.write_bytes(storage.join(images, name), make())
     cfg = ScoreConfig(batch_size=3, images_per_shard=4, format="parquet")
-    summary = score("unused-bundle", images, out, cfg, predictor_factory=stand_in)
+    summary = score(tiny_bundle, images, out, cfg, predictor=stand_in)
     assert summary["images_in"] == 14 == summary["scored"] + summary["errors"]
     assert (summary["scored"], summary["errors"], summary["shards_written"]) == (9, 5, 4)
     assert summary["gating"] == {"images": 9, "seg_calls": 9}
@@ -272,7 +295,13 @@ def test_score_local_with_bad_inputs_and_merge(ray_local, stand_in, tmp_path):
     record = json.loads(storage.read_text(score_io.run_record_uri(out, summary["run_id"])))
     assert (record["images_in"], record["scored"], record["errors"], record["transient_failures"]) == (14, 9, 5, 0)
     assert record["defect_image_rate"] == {"1": 1.0, "2": 0.0, "3": 0.0, "4": 0.0}
-    assert record["bundle"] == {"uri": "unused-bundle", "version": "unversioned"} and record["ended_at"]
+    # The bundle's provenance, read from its manifest: which weights scored these rows.
+    from steel.model.bundle import content_version, read_manifest
+
+    manifest_b = read_manifest(tiny_bundle)
+    assert record["bundle"]["uri"] == tiny_bundle and record["ended_at"]
+    assert record["bundle"]["version"] == content_version(manifest_b, None)
+    assert record["bundle"]["models"]["seg3"]["sha256"] == manifest_b["models"]["seg3"]["sha256"]
     assert "9 scored, 5 errors" in format_summary(summary)
 
     sub = str(tmp_path / "submission.csv")
@@ -283,13 +312,14 @@ def test_score_local_with_bad_inputs_and_merge(ray_local, stand_in, tmp_path):
     assert list(table["ImageId_ClassId"]) == sorted(table["ImageId_ClassId"], key=lambda v: (v[:-2], v[-1]))
 
     # Nothing new: a second run writes nothing and scores nothing.
-    again = score("unused-bundle", images, out, cfg, predictor_factory=stand_in)
+    again = score(tiny_bundle, images, out, cfg, predictor=stand_in)
     assert (again["images_in"], again["shards_written"], again["shards_skipped"]) == (0, 0, 4)
 
 
-def test_resume_after_crash_then_incremental_run(ray_local, stand_in, tmp_path, monkeypatch):
+def test_resume_after_crash_then_incremental_run(ray_local, stand_in, tiny_bundle, tmp_path, monkeypatch):
+    from steel.core.faults import SCORE_FAIL_AFTER_ENV as FAIL_AFTER_ENV
     from steel.score import merge
-    from steel.score.run import FAIL_AFTER_ENV, score
+    from steel.score.run import score
 
     images, out = str(tmp_path / "images"), str(tmp_path / "out")
     first = [f"a{i:02d}.jpg" for i in range(12)]
@@ -298,14 +328,14 @@ def test_resume_after_crash_then_incremental_run(ray_local, stand_in, tmp_path, 
 
     monkeypatch.setenv(FAIL_AFTER_ENV, "2")
     with pytest.raises(RuntimeError, match="injected failure after 2 shards"):
-        score("unused-bundle", images, out, cfg, predictor_factory=stand_in)
+        score(tiny_bundle, images, out, cfg, predictor=stand_in)
     monkeypatch.delenv(FAIL_AFTER_ENV)
     assert len(score_io.complete_shards(out)) == 2
     assert not storage.exists(storage.join(out, "_SUCCESS"))
     with pytest.raises(merge.MergeError, match="not finished"):
         merge.merge(out, str(tmp_path / "partial.csv"))
 
-    resumed = score("unused-bundle", images, out, cfg, predictor_factory=stand_in)
+    resumed = score(tiny_bundle, images, out, cfg, predictor=stand_in)
     assert (resumed["images_already_scored"], resumed["images_in"]) == (6, 6)
     assert (resumed["shards_skipped"], resumed["shards_written"]) == (2, 2)
     check_output(out, set(first))
@@ -316,7 +346,7 @@ def test_resume_after_crash_then_incremental_run(ray_local, stand_in, tmp_path, 
     new = ["b00.jpg", "b01.jpg", "late/a00.jpg"]
     write_images(images, new, start=100)
     before = {u: storage.read_bytes(u) for u in score_io.complete_shards(out).values()}
-    nightly = score("unused-bundle", images, out, cfg, predictor_factory=stand_in)
+    nightly = score(tiny_bundle, images, out, cfg, predictor=stand_in)
     assert (nightly["images_listed"], nightly["images_in"], nightly["scored"]) == (15, 3, 3)
     assert (nightly["shards_written"], nightly["shards_skipped"]) == (1, 4)
     assert all(storage.read_bytes(u) == data for u, data in before.items())  # old shards untouched
@@ -331,7 +361,7 @@ def test_resume_after_crash_then_incremental_run(ray_local, stand_in, tmp_path, 
 
 
 
-def test_score_from_and_to_s3(ray_local, stand_in, s3_bucket, tmp_path):
+def test_score_from_and_to_s3(ray_local, stand_in, tiny_bundle, s3_bucket, tmp_path):
     from steel.score import merge
     from steel.score.run import score
 
@@ -339,8 +369,7 @@ def test_score_from_and_to_s3(ray_local, stand_in, s3_bucket, tmp_path):
     good = [f"s{i}.jpg" for i in range(5)]
     write_images(images, good)
     storage.write_bytes(storage.join(images, "zero.jpg"), b"")
-    summary = score("unused-bundle", images, out, ScoreConfig(batch_size=2, images_per_shard=4),
-                    predictor_factory=stand_in)
+    summary = score(tiny_bundle, images, out, ScoreConfig(batch_size=2, images_per_shard=4), predictor=stand_in)
     assert (summary["images_in"], summary["scored"], summary["errors"], summary["shards_written"]) == (6, 5, 1, 2)
     check_output(out, set(good), {"zero.jpg"})
     assert storage.exists(storage.join(out, "_SUCCESS"))
@@ -351,7 +380,7 @@ def test_score_from_and_to_s3(ray_local, stand_in, s3_bucket, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# A tiny real bundle: random-weight models through steel.model.bundle + Cascade.from_bundle
+# A tiny real bundle: random-weight models through steel.model.bundle + steel.model.predictor
 # --------------------------------------------------------------------------------------------
 
 TINY = {"classifier": dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none", dense_units=(8,)),
@@ -374,11 +403,12 @@ def visible_thresholds(built, specs, images: np.ndarray) -> dict:
     """Thresholds under which random-weight models give gating and non-empty masks on ``images``:
     the binary gate at the median p_defect (about half pass), classes 1-2 always pass with the pixel
     threshold at the median probability (masks of about half the image), classes 3-4 never pass."""
-    from steel.model.cascade import Cascade, keras_callable
+    from steel.model.cascade import Cascade
+    from steel.model.predictor import traced_callable
     from steel.model.thresholds import default_thresholds
 
     th = default_thresholds()
-    probe = Cascade({n: keras_callable(m) for n, m in built.items()},
+    probe = Cascade({n: traced_callable(m) for n, m in built.items()},
                     {n: s["input_size"] for n, s in specs.items()}, th,
                     preprocessing={n: s["preprocessing"] for n, s in specs.items()})
     probs = probe.predict_probabilities(images)
@@ -404,7 +434,7 @@ def test_cli_scores_s3_images_with_a_tiny_real_bundle(ray_local, s3_bucket, tmp_
     built, specs = tiny_models()
     decoded = np.stack([image_io.decode(storage.read_bytes(storage.join(images, n))) for n in names])
     bundle_lib.save_bundle(bundle, built, specs, {"test": "tiny"})
-    bundle_lib.write_thresholds(bundle, visible_thresholds(built, specs, decoded))
+    save_thresholds(bundle, visible_thresholds(built, specs, decoded))
 
     rc = main(["score", "--bundle", bundle, "--images", images, "--out", out, "--batch-size", "4",
                "--images-per-shard", "4", "--format", "parquet", "--set", "score.max_error_rate=0.2"])

@@ -19,7 +19,7 @@ def test_seed_config_is_the_seed():
     assert (t.segmenter.encoder, tuple(t.segmenter.input_size)) == ("efficientnetb1", (256, 1600))
     assert [t.batch_for(n) for n in ("binary", "multilabel", "seg1", "seg4")] == [16, 16, 8, 8]
     assert t.num_workers == 1  # global batch = the seed's batch
-    from steel.train.run import scaled_lr
+    from steel.train.schedule import scaled_lr
 
     # Every model at Keras' Adam default (the seed names no optimizer settings), after batch scaling.
     assert {n: scaled_lr(t.lr_for(n), t.batch_for(n), t.num_workers, t.base_batch) for n in t.models} == \

@@ -2,7 +2,7 @@
 
 The Serve tests share one Serve start (module fixture ``endpoint``) on 127.0.0.1 with a tiny real
 bundle (random-weight models, the thresholds of tests/test_scoring.py that make masks visible). The
-predictor is the real :class:`steel.score.run.BundleCascade` wrapped so that an all-black image raises
+predictor is the real :class:`steel.model.predictor.BundleCascade` wrapped so that an all-black image raises
 (to see a replica error as a 5xx). Serve is shut down by its handle at the end of the module.
 """
 
@@ -25,6 +25,8 @@ from PIL import Image
 from steel.core import storage
 from steel.core.config import ConfigError, ScoreConfig, ServeConfig, load_config
 from steel.data import images as image_io
+from steel.model.predictor import BundleCascade
+from steel.model.thresholds import bundle_thresholds, save_thresholds
 from steel.score import io as score_io
 from tests.conftest import free_port
 from tests.test_scoring import jpeg_bytes, tiny_models, visible_thresholds
@@ -64,12 +66,11 @@ class FailOnBlack:
         return self.inner.predict(images)
 
 
-class FailOnBlackFactory:
-    def __init__(self, factory):
-        self.factory = factory
+class FailOnBlackCascade(BundleCascade):
+    """:class:`steel.model.predictor.BundleCascade` whose cascade raises on an all-black image."""
 
     def __call__(self):
-        return FailOnBlack(self.factory())
+        return FailOnBlack(super().__call__())
 
 
 def black_jpeg() -> bytes:
@@ -91,17 +92,17 @@ class Echo:
 
 
 def test_scorer_decodes_like_batch_scoring_and_limits_size():
-    from steel.serve import app as serving
+    from steel.serve.scorer import RequestError, Scorer
 
-    scorer = serving.Scorer(Echo, "v1", ScoreConfig(), max_image_bytes=1_000_000)
+    scorer = Scorer(Echo, "v1", ScoreConfig(), max_image_bytes=1_000_000)
     for name, data in bad_inputs().items():
-        with pytest.raises(serving.RequestError) as e:
+        with pytest.raises(RequestError) as e:
             scorer.decode(data)
         with pytest.raises(image_io.BadImage) as batch:
             image_io.decode(data)
         assert (e.value.status, e.value.reason) == (422, str(batch.value)), name
     big = b"\xff" * 1_000_001
-    with pytest.raises(serving.RequestError) as e:
+    with pytest.raises(RequestError) as e:
         scorer.decode(big)
     assert e.value.status == 413 and "1000001 bytes" in e.value.reason
     image = scorer.decode(jpeg_bytes(1))
@@ -114,7 +115,7 @@ def test_scorer_decodes_like_batch_scoring_and_limits_size():
 
 
 def test_parse_batch_body_errors():
-    from steel.serve.app import RequestError, parse_batch_body
+    from steel.serve.scorer import RequestError, parse_batch_body
 
     ok = {"images": [{"id": "a", "jpeg_b64": base64.b64encode(b"xy").decode()}, {"jpeg_b64": ""}]}
     assert parse_batch_body(json.dumps(ok).encode(), 4) == [("a", b"xy"), ("image-1", b"")]
@@ -157,7 +158,6 @@ def endpoint(ray_local, tmp_path_factory):
     from ray import serve
 
     from steel.model import bundle as bundle_lib
-    from steel.score.run import BundleCascade
     from steel.serve import app as serving
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -172,19 +172,18 @@ def endpoint(ray_local, tmp_path_factory):
     built, specs = tiny_models()
     decoded = np.stack([image_io.decode((images / n).read_bytes()) for n in names])
     bundle_lib.save_bundle(bundle, built, specs, {"test": "tiny"})
-    bundle_lib.write_thresholds(bundle, visible_thresholds(built, specs, decoded))
-    thresholds = bundle_lib.read_thresholds(bundle)
+    save_thresholds(bundle, visible_thresholds(built, specs, decoded))
+    thresholds = bundle_thresholds(bundle)
 
     cfg = ServeConfig(port=free_port(), route_prefix="/steel", max_batch_size=4, batch_wait_timeout_s=0.05,
                       max_image_bytes=300_000, request_timeout_s=60)
-    factory = FailOnBlackFactory(BundleCascade(bundle, thresholds, "none"))
     serving.start(cfg)
     t0 = time.time()
-    handle = serving.run(serving.build_app(bundle, ScoreConfig(), cfg, predictor_factory=factory), cfg)
+    handle = serving.run(serving.build_app(bundle, ScoreConfig(), cfg, thresholds, predictor=FailOnBlackCascade), cfg)
     deploy_s = time.time() - t0
     try:
         yield {"url": f"http://127.0.0.1:{cfg.port}/steel", "port": cfg.port, "cfg": cfg, "bundle": bundle,
-               "images": images, "names": names, "root": root, "handle": handle, "factory": factory,
+               "images": images, "names": names, "root": root, "handle": handle, "thresholds": thresholds,
                "deploy_s": deploy_s}
     finally:
         serve.delete(cfg.app_name)
@@ -195,13 +194,13 @@ def endpoint(ray_local, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.timeout(400)  # includes the module's Serve start (setup)
 def test_ready_health_and_routes(endpoint):
-    from steel.serve.app import resolve_bundle
+    from steel.model.bundle import resolve_bundle
 
     url = endpoint["url"]
     ready = requests.get(f"{url}/ready", timeout=30)
     assert ready.status_code == 200, ready.text
     body = ready.json()
-    assert body["ready"] is True and body["bundle"]["version"] == resolve_bundle(endpoint["bundle"])[1]
+    assert body["ready"] is True and body["bundle"]["version"] == resolve_bundle(endpoint["bundle"]).version
     assert body["warmup_s"] > 0
     assert {"decoded", "decode_s", "score_s"} <= set(body)
     assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}
@@ -240,7 +239,7 @@ def test_listens_only_on_loopback(endpoint):
 def test_answers_equal_batch_scoring_rows_and_error_reasons(endpoint, tmp_path):
     """The endpoint and ``steel.score.run.score`` give the same rows and the same error reasons."""
     from steel.score import run as scoring
-    from steel.serve.app import json_rows
+    from steel.serve.scorer import json_rows
 
     url, images, names = endpoint["url"], endpoint["images"], endpoint["names"]
     out = str(tmp_path / "scores")
@@ -326,7 +325,7 @@ def test_limits_bad_batches_and_replica_errors(endpoint):
 @pytest.mark.timeout(300)
 def test_new_bundle_version_rolls_out_without_dropping_requests(endpoint):
     """Deploying a new bundle version under load: every request is answered, by the old or the new one."""
-    from steel.model.bundle import read_manifest
+    from steel.model.bundle import read_manifest, resolve_bundle
     from steel.serve import app as serving
 
     old = endpoint["bundle"]
@@ -336,7 +335,7 @@ def test_new_bundle_version_rolls_out_without_dropping_requests(endpoint):
     manifest = read_manifest(new)
     manifest["version"] = "v2"
     storage.write_text(storage.join(new, "manifest.json"), json.dumps(manifest))
-    v1, v2 = serving.resolve_bundle(old)[1], "v2"
+    v1, v2 = resolve_bundle(old).version, "v2"
 
     url, data = endpoint["url"], jpeg_bytes(3)
     results: list = []
@@ -356,9 +355,8 @@ def test_new_bundle_version_rolls_out_without_dropping_requests(endpoint):
     try:
         time.sleep(2)
         cfg = endpoint["cfg"]
-        factory = FailOnBlackFactory(endpoint["factory"].factory.__class__(
-            new, endpoint["factory"].factory.thresholds, "none"))
-        serving.run(serving.build_app(new, ScoreConfig(), cfg, predictor_factory=factory), cfg)
+        serving.run(serving.build_app(new, ScoreConfig(), cfg, endpoint["thresholds"], predictor=FailOnBlackCascade),
+                    cfg)
         time.sleep(2)
     finally:
         stop.set()
@@ -486,7 +484,7 @@ def test_app_builder_reads_bundle_config_and_overrides(tmp_path):
                                                       "updated_at": "2026-01-02T00:00:00Z", "models": {}}))
     th = default_thresholds()
     th["binary"], th["tta"] = 0.25, "h"
-    bundle_lib.write_thresholds(str(bundle), th)
+    save_thresholds(str(bundle), th)
     app = serving.app_builder({"bundle": str(bundle), "config": str(REPO / "configs" / "quickstart.yaml"),
                                "set": ["serve.autoscaling={min_replicas: 1, max_replicas: 3}", "serve.gpus_per_replica=1"]})
     d = app._bound_deployment

@@ -36,7 +36,7 @@ def tiny_root(tmp_path_factory):
 
 
 def test_linear_scaling_and_warmup():
-    from steel.train.run import scaled_lr, warmup_schedule
+    from steel.train.schedule import scaled_lr, warmup_schedule
 
     assert scaled_lr(1e-4, per_worker_batch=16, num_workers=4, base_batch=8) == pytest.approx(8e-4)
     sched = warmup_schedule(8e-4, warmup_steps=4)
@@ -45,7 +45,7 @@ def test_linear_scaling_and_warmup():
 
 
 def test_cosine_schedule_decays_to_zero_after_warmup():
-    from steel.train.run import warmup_schedule
+    from steel.train.schedule import warmup_schedule
 
     sched = warmup_schedule(1e-3, warmup_steps=2, decay_steps=10)
     lrs = [float(sched(s)) for s in range(12)]
@@ -86,7 +86,8 @@ def test_plan_caches_in_workers_when_the_share_fits(tiny_root):
 
 def test_local_train_config_one_worker_same_global_batch(tiny_root, monkeypatch):
     from steel.core import ray_session
-    from steel.train.run import local_train_config, scaled_lr
+    from steel.train.run import local_train_config
+    from steel.train.schedule import scaled_lr
 
     cfg = tiny_config(tiny_root, "/tmp/unused", num_workers=2, cpus_per_worker=1, per_worker_batch=4,
                       segmenter={**TINY_SEGMENTER, "per_worker_batch": 3})
@@ -105,7 +106,7 @@ def test_local_train_config_one_worker_same_global_batch(tiny_root, monkeypatch)
 
 
 def test_parse_fault():
-    from steel.train.run import parse_fault
+    from steel.core.faults import parse_train_fault as parse_fault
 
     assert parse_fault(None) is None
     assert parse_fault("epoch=2,rank=1,marker=/tmp/m") == {"epoch": "2", "rank": "1", "marker": "/tmp/m"}
@@ -118,7 +119,7 @@ def test_parse_fault():
 def test_write_history_csv_png_tensorboard(tmp_path):
     import pandas as pd
 
-    from steel.train.run import write_history
+    from steel.train.history import write_history
 
     history = [{"epoch": e, "loss": 1.0 / e, "f1_m": 0.2 * e, "val_loss": 1.2 / e, "val_f1_m": 0.15 * e,
                 "seconds": 1.0} for e in (2, 1, 3)]
@@ -134,7 +135,7 @@ def test_write_history_csv_png_tensorboard(tmp_path):
 
 
 def test_checkpoint_files_keep_what_each_model_needs_to_continue():
-    from steel.train.run import BEST_WEIGHTS, WEIGHTS, checkpoint_files
+    from steel.train.checkpoints import BEST_WEIGHTS, WEIGHTS, checkpoint_files
 
     states = {"multilabel": {"epoch": 2, "epochs": 2},  # finished
               "seg1": {"epoch": 1, "epochs": 1},  # finished, no epoch with a finite metric: no best file
@@ -148,7 +149,7 @@ def test_checkpoint_files_keep_what_each_model_needs_to_continue():
 
 
 def test_train_key_tracks_config_and_data(tiny_root):
-    from steel.train.run import train_key
+    from steel.train.checkpoints import train_key
 
     cfg = tiny_config(tiny_root, "/tmp/unused")
     key = train_key("binary", cfg, "fp1")
@@ -164,7 +165,7 @@ def test_train_key_tracks_config_and_data(tiny_root):
 
 
 def test_other_runs_lists_the_models_runs_with_other_keys(tmp_path):
-    from steel.train.run import other_runs, run_name
+    from steel.train.checkpoints import other_runs, run_name
 
     for d in ("binary", "binary-aaaa", "binary-bbbb", "multilabel-aaaa", "seg1-aaaa"):
         (tmp_path / d).mkdir()
@@ -186,7 +187,8 @@ def _epochs(result) -> list[int]:
 @pytest.mark.slow
 def test_trains_all_six_into_a_loadable_bundle(tiny_root, tmp_path, ray_local):
     from steel.model import bundle
-    from steel.train.run import load_trained, train_models
+    from steel.train.checkpoints import load_trained
+    from steel.train.run import train_models
 
     cfg = tiny_config(tiny_root, tmp_path, epochs=1, epochs_by_model={"seg2": 2}, lr_schedule="cosine")
     results = train_models(cfg)
@@ -218,8 +220,8 @@ def test_trains_all_six_into_a_loadable_bundle(tiny_root, tmp_path, ray_local):
         np.testing.assert_allclose(loaded.models[name].predict(x, verbose=0), trained.predict(x, verbose=0),
                                    rtol=1e-5, atol=1e-6)
     # binary trains on all 16-17 training images: both workers' full batches are used.
+    from steel.data.labels import load_splits
     from steel.train.data import split_sizes
-    from steel.train.run import load_splits
 
     splits, _ = load_splits(cfg)
     n = split_sizes(splits, "binary")["train"]
@@ -232,7 +234,8 @@ def test_trains_all_six_into_a_loadable_bundle(tiny_root, tmp_path, ray_local):
 
 @pytest.mark.slow
 def test_worker_failure_recovers_from_checkpoint(tiny_root, tmp_path, ray_local, monkeypatch):
-    from steel.train.run import FAULT_ENV, train_models
+    from steel.core.faults import TRAIN_FAIL_ENV as FAULT_ENV
+    from steel.train.run import train_models
 
     marker = tmp_path / "failed-once"
     monkeypatch.setenv(FAULT_ENV, f"epoch=2,rank=1,marker={marker}")
@@ -257,8 +260,10 @@ def test_crash_then_rerun_continues_on_s3(tiny_root, tmp_path, ray_local, s3_buc
     import boto3
 
     from steel.core import storage
+    from steel.core.faults import TRAIN_FAIL_ENV as FAULT_ENV
     from steel.model import bundle
-    from steel.train.run import FAULT_ENV, checkpoint_states, latest_checkpoint, train_models
+    from steel.train.checkpoints import checkpoint_states, latest_checkpoint
+    from steel.train.run import train_models
 
     out = f"s3://{s3_bucket}/run"
     cfg = tiny_config(tiny_root, out, epochs=2, epochs_by_model={"binary": 1}, max_failures=0, worker_cache_mb=0)
@@ -345,7 +350,7 @@ def test_tensorflow_backend_config_unpickles_without_tensorflow(tmp_path):
 
     import ray.cloudpickle as cloudpickle
 
-    from steel.train.run import tensorflow_backend_config
+    from steel.train.backend import tensorflow_backend_config
 
     blob = tmp_path / "backend.pkl"
     blob.write_bytes(cloudpickle.dumps(tensorflow_backend_config()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -15,8 +16,10 @@ from hypothesis import strategies as st
 from steel.core.names import SHAPE, is_segmenter
 from steel.data import rle
 from steel.eval import metrics
-from steel.model.thresholds import default_thresholds, validate_thresholds
-from steel.tune.run import Evaluator, Grids, PredictionCache, search, truth_maps
+from steel.eval.evaluator import Evaluator
+from steel.eval.predictions import PredictionCache, truth_maps
+from steel.model.thresholds import bundle_thresholds, default_thresholds, validate_thresholds
+from steel.tune.search import Grids, search
 
 H, W = SHAPE
 CS = (16, 100)  # cache resolution in these tests: one cell = 16 x 16 full-resolution pixels
@@ -171,7 +174,7 @@ def test_search_from_the_optimum_stays():
 
 
 def test_plateau_center_takes_the_middle_of_the_longest_tied_run():
-    from steel.tune.run import plateau_center
+    from steel.tune.search import plateau_center
 
     assert plateau_center([0.1, 0.9, 0.9, 0.9, 0.2]) == 2
     assert plateau_center([0.9, 0.1, 0.9, 0.9, 0.9, 0.9]) == 3  # the longer run, its middle (left of centre)
@@ -255,10 +258,13 @@ def _stub_seg(x):
 
 @dataclass
 class StubCascade:
-    """Picklable cascade factory (BundleCascade's shape): stub models, built inside each Ray actor."""
+    """Picklable cascade factory (BundleCascade's constructor): stub models, built inside each Ray actor."""
 
+    bundle_uri: str
     thresholds: dict
     tta: str = "none"
+    endpoint: str | None = None
+    threads: int | None = None
 
     def __call__(self):
         from steel.model.cascade import Cascade
@@ -280,7 +286,7 @@ def stub_pickled_by_value():
 
 
 def test_cache_key_and_stale_caches(tmp_path, caplog):
-    from steel.tune.run import cache_key, load_cache
+    from steel.eval.predictions import cache_key, load_cache
 
     labels = pd.DataFrame({"ImageId": ["a.jpg", "b.jpg"], **{f"Defect_{k}": ["", "1 5"] for k in (1, 2, 3, 4)}})
     sizes = {k: (16, 100) for k in (1, 2, 3, 4)}
@@ -306,7 +312,7 @@ def test_cache_key_and_stale_caches(tmp_path, caplog):
 
 
 @pytest.mark.timeout(300)
-def test_tune_on_ray_actors_writes_thresholds_and_plots(tmp_path, ray_local, stub_pickled_by_value):
+def test_tune_on_ray_actors_writes_thresholds_and_plots(tmp_path, ray_local, stub_pickled_by_value, tiny_bundle):
     cv2 = pytest.importorskip("cv2")
     from steel.core.config import load_config
     from steel.tune.run import tune
@@ -335,8 +341,8 @@ def test_tune_on_ray_actors_writes_thresholds_and_plots(tmp_path, ray_local, stu
     start = wide_open()
     cfg = load_config(None, [f"data.root={root}", "score.actors=1"])
     bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    summary = tune(cfg, bundle_uri=str(bundle), stamp="stamp-1", predictor=StubCascade(start), labels=labels,
+    shutil.copytree(tiny_bundle, bundle)  # a real bundle (its manifest keys the cache); the stubs predict
+    summary = tune(cfg, bundle_uri=str(bundle), stamp="stamp-1", start=start, predictor=StubCascade, labels=labels,
                    cache_size=(16, 80), cache_path=str(tmp_path / "cache.npz"), batch_size=3)
     assert summary["cache"] == "computed"
     assert summary["after"] > summary["before"]
@@ -356,7 +362,7 @@ def test_tune_on_ray_actors_writes_thresholds_and_plots(tmp_path, ray_local, stu
         "dice_vs_binary.png", *(f"dice_vs_class{k}.png" for k in range(1, 5))]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in (bundle / "tuning").iterdir())
     # The actors' cache matches the stubs: binary 0.9 / 0.78, seg maps at (16, 80) with the left 16 columns hot.
-    from steel.tune.run import PredictionCache as PC
+    from steel.eval.predictions import PredictionCache as PC
 
     cache = PC.load(str(tmp_path / "cache.npz"))
     assert cache.image_ids == ids  # labels' order, the broken file left out
@@ -366,7 +372,7 @@ def test_tune_on_ray_actors_writes_thresholds_and_plots(tmp_path, ray_local, stu
     assert cache.exact and cache.full_area.shape == (8, 4, len(cache.full_edges))
     assert cache.full_area[0, 0, list(cache.full_edges).index(np.float32(0.5))] == H * 160  # left 160 columns
     # A second run reuses the cached predictions and, starting from the tuned values, changes nothing.
-    again = tune(cfg, bundle_uri=str(bundle), predictor=StubCascade(start), labels=labels, start=saved,
+    again = tune(cfg, bundle_uri=str(bundle), predictor=StubCascade, labels=labels, start=saved,
                  cache_path=str(tmp_path / "cache.npz"), cache_size=(16, 80), full_check=False)
     assert again["cache"] == "reused"
     assert again["changes"] == 0 and again["after"] == pytest.approx(summary["after"])
@@ -383,7 +389,7 @@ def test_steel_tune_on_a_tiny_real_bundle(tmp_path, capsys, ray_local):
     from steel.data import synth
     from steel.model import bundle
     from steel.model import networks as models
-    from steel.model.cascade import Cascade
+    from steel.model.predictor import cascade_from_bundle
 
     data = tmp_path / "data"
     synth.generate(str(data), images=40, test_images=0, seed=1, workers=1, progress=False)
@@ -396,7 +402,7 @@ def test_steel_tune_on_a_tiny_real_bundle(tmp_path, capsys, ray_local):
     bundle.save_bundle(uri, built, specs, load_config(None))
 
     # The real Keras models as Cascade.from_bundle wraps them (a traced tf.function per model).
-    cas = Cascade.from_bundle(SimpleNamespace(models=built, specs=specs, thresholds=None))
+    cas = cascade_from_bundle(SimpleNamespace(models=built, specs=specs, thresholds=None))
     img = np.random.default_rng(0).integers(0, 256, (2, H, W, 3), dtype=np.uint8)
     probs = cas.predict_probabilities(img)
     from steel.data.images import to_input
@@ -412,12 +418,13 @@ def test_steel_tune_on_a_tiny_real_bundle(tmp_path, capsys, ray_local):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "validation mean Dice" in out and "validation predictions: computed" in out
-    th = bundle.read_thresholds(uri)
+    th = bundle_thresholds(uri)
     v = th["validation"]
     assert v["after"] >= v["before"] and v["n_images"] >= 4
     assert (tmp_path / "bundle" / "tuning" / "dice_vs_class3.png").exists()
     # The actors computed what the models give in this process (binary probability of each image).
-    from steel.tune.run import PredictionCache, read_image
+    from steel.data.images import read as read_image
+    from steel.eval.predictions import PredictionCache
 
     first = PredictionCache.load(cache)
     x = to_input(np.stack([read_image(f"{data}/train_images/{i}") for i in first.image_ids[:3]]), specs["binary"])

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from steel.data import rle
+from steel.model.thresholds import bundle_thresholds
 from tests.test_train_data import make_tiny_dataset
 from tests.test_training import tiny_config
 
@@ -154,9 +155,11 @@ def test_unified_trains_resumes_reloads_tunes_and_scores(tiny_root, tmp_path, ra
     """One Ray Train run (2 workers, 2 epochs) killed at epoch 2 and resumed from its checkpoint; its
     bundle reloads and predicts what the checkpoint predicts; `steel tune` and `steel score` run on it."""
     from steel.cli import main
+    from steel.core.faults import TRAIN_FAIL_ENV as FAULT_ENV
     from steel.model import bundle
-    from steel.model.cascade import Cascade
-    from steel.train.run import FAULT_ENV, load_trained, train_models
+    from steel.model.predictor import cascade_from_bundle
+    from steel.train.checkpoints import load_trained
+    from steel.train.run import train_models
 
     marker = tmp_path / "failed-once"
     monkeypatch.setenv(FAULT_ENV, f"epoch=2,rank=1,marker={marker}")
@@ -167,8 +170,8 @@ def test_unified_trains_resumes_reloads_tunes_and_scores(tiny_root, tmp_path, ra
     assert [h["epoch"] for h in r["history"]] == [1, 2]  # resumed after epoch 1: nothing lost or repeated
     row = r["history"][0]
     assert r["monitor"] == "val_mask_class_dice_coef" and "val_cls_f1_m" in row and np.isfinite(row["loss"])
+    from steel.data.labels import load_splits
     from steel.train.data import split_sizes
-    from steel.train.run import load_splits
 
     splits, _ = load_splits(cfg)
     assert row["cls_images"] == (split_sizes(splits, "unified")["train"] // 2) * 2  # every image, both workers
@@ -179,7 +182,7 @@ def test_unified_trains_resumes_reloads_tunes_and_scores(tiny_root, tmp_path, ra
     x = np.random.default_rng(0).random((2, 32, 160, 3), dtype=np.float32)
     for a, b in zip(loaded.models["unified"].predict(x, verbose=0), trained.predict(x, verbose=0)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    cas = Cascade.from_bundle(loaded)
+    cas = cascade_from_bundle(loaded)
     imgs = np.stack([np.full((H, W, 3), v, np.uint8) for v in (60, 180)])
     probs = cas.predict_probabilities(imgs)
     from steel.data.images import to_input
@@ -191,7 +194,7 @@ def test_unified_trains_resumes_reloads_tunes_and_scores(tiny_root, tmp_path, ra
     root = str(tiny_root)
     assert main(["tune", "--bundle", cfg.bundle, "--set", f"data.root={root}", "--rounds", "1",
                  "--cache-size", "16", "80", "--no-full-check"]) == 0
-    th = bundle.read_thresholds(cfg.bundle)
+    th = bundle_thresholds(cfg.bundle)
     assert th["validation"]["after"] >= th["validation"]["before"] and th["validation"]["n_images"] >= 2
     out = tmp_path / "scores"
     rc = main(["score", "--bundle", cfg.bundle, "--images", f"{root}/train_images", "--out", str(out),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -121,7 +122,7 @@ class TrainConfig:
     )
     augment: bool = True
     blackout_prob: float = 0.2  # segmenters: chance to paint the defect out and relabel as clean
-    # unified: loss = mask loss + cls_loss_weight * classification loss (steel.train.run._compile).
+    # unified: loss = mask loss + cls_loss_weight * classification loss (steel.train.loop.compile_model).
     cls_loss_weight: float = 1.0
     # unified: cap of the per-output positive weights of the classification BCE (neg/pos of the
     # training split, clipped to [1, cap]); 1 switches the re-weighting off.
@@ -400,8 +401,28 @@ def _check(obj, prefix: str) -> None:
         if obj.max_images_per_split is not None and obj.max_images_per_split < 1:
             raise ConfigError(f"{p}max_images_per_split: must be at least 1 (or null: every image), "
                               f"got {obj.max_images_per_split}")
-    if isinstance(obj, ScoreConfig) and obj.format not in FORMATS:
-        raise ConfigError(f"{p}format: must be one of {', '.join(FORMATS)}, got {obj.format!r}")
+    if isinstance(obj, ScoreConfig):
+        if obj.format not in FORMATS:
+            raise ConfigError(f"{p}format: must be one of {', '.join(FORMATS)}, got {obj.format!r}")
+        for name in ("actors", "batch_size", "images_per_shard"):
+            if getattr(obj, name) < 1:
+                raise ConfigError(f"{p}{name}: must be at least 1, got {getattr(obj, name)}")
+        for name in ("gpus_per_actor", "retries", "retry_backoff_s"):
+            if getattr(obj, name) < 0:
+                raise ConfigError(f"{p}{name}: must not be negative, got {getattr(obj, name)}")
+        if not 0 <= obj.max_error_rate <= 1:
+            raise ConfigError(f"{p}max_error_rate: must be between 0 and 1, got {obj.max_error_rate}")
+        if not obj.lock_ttl_s > 0:
+            raise ConfigError(f"{p}lock_ttl_s: must be positive, got {obj.lock_ttl_s}")
+        if obj.since is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", obj.since):
+            raise ConfigError(f"{p}since: must be a date YYYY-MM-DD, got {obj.since!r}")
+
+
+def check_section(obj, prefix: str = ""):
+    """Check a config section built in code (``ScoreConfig(...)``, ``dataclasses.replace``) as a loaded
+    config is checked; returns it. The error names the key under ``prefix`` (e.g. ``score.actors``)."""
+    _check(obj, prefix)
+    return obj
 
 
 def config_from_dict(data: dict) -> Config:

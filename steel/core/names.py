@@ -90,6 +90,9 @@ CLASS_COLORS: dict[int, tuple[int, int, int]] = {1: (230, 40, 40), 2: (40, 200, 
                                                  4: (250, 170, 0)}
 
 
+CLASS_COLOR_NAMES: dict[int, str] = {1: "red", 2: "green", 3: "blue", 4: "orange"}
+
+
 def check_choice(value, allowed, what: str):
     """``value`` if it is one of ``allowed``; else ValueError naming ``what`` and the choices."""
     if value not in allowed:

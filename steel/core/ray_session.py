@@ -103,6 +103,16 @@ def _driver_runtime_env(wanted: dict) -> dict | None:
     return {"env_vars": missing} if missing else None
 
 
+def ensure_ray_for_actors(address: str | None, gpus_per_actor: float, what: str) -> None:
+    """Start or join Ray for actors that run the models (:func:`ensure_ray`), and with GPU actors
+    check at once that the GPU nodes' TensorFlow sees a GPU (``steel.core.devices.check_ray_gpus``)."""
+    ensure_ray(address)
+    if gpus_per_actor > 0:
+        from steel.core.devices import check_ray_gpus
+
+        check_ray_gpus(f"score.gpus_per_actor > 0 ({what})", gpus_per_actor)
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None):
     import ray

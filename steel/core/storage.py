@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import posixpath
 import re
 import shutil
 import tempfile
 import threading
+from dataclasses import dataclass
 from typing import IO, Iterable, Iterator
 from urllib.parse import urlparse
 
@@ -267,6 +269,15 @@ def list_files(uri, suffixes: str | Iterable[str] | None = None, recursive: bool
     return sorted(out)
 
 
+def list_dirs(uri, endpoint: str | None = None) -> list[str]:
+    """Sorted names (not URIs) of the folders directly under ``uri`` (on S3: the common prefixes);
+    ``[]`` when ``uri`` does not exist."""
+    fs, path = resolve(uri, endpoint)
+    with _errors(uri):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading
 
@@ -403,6 +414,130 @@ def copy_local_dir_to(local_dir, uri, endpoint: str | None = None) -> list[str]:
                     shutil.copyfileobj(fin, fout, _COPY_CHUNK)
             written.append(dest)
     return sorted(written)
+
+
+# ----------------------------------------------------------------------------------------------
+# Conditional writes: compare-and-swap on one small object (the scoring lease)
+#
+# S3: PutObject with If-None-Match: * (create only) or If-Match: <ETag> (replace only that version);
+# a failed condition answers 412 (or 409 for a concurrent conditional write), and the call returns
+# None. Locally the same checks run under an flock on ``<path>.guard``; the tag is the content's sha256.
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """One version of an object: its bytes, its tag (S3 ETag; locally the content's sha256) and when
+    the store last wrote it (S3 ``LastModified``; locally the file's mtime), on the store's clock."""
+
+    data: bytes
+    tag: str
+    modified: float
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    code = str((getattr(e, "response", None) or {}).get("Error", {}).get("Code", ""))
+    return code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+
+
+@contextlib.contextmanager
+def _guard(path: str) -> Iterator[None]:
+    import fcntl
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".guard", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _local_versioned(path: str) -> Versioned | None:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+            modified = os.fstat(fh.fileno()).st_mtime
+    except FileNotFoundError:
+        return None
+    return Versioned(data, hashlib.sha256(data).hexdigest(), modified)
+
+
+def read_versioned(uri, endpoint: str | None = None) -> Versioned | None:
+    """The object's current version (:class:`Versioned`), or None when there is none."""
+    kind, path = _split(uri)
+    if kind == "local":
+        with _guard(path):
+            return _local_versioned(path)
+    bucket, key = _bucket_key(path)
+    try:
+        obj = _s3_client(bucket, endpoint).get_object(Bucket=bucket, Key=key)
+    except Exception as e:  # noqa: BLE001
+        clear = _translate(e, uri)
+        if isinstance(clear, FileNotFoundError):
+            return None
+        raise clear or e from None
+    return Versioned(obj["Body"].read(), obj["ETag"], obj["LastModified"].timestamp())
+
+
+def create_only(uri, data: bytes, endpoint: str | None = None) -> str | None:
+    """Write ``data`` only if nothing is at ``uri``; the new tag, or None when something already is."""
+    kind, path = _split(uri)
+    if kind == "local":
+        with _guard(path):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask)
+            except FileExistsError:
+                return None
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        return hashlib.sha256(data).hexdigest()
+    return _s3_put_if(uri, path, data, endpoint, IfNoneMatch="*")
+
+
+def replace_if(uri, data: bytes, tag: str, endpoint: str | None = None) -> str | None:
+    """Replace the object with ``data`` only if its current tag is ``tag``; the new tag, or None when
+    it changed (or is gone) since that version was read."""
+    kind, path = _split(uri)
+    if kind == "local":
+        with _guard(path):
+            current = _local_versioned(path)
+            if current is None or current.tag != tag:
+                return None
+            with _local_output(path) as fh:
+                fh.write(data)
+        return hashlib.sha256(data).hexdigest()
+    return _s3_put_if(uri, path, data, endpoint, IfMatch=tag)
+
+
+def delete_if(uri, tag: str, endpoint: str | None = None) -> bool:
+    """Delete the object if its current tag is ``tag``; False (and nothing deleted) otherwise."""
+    kind, path = _split(uri)
+    if kind == "local":
+        with _guard(path):
+            current = _local_versioned(path)
+            if current is None or current.tag != tag:
+                return False
+            os.remove(path)
+            return True
+    current = read_versioned(uri, endpoint)
+    if current is None or current.tag != tag:
+        return False
+    bucket, key = _bucket_key(path)
+    with _errors(uri):
+        _s3_client(bucket, endpoint).delete_object(Bucket=bucket, Key=key)
+    return True
+
+
+def _s3_put_if(uri, path: str, data: bytes, endpoint: str | None, **condition) -> str | None:
+    bucket, key = _bucket_key(path)
+    try:
+        return _s3_client(bucket, endpoint).put_object(Bucket=bucket, Key=key, Body=bytes(data), **condition)["ETag"]
+    except Exception as e:  # noqa: BLE001
+        if _precondition_failed(e):
+            return None
+        raise _translate(e, uri) or e from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -92,6 +92,17 @@ def decode(data: bytes, allow_resize: bool = False, formats=IMAGE_FORMATS) -> np
     return arr
 
 
+def read(uri: str, allow_resize: bool = False, formats=IMAGE_FORMATS) -> np.ndarray:
+    """The image file at ``uri`` (any storage URI) decoded by :func:`decode`; :class:`BadImage` naming
+    the file when it cannot be used. The one image read of training, tuning, evaluation and reports."""
+    from steel.core import storage
+
+    try:
+        return decode(storage.read_bytes(uri), allow_resize=allow_resize, formats=formats)
+    except BadImage as e:
+        raise BadImage(f"{uri}: {e}") from None
+
+
 def check_size(size, what: str = "size") -> tuple[int, int]:
     """``(h, w)`` from a pair of positive integers; ValueError naming ``what`` otherwise."""
     try:
@@ -183,4 +194,4 @@ def load(data: bytes, spec: Mapping, allow_resize: bool = False, formats=IMAGE_F
     return to_input(decode(data, allow_resize=allow_resize, formats=formats), spec)
 
 
-__all__ = ["BadImage", "decode", "resize", "preprocess", "preprocessing_of", "to_input", "load", "ACCEPTED_MODES"]
+__all__ = ["BadImage", "decode", "read", "resize", "preprocess", "preprocessing_of", "to_input", "load", "ACCEPTED_MODES"]

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from steel.core.names import CLASSES, IMAGE_SUFFIXES, MODEL_NAMES, SHAPE, class_of, is_segmenter
+from steel.data import rle
 from steel.data.submission import PROBLEM_COLUMNS, find_duplicates, format_problems, parse_rows, read_table
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,20 @@ def fingerprint(splits: Mapping[str, pd.DataFrame | Iterable[str]]) -> str:
     return h.hexdigest()
 
 
+def load_splits(cfg, report_uri: str | None = None) -> tuple[dict[str, pd.DataFrame], str]:
+    """The labels of ``cfg.data`` (``train_csv`` over the ``train_images`` listing), split as the seed
+    does (:func:`split` with ``data.seed``), and the split's :func:`fingerprint`.
+
+    With ``data.skip_bad`` bad label rows are skipped and written to ``report_uri`` (else a warning
+    lists them); without it they raise :class:`LabelError`.
+    """
+    data = cfg.data
+    wide = load_labels(data.path("train_csv"), images=data.path("train_images"), skip_bad=data.skip_bad,
+                       report_uri=report_uri if data.skip_bad else None)
+    splits = split(wide, seed=data.seed)
+    return splits, fingerprint(splits)
+
+
 def subset(wide_df: pd.DataFrame, model_name: str) -> pd.DataFrame:
     """Rows a model trains on: binary = all, multilabel = images with a defect, segK = images with class K."""
     if model_name in ("binary", "unified"):  # the unified model learns from every image
@@ -249,3 +264,34 @@ def subset(wide_df: pd.DataFrame, model_name: str) -> pd.DataFrame:
         k = class_of(model_name)
         return wide_df[wide_df[f"hasDefect_{k}"] == 1]
     raise ValueError(f"unknown model name {model_name!r}; expected one of {', '.join(MODEL_NAMES)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Mask areas (the seed's EDA, section 4.1: the area filter's bounds)
+# --------------------------------------------------------------------------------------------
+
+PERCENTILES: tuple[float, float] = (2.0, 98.0)
+
+
+def mask_areas(wide: pd.DataFrame, shape: tuple[int, int] = SHAPE) -> pd.DataFrame:
+    """One row per (image, class) defect: ImageId, ClassId, area (pixels)."""
+    out = []
+    for k in CLASSES:
+        col = wide[f"Defect_{k}"]
+        sel = col != ""
+        areas = [rle.area(v, shape) for v in col[sel].tolist()]
+        out.append(pd.DataFrame({"ImageId": wide.loc[sel, "ImageId"].to_numpy(), "ClassId": k,
+                                 "area": np.asarray(areas, dtype=np.int64)}))
+    return pd.concat(out, ignore_index=True)
+
+
+def area_thresholds(areas: pd.DataFrame, percentiles: tuple[float, float] = PERCENTILES) -> dict:
+    """``{"k": {"min_area": p_low, "max_area": p_high}}`` (ints) for each class with examples."""
+    out = {}
+    for k in CLASSES:
+        a = areas.loc[areas["ClassId"] == k, "area"].to_numpy()
+        if a.size == 0:
+            continue
+        lo, hi = np.percentile(a, percentiles)
+        out[str(k)] = {"min_area": int(np.floor(lo)), "max_area": int(np.ceil(hi))}
+    return out

@@ -50,7 +50,7 @@ def encode(mask: np.ndarray) -> str:
     return " ".join(map(str, changes.tolist()))
 
 
-def _parse(rle: str | float | None) -> np.ndarray:
+def parse(rle: str | float | None) -> np.ndarray:
     """Tokens of an encoding as int64; NaN/None/'' mean empty."""
     if rle is None or (isinstance(rle, float) and np.isnan(rle)):
         return np.empty(0, dtype=np.int64)
@@ -60,7 +60,7 @@ def _parse(rle: str | float | None) -> np.ndarray:
         return np.empty(0, dtype=np.int64)
     # Only digits and whitespace (checked with bytes.translate, ~3x faster than str.translate): numpy's
     # text parser reads it in one call, ~5x faster than split. A number too big for int64 comes out
-    # saturated, and _runs rejects it.
+    # saturated, and runs rejects it.
     if rle.isascii() and not rle.encode("ascii").translate(None, _DIGITS_AND_SPACE):
         return np.fromstring(rle, dtype=np.int64, sep=" ")
     return _parse_tokens(rle)
@@ -84,9 +84,9 @@ def _parse_tokens(rle: str) -> np.ndarray:
     return values
 
 
-def _runs(rle, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def runs(rle, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Validated 0-indexed (starts, lengths)."""
-    values = _parse(rle)
+    values = parse(rle)
     if values.size % 2:
         raise RLEError(f"RLE has an odd number of tokens ({values.size}); it must be 'start length' pairs")
     starts, lengths = values[0::2], values[1::2]
@@ -128,7 +128,7 @@ def _explain(rle, starts, lengths, n, shape) -> None:
 
 def validate(rle, shape: tuple[int, int] = SHAPE) -> None:
     """Raise :class:`RLEError` with a clear reason if ``rle`` is not valid for ``shape``."""
-    _runs(rle, shape)
+    runs(rle, shape)
 
 
 def decode(rle, shape: tuple[int, int] = SHAPE) -> np.ndarray:
@@ -142,7 +142,7 @@ def decode(rle, shape: tuple[int, int] = SHAPE) -> np.ndarray:
     (bench/bench_rle.py): sparse masks (pits, thin cracks) scatter their pixel numbers; dense ones
     (blobs) lay the span out with one ``np.repeat`` of alternating runs and gaps.
     """
-    starts, lengths = _runs(rle, shape)
+    starts, lengths = runs(rle, shape)
     h, w = int(shape[0]), int(shape[1])
     flat = np.zeros(h * w, dtype=np.uint8)
     if starts.size:
@@ -169,5 +169,5 @@ def decode(rle, shape: tuple[int, int] = SHAPE) -> np.ndarray:
 
 def area(rle, shape: tuple[int, int] = SHAPE) -> int:
     """Number of pixels an encoding covers, without decoding it."""
-    _, lengths = _runs(rle, shape)
+    _, lengths = runs(rle, shape)
     return int(lengths.sum())

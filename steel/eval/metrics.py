@@ -36,8 +36,8 @@ def dice(pred_mask: np.ndarray, true_mask: np.ndarray) -> float:
 
 def dice_rle(pred_rle, true_rle, shape: tuple[int, int] = SHAPE) -> float:
     """Dice of two encodings (''/NaN/None = empty) without decoding them; 1.0 when both are empty."""
-    p_start, p_len = rle._runs(pred_rle, shape)
-    t_start, t_len = rle._runs(true_rle, shape)
+    p_start, p_len = rle.runs(pred_rle, shape)
+    t_start, t_len = rle.runs(true_rle, shape)
     total = int(p_len.sum()) + int(t_len.sum())
     if total == 0:
         return 1.0
@@ -162,7 +162,7 @@ class _Encodings:
             parts = []
             for k in range(strings.size):
                 try:
-                    parts.append(rle._parse(strings[k]))
+                    parts.append(rle.parse(strings[k]))
                 except rle.RLEError:
                     self.fail(first + k)
             values = np.concatenate(parts) if parts else np.empty(0, np.int64)

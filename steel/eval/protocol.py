@@ -4,7 +4,7 @@ The seed notebook (sections 5-6) reports, for ``X_train``, ``X_val`` and ``X_tes
 split of :func:`steel.data.labels.split`): each classifier's loss, accuracy, F1, precision and recall,
 each U-Net's Dice, the cascade's mean Dice overall and per class, and classification reports and
 confusion matrices. :func:`evaluate_splits` computes all of them from **one** pass of the models
-over each split, on Ray actors through scoring's own pipeline (:func:`steel.tune.run.predict_cache`:
+over each split, on Ray actors through scoring's own pipeline (:func:`steel.eval.predictions.predict_cache`:
 decode tasks, then the actor pool of ``score.*``):
 
 - the classifiers' metrics come from the probabilities the cascade computes (ungated): the binary
@@ -17,7 +17,7 @@ decode tasks, then the actor pool of ``score.*``):
   at the segmenter's output resolution (truth resized there by area: coverage fractions);
 - the cascade's Dice, per class and image-level presence, come from the exact full-resolution tables
   of the deployed cascade (:func:`steel.score.probabilities.full_tables`), scored by tuning's
-  :class:`~steel.tune.run.Evaluator`, for each named thresholds set (the bundle's deployed thresholds
+  :class:`~steel.eval.evaluator.Evaluator`, for each named thresholds set (the bundle's deployed thresholds
   and the seed's fixed ones, side by side).
 
 For the unified model (``train.kind: unified``) the "classifiers" are its heads (``cls[:, 0]``,
@@ -76,10 +76,10 @@ def classifier_metrics(y: np.ndarray, p: np.ndarray) -> dict:
 
 
 def split_tables(cache, thresholds: dict[str, dict]) -> dict:
-    """Every table of one split from a :class:`steel.tune.run.PredictionCache` with exact tables and
+    """Every table of one split from a :class:`steel.eval.predictions.PredictionCache` with exact tables and
     soft sums (``full_*``): ``{"n_images", "models": {...}, "cascade": {name: {...}}}``."""
     from steel.eval import report as eval_report
-    from steel.tune.run import Evaluator
+    from steel.eval.evaluator import Evaluator
 
     if not cache.exact or cache.full_soft is None:
         raise ValueError("split_tables needs a cache with the exact full-resolution tables and soft sums")
@@ -119,7 +119,7 @@ def split_tables(cache, thresholds: dict[str, dict]) -> dict:
 
 def reusable(cache, key: dict, pixels) -> bool:
     """Whether a saved exact cache (e.g. tuning's validation pass) is what a new pass would compute:
-    same models, TTA and labelled images as ``key`` (:func:`steel.tune.run.cache_key`), soft sums, and
+    same models, TTA and labelled images as ``key`` (:func:`steel.eval.predictions.cache_key`), soft sums, and
     tables at every pixel threshold in ``pixels``."""
     have = cache.meta.get("key") or {}
     if not cache.exact or cache.full_soft is None:
@@ -138,21 +138,21 @@ def evaluate_splits(splits: dict, images_uri: str, cascade_factory, thresholds: 
     Args:
         splits: {name: wide label table} (``steel.data.labels.split``'s), evaluated in this order.
         images_uri: folder holding the images (the training images).
-        cascade_factory: picklable ``f() -> Cascade`` (e.g. :class:`steel.score.run.BundleCascade`; its
+        cascade_factory: picklable ``f() -> Cascade`` (e.g. :class:`steel.model.predictor.BundleCascade`; its
             thresholds are not used: only probabilities leave the actors).
         thresholds: {name: thresholds mapping} scored side by side (e.g. ``deployed`` and ``seed``).
         score_cfg: :class:`steel.core.config.ScoreConfig` of the actor pool.
         max_images: images per split at most (a seeded sample above it); None: all.
         kind: ``cascade`` or ``unified`` (names the models in the tables).
-        identity, reuse: the bundle's :func:`steel.tune.run.bundle_identity` and {split: saved
-            :class:`~steel.tune.run.PredictionCache`}: a split whose saved cache is :func:`reusable`
+        identity, reuse: the bundle's :func:`steel.eval.predictions.bundle_identity` and {split: saved
+            :class:`~steel.eval.predictions.PredictionCache`}: a split whose saved cache is :func:`reusable`
             (tuning's validation pass of the same models and images) is not predicted again.
     Returns ``{"splits": {name: split_tables(...) + "of" (split size), "sampled", "skipped",
     "reused"}, "kind", "max_images", "thresholds": {name: {binary, classes}}, "seconds"}``.
     """
-    from steel.tune.run import Grids, cache_key, pixel_grid, predict_cache
+    from steel.eval.predictions import cache_key, pixel_values, predict_cache
 
-    pixels = pixel_grid(Grids(pixel=()), *thresholds.values())
+    pixels = pixel_values(*thresholds.values())
     out: dict[str, Any] = {"splits": {}, "kind": kind, "max_images": max_images,
                            "thresholds": {n: {k: th[k] for k in ("binary", "classes")} for n, th in thresholds.items()}}
     t0 = time.time()

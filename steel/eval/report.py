@@ -165,10 +165,10 @@ def _load_image(images_uri: str | None, image_id: str) -> np.ndarray | None:
     if not images_uri:
         return None
     from steel.core import storage
-    from steel.tune.run import read_image
+    from steel.data import images as image_io
 
     try:
-        return read_image(storage.join(images_uri, image_id))
+        return image_io.read(storage.join(images_uri, image_id))
     except (ValueError, FileNotFoundError, OSError) as e:
         log.warning("overlay of %s without the image: %s", image_id, e)
         return None

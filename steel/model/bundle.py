@@ -44,12 +44,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from steel.core import storage
+from steel.model.thresholds import bundle_thresholds
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-THRESHOLDS = "thresholds.json"
 WEIGHTS_SUFFIX = ".weights.h5"
 
 
@@ -350,28 +350,7 @@ def load_bundle(uri: str, names: Iterable[str] | None = None, verify: bool = Tru
                           f"it has {', '.join(available) or 'none'}")
     models = {name: load_model(uri, name, manifest, verify=verify) for name in wanted}
     specs = {name: spec_with_preprocessing(manifest["models"][name]["spec"]) for name in wanted}
-    return Bundle(uri=uri, manifest=manifest, models=models, specs=specs, thresholds=read_thresholds(uri))
-
-
-# ---------------------------------------------------------------------
-#  Thresholds
-# ---------------------------------------------------------------------
-
-def write_thresholds(uri: str, thresholds: dict) -> str:
-    """Validate and write ``thresholds.json`` into the bundle (atomically); returns its URI."""
-    from steel.model.thresholds import save_thresholds
-
-    return save_thresholds(storage.join(uri, THRESHOLDS), thresholds)
-
-
-def read_thresholds(uri: str) -> dict | None:
-    """The bundle's validated ``thresholds.json``, or ``None`` when it has none."""
-    from steel.model.thresholds import load_thresholds
-
-    try:
-        return load_thresholds(storage.join(uri, THRESHOLDS))
-    except FileNotFoundError:
-        return None
+    return Bundle(uri=uri, manifest=manifest, models=models, specs=specs, thresholds=bundle_thresholds(uri))
 
 
 # ---------------------------------------------------------------------
@@ -391,6 +370,20 @@ class ResolvedBundle:
     pointer: str | None = None
 
 
+def provenance(uri: str, version: str | None = None) -> dict:
+    """What a scoring run records about the bundle it used (from its manifest; no TensorFlow): URI,
+    version, format, dates, data fingerprint, and per model its encoder, input size and weights sha256."""
+    manifest = read_manifest(uri)
+    info = {"uri": str(uri), "version": version}
+    for key in ("format_version", "created_at", "updated_at", "fingerprint"):
+        if key in manifest:
+            info[key] = manifest[key]
+    info["models"] = {name: {"encoder": m.get("spec", {}).get("encoder"),
+                             "input_size": m.get("spec", {}).get("input_size"), "sha256": m.get("sha256")}
+                      for name, m in manifest.get("models", {}).items()}
+    return info
+
+
 def content_version(manifest: dict, thresholds: dict | None) -> str:
     """``b-<12 hex>``: a hash of the models' weight sha256s and the thresholds (same content, same version)."""
     models = {name: m.get("sha256") for name, m in sorted(manifest.get("models", {}).items())}
@@ -405,7 +398,7 @@ def resolve_bundle(uri: str) -> ResolvedBundle:
     returned ``uri``, never from ``uri`` again, so a promotion during a run cannot mix versions."""
     if storage.exists(storage.join(uri, MANIFEST)):
         manifest = read_manifest(uri)
-        return ResolvedBundle(str(uri), manifest.get("version") or content_version(manifest, read_thresholds(uri)))
+        return ResolvedBundle(str(uri), manifest.get("version") or content_version(manifest, bundle_thresholds(uri)))
     try:
         pointer = json.loads(storage.read_text(storage.join(uri, POINTER)))
     except FileNotFoundError:
@@ -427,7 +420,7 @@ def publish_bundle(src_uri: str, root_uri: str, promote: bool = True) -> Resolve
     Publishing the same content again reuses its version folder; a version folder is never rewritten.
     """
     manifest = read_manifest(src_uri)
-    version = content_version(manifest, read_thresholds(src_uri))
+    version = content_version(manifest, bundle_thresholds(src_uri))
     dest = storage.join(root_uri, VERSIONS, version)
     if not storage.exists(storage.join(dest, MANIFEST)):
         for f in storage.list_files(src_uri, recursive=True):
@@ -451,7 +444,7 @@ def promote_bundle(root_uri: str, version: str) -> None:
     log.info("promoted %s -> %s", storage.join(root_uri, POINTER), version)
 
 
-__all__ = ["ResolvedBundle", "resolve_bundle", "publish_bundle", "promote_bundle", "content_version",
+__all__ = ["ResolvedBundle", "resolve_bundle", "provenance", "publish_bundle", "promote_bundle", "content_version",
            "POINTER", "VERSIONS", "Bundle", "BundleError", "FORMAT_VERSION", "save_bundle", "save_model_to_bundle", "load_bundle",
            "load_model", "read_manifest", "spec_with_preprocessing", "write_thresholds", "read_thresholds", "library_versions",
            "weights_name"]

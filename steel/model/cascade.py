@@ -13,7 +13,7 @@ For a batch of uint8 images (N x 256 x 1600 x 3):
 Models are plain callables ``f(batch) -> np.ndarray`` taking float32 NHWC at that model's input size,
 scaled by that model's preprocessing (``steel.data.images.to_input``: the same resize and scaling as
 training), and returning probabilities: ``(N, 1)`` binary, ``(N, 4)`` multilabel, ``(N, H, W, 1)``
-segmenters. Keras models are wrapped by :meth:`Cascade.from_bundle`.
+segmenters. A bundle's Keras models are wrapped by :func:`steel.model.predictor.cascade_from_bundle`.
 
 Flip test-time augmentation (``tta``: none | h | v | hv, for all models or per model as a dict)
 averages each model's probabilities over flipped copies of its input; segmentation outputs are
@@ -162,37 +162,6 @@ class Cascade:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
         self.reset_stats()
-
-    # ------------------------------------------------------------------ construction from a bundle
-    @classmethod
-    def from_bundle(cls, bundle: Any, thresholds: dict | None = None, tta: str | Mapping[str, str] | None = None,
-                    batch_size: int | None = None) -> "Cascade":
-        """Cascade from a loaded ``steel.model.bundle.Bundle`` (or a bundle URI, loaded here).
-
-        Thresholds default to the bundle's ``thresholds.json``, else the seed's; ``tta`` defaults to
-        the thresholds' ``tta`` entry.
-        """
-        if isinstance(bundle, str):
-            from steel.model import bundle as bundle_mod
-
-            bundle = bundle_mod.load_bundle(bundle)
-        if thresholds is None:
-            thresholds = getattr(bundle, "thresholds", None)
-        if thresholds is None:
-            from steel.model.thresholds import default_thresholds
-
-            thresholds = default_thresholds()
-        thresholds = validate_thresholds(thresholds)
-        if tta is None:
-            tta = thresholds.get("tta", "none")
-        models = {name: keras_callable(model) for name, model in bundle.models.items()}
-        sizes = {}
-        for name, spec in bundle.specs.items():
-            if "input_size" not in spec:
-                raise ValueError(f"bundle spec of {name!r} has no input_size")
-            sizes[name] = tuple(spec["input_size"])
-        preprocessing = {name: image_io.preprocessing_of(spec) for name, spec in bundle.specs.items()}
-        return cls(models, sizes, thresholds, tta=tta, batch_size=batch_size, preprocessing=preprocessing)
 
     # ------------------------------------------------------------------ stats
     def reset_stats(self) -> None:
@@ -405,40 +374,6 @@ class Cascade:
         return result
 
 
-def to_numpy(out: Any):
-    """A model's output as numpy: one array, or a tuple of arrays for a multi-output model (unified)."""
-    if isinstance(out, (list, tuple)):
-        return tuple(to_numpy(o) for o in out)
-    return np.asarray(out.numpy() if hasattr(out, "numpy") else out)
-
-
-def keras_callable(model: Any, traced: bool = True) -> Callable[[np.ndarray], np.ndarray]:
-    """Wrap a Keras model as ``f(batch) -> np.ndarray``.
-
-    With ``traced`` (default) and a model of known input shape, the call is one ``tf.function`` with a
-    batch-size-free input signature: traced once, whatever the size of the gated batches (Keras'
-    ``predict_on_batch`` retraces for every new batch size, which the gates produce all the time).
-    Otherwise ``model.predict_on_batch(x)``, else ``model(x, training=False)``.
-    """
-    shape = getattr(model, "input_shape", None)
-    if traced and isinstance(shape, tuple) and len(shape) == 4 and all(v is not None for v in shape[1:]):
-        from steel.core.keras_env import tf
-
-        spec = tf.TensorSpec((None, *shape[1:]), tf.float32)
-        fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
-
-        def call(x: np.ndarray) -> np.ndarray:
-            return to_numpy(fn(tf.convert_to_tensor(x, tf.float32)))
-    elif hasattr(model, "predict_on_batch"):
-        def call(x: np.ndarray) -> np.ndarray:
-            return to_numpy(model.predict_on_batch(x))
-    else:
-        def call(x: np.ndarray) -> np.ndarray:
-            return to_numpy(model(x, training=False))
-    call.model = model  # type: ignore[attr-defined]
-    return call
-
-
 def rows_from_predictions(predictions: Sequence[dict]) -> list[dict]:
     """Long-layout rows (ImageId, ClassId, EncodedPixels) from :meth:`Cascade.predict` output with ImageIds."""
     rows = []
@@ -450,6 +385,5 @@ def rows_from_predictions(predictions: Sequence[dict]) -> list[dict]:
     return rows
 
 
-__all__ = ["Cascade", "MODEL_NAMES", "UNIFIED", "to_numpy", "resize_prob", "mask_from_prob",
-           "keras_callable", "rows_from_predictions"]
+__all__ = ["Cascade", "resize_prob", "mask_from_prob", "rows_from_predictions"]
 

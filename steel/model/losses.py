@@ -15,18 +15,25 @@ batches of an epoch (not an exact epoch-level F1 or Dice).
 
 from __future__ import annotations
 
-from steel.core.keras_env import keras, tf
-
 SMOOTH = 1.0
 EPSILON = 1e-7  # keras.backend.epsilon(), as the seed's K.epsilon()
 
 
+def _tf():
+    """TensorFlow and tf-keras, imported when a loss is first built or run (not when steel is imported)."""
+    from steel.core.keras_env import keras, tf
+
+    return tf, keras
+
+
 def _f32(y_true, y_pred):
+    tf, _ = _tf()
     return tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32)
 
 
 def dice_coef(y_true, y_pred, smooth: float = SMOOTH):
     """Soft Dice over the whole flattened batch: ``(2|X*Y| + s) / (|X| + |Y| + s)`` with ``s = 1``."""
+    tf, _ = _tf()
     y_true, y_pred = _f32(y_true, y_pred)
     t = tf.reshape(y_true, [-1])
     p = tf.reshape(y_pred, [-1])
@@ -46,6 +53,7 @@ def bce_dice_loss(y_true, y_pred):
     ``SUM_OVER_BATCH_SIZE`` reduction (which divides by the *global* batch under a distribution
     strategy) gives ``mean BCE + dice_loss`` exactly as the seed's scalar sum does on one device.
     """
+    tf, keras = _tf()
     y_true, y_pred = _f32(y_true, y_pred)
     bce = keras.losses.binary_crossentropy(y_true, y_pred)  # mean over the last axis: (B, ...)
     per_sample = tf.reduce_mean(tf.reshape(bce, [tf.shape(bce)[0], -1]), axis=1)
@@ -58,6 +66,7 @@ def class_dice_coef(y_true, y_pred, smooth: float = SMOOTH):
     The unified model's mask metric and loss: a rare class counts as much as a frequent one, where
     :func:`dice_coef` over all channels at once would be mostly class 3's.
     """
+    tf, _ = _tf()
     y_true, y_pred = _f32(y_true, y_pred)
     channels = tf.shape(y_true)[-1]
     t = tf.reshape(y_true, [-1, channels])
@@ -74,6 +83,7 @@ def present_class_dice_loss(y_true, y_pred, smooth: float = SMOOTH):
     saturates at 0 and never recovers (measured on the quickstart: classes 1, 2 and 4 output 0.000
     everywhere). Its false positives are still paid for by the pixel BCE.
     """
+    tf, _ = _tf()
     y_true, y_pred = _f32(y_true, y_pred)
     channels = tf.shape(y_true)[-1]
     t = tf.reshape(y_true, [-1, channels])
@@ -90,6 +100,7 @@ def unified_mask_loss(kind: str):
         raise ValueError(f"unknown segmentation loss {kind!r}; choose from dice, bce_dice")
 
     def unified_mask_loss(y_true, y_pred):
+        tf, keras = _tf()
         y_true, y_pred = _f32(y_true, y_pred)
         dice = present_class_dice_loss(y_true, y_pred)
         if kind == "dice":
@@ -106,9 +117,11 @@ def weighted_bce(pos_weight):
     ``-(w_k y log p + (1 - y) log(1 - p))`` averaged over the outputs: with ``w_k = neg_k / pos_k``
     a rare class's few positives weigh as much in the loss as its many negatives.
     """
+    tf, _ = _tf()
     weights = tf.constant([float(w) for w in pos_weight], tf.float32)
 
     def weighted_bce(y_true, y_pred):
+        tf, _ = _tf()
         y_true, y_pred = _f32(y_true, y_pred)
         p = tf.clip_by_value(y_pred, EPSILON, 1.0 - EPSILON)
         loss = -(weights * y_true * tf.math.log(p) + (1.0 - y_true) * tf.math.log(1.0 - p))
@@ -119,6 +132,7 @@ def weighted_bce(pos_weight):
 
 def recall_m(y_true, y_pred):
     """Recall of predictions rounded at 0.5: ``TP / (P + eps)`` over the batch."""
+    tf, _ = _tf()
     y_true, y_pred = _f32(y_true, y_pred)
     true_positives = tf.reduce_sum(tf.round(tf.clip_by_value(y_true * y_pred, 0.0, 1.0)))
     possible_positives = tf.reduce_sum(tf.round(tf.clip_by_value(y_true, 0.0, 1.0)))
@@ -127,6 +141,7 @@ def recall_m(y_true, y_pred):
 
 def precision_m(y_true, y_pred):
     """Precision of predictions rounded at 0.5: ``TP / (predicted P + eps)`` over the batch."""
+    tf, _ = _tf()
     y_true, y_pred = _f32(y_true, y_pred)
     true_positives = tf.reduce_sum(tf.round(tf.clip_by_value(y_true * y_pred, 0.0, 1.0)))
     predicted_positives = tf.reduce_sum(tf.round(tf.clip_by_value(y_pred, 0.0, 1.0)))

@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from typing import Any
 
 from steel.core.names import CLASSES, SEED_AREAS, TTA_MODES
+
+log = logging.getLogger(__name__)
 
 FILENAME = "thresholds.json"
 
@@ -195,6 +198,32 @@ def load_thresholds(uri: str) -> dict:
         raise ThresholdError(f"{target}: {e}") from None
 
 
+def bundle_thresholds(bundle_uri: str) -> dict | None:
+    """The validated ``thresholds.json`` of the bundle at ``bundle_uri``, or None when it has none."""
+    try:
+        return load_thresholds(bundle_uri)
+    except FileNotFoundError:
+        return None
+
+
+def resolve(bundle_uri: str | None, thresholds: dict | str | None = None) -> dict:
+    """The thresholds a run uses: ``thresholds`` (a mapping, or a .json URI) when given, else the
+    bundle's ``thresholds.json``, else the seed's (:func:`default_thresholds`, with a warning naming
+    the bundle). Always validated."""
+    if isinstance(thresholds, dict):
+        return validate_thresholds(thresholds)
+    if isinstance(thresholds, str):
+        return load_thresholds(thresholds)
+    if thresholds is not None:
+        raise ThresholdError(f"thresholds must be a mapping or a URI, got {type(thresholds).__name__}")
+    found = bundle_thresholds(bundle_uri) if bundle_uri else None
+    if found is not None:
+        return found
+    if bundle_uri:
+        log.warning("%s has no %s: using the seed's default thresholds", bundle_uri, FILENAME)
+    return default_thresholds()
+
+
 def dumps(d: dict) -> str:
     return json.dumps(validate_thresholds(d), indent=2, sort_keys=False) + "\n"
 
@@ -210,6 +239,6 @@ def save_thresholds(uri: str, d: dict) -> str:
 
 __all__ = [
     "FILENAME", "ThresholdError", "default_thresholds",
-    "validate_thresholds", "class_thresholds", "merge_areas", "from_area_json", "load_thresholds",
+    "validate_thresholds", "class_thresholds", "resolve", "bundle_thresholds", "merge_areas", "from_area_json", "load_thresholds",
     "save_thresholds", "dumps",
 ]

@@ -23,23 +23,19 @@ training images only).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 
 import numpy as np
 import pandas as pd
 
-from steel.core.names import CLASSES, SEED_AREAS, SHAPE
+from steel.core import figures
+from steel.core.names import CLASS_COLOR_NAMES, CLASSES, SEED_AREAS, SHAPE, hex_color
+from steel.data import labels as dataset
 from steel.data import rle
 
 log = logging.getLogger(__name__)
 
-PERCENTILES: tuple[float, float] = (2.0, 98.0)
-# Class colours (matplotlib's tab10) used in every plot and overlay.
-COLORS: dict[int, str] = {1: "#d62728", 2: "#2ca02c", 3: "#1f77b4", 4: "#ff7f0e"}
-COLOR_NAMES: dict[int, str] = {1: "red", 2: "green", 3: "blue", 4: "orange"}
-OVERLAY_ALPHA = 0.45
 PLOTS = ("class_distribution.png", "labels_per_image.png", "area_histograms.png")
 
 
@@ -47,36 +43,12 @@ PLOTS = ("class_distribution.png", "labels_per_image.png", "area_histograms.png"
 # Numbers
 # --------------------------------------------------------------------------------------------
 
-def mask_areas(wide: pd.DataFrame, shape: tuple[int, int] = SHAPE) -> pd.DataFrame:
-    """One row per (image, class) defect: ImageId, ClassId, area (pixels)."""
-    out = []
-    for k in CLASSES:
-        col = wide[f"Defect_{k}"]
-        sel = col != ""
-        areas = [rle.area(v, shape) for v in col[sel].tolist()]
-        out.append(pd.DataFrame({"ImageId": wide.loc[sel, "ImageId"].to_numpy(), "ClassId": k,
-                                 "area": np.asarray(areas, dtype=np.int64)}))
-    return pd.concat(out, ignore_index=True)
-
-
 def area_stats(areas: pd.DataFrame) -> pd.DataFrame:
     """The seed's table: per class count, mean, std, min, 25%, 50%, 75%, max (index Defect_k)."""
     rows = {}
     for k in CLASSES:
         rows[f"Defect_{k}"] = areas.loc[areas["ClassId"] == k, "area"].astype(float).describe()
     return pd.DataFrame(rows).T[["count", "mean", "std", "min", "25%", "50%", "75%", "max"]]
-
-
-def area_thresholds(areas: pd.DataFrame, percentiles: tuple[float, float] = PERCENTILES) -> dict:
-    """``{"k": {"min_area": p_low, "max_area": p_high}}`` (ints) for each class with examples."""
-    out = {}
-    for k in CLASSES:
-        a = areas.loc[areas["ClassId"] == k, "area"].to_numpy()
-        if a.size == 0:
-            continue
-        lo, hi = np.percentile(a, percentiles)
-        out[str(k)] = {"min_area": int(np.floor(lo)), "max_area": int(np.ceil(hi))}
-    return out
 
 
 def label_counts(wide: pd.DataFrame) -> tuple[dict[str, int], dict[str, int]]:
@@ -91,25 +63,6 @@ def label_counts(wide: pd.DataFrame) -> tuple[dict[str, int], dict[str, int]]:
 # --------------------------------------------------------------------------------------------
 # Plots (matplotlib Agg; each returns PNG bytes)
 # --------------------------------------------------------------------------------------------
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig, tight: bool = True) -> bytes:
-    plt = _plt()
-    buf = io.BytesIO()
-    # zlib level 3: photos with noise compress ~10% worse than the default 6 at half the time.
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight" if tight else None,
-                pil_kwargs={"compress_level": 3})
-    plt.close(fig)
-    return buf.getvalue()
-
 
 def _pct(v: int, total: int) -> str:
     if not total:
@@ -131,17 +84,17 @@ def _bar(ax, labels, values, colors, total):
 
 
 def plot_class_distribution(per_class: dict[str, int], n_images: int) -> bytes:
-    plt = _plt()
+    plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     _bar(ax, [f"class {k}" for k in CLASSES], [per_class[str(k)] for k in CLASSES],
-         [COLORS[k] for k in CLASSES], n_images)
+         [hex_color(k) for k in CLASSES], n_images)
     ax.set_ylabel("images with the defect")
     ax.set_title(f"Images per defect class ({n_images:,} images)")
-    return _png(fig)
+    return figures.png(fig, tight=True)
 
 
 def plot_labels_per_image(per_count: dict[str, int], n_images: int) -> bytes:
-    plt = _plt()
+    plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     names = {"0": "no defect", "1": "one label", "2": "two labels"}
     labels = [names.get(i, f"{i} labels") for i in per_count]
@@ -149,11 +102,11 @@ def plot_labels_per_image(per_count: dict[str, int], n_images: int) -> bytes:
     _bar(ax, labels, list(per_count.values()), greys[:len(labels)], n_images)
     ax.set_ylabel("images")
     ax.set_title(f"Defect labels per image ({n_images:,} images)")
-    return _png(fig)
+    return figures.png(fig, tight=True)
 
 
 def plot_area_histograms(areas: pd.DataFrame, thresholds: dict) -> bytes:
-    plt = _plt()
+    plt = figures.pyplot()
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 7.5))
@@ -176,7 +129,7 @@ def plot_area_histograms(areas: pd.DataFrame, thresholds: dict) -> bytes:
             if hi < lo * 1.05:  # one value, or nearly: give the bars and labels room
                 lo, hi = lo * 0.8, hi * 1.2
             bins = np.linspace(lo, hi * 1.001, 30)
-        counts, _, _ = ax.hist(a, bins=bins, color=COLORS[k], alpha=0.8, edgecolor="black", linewidth=0.4)
+        counts, _, _ = ax.hist(a, bins=bins, color=hex_color(k), alpha=0.8, edgecolor="black", linewidth=0.4)
         ax.set_ylim(0, max(1, counts.max()) * 1.3)  # headroom for the threshold labels
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -200,29 +153,7 @@ def plot_area_histograms(areas: pd.DataFrame, thresholds: dict) -> bytes:
         ax.set_axisbelow(True)
     fig.suptitle("Mask area per class with the 2nd / 98th percentile area thresholds")
     fig.tight_layout()
-    return _png(fig)
-
-
-def overlay(image: np.ndarray, masks: dict[int, np.ndarray], alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """RGB uint8: the image in grey with each class mask blended in its colour."""
-    from matplotlib.colors import to_rgb
-
-    grey = image if image.ndim == 2 else image[..., :3].mean(axis=2)
-    out = np.repeat(grey.astype(np.float32)[..., None], 3, axis=2)
-    for k, m in masks.items():
-        sel = m.astype(bool)
-        color = np.array(to_rgb(COLORS[k]), dtype=np.float32) * 255
-        out[sel] = (1 - alpha) * out[sel] + alpha * color
-    return np.clip(out, 0, 255).astype(np.uint8)
-
-
-def _read_image(images_uri: str, image_id: str) -> np.ndarray:
-    from PIL import Image
-
-    from steel.core import storage
-
-    with Image.open(io.BytesIO(storage.read_bytes(storage.join(images_uri, image_id)))) as im:
-        return np.asarray(im.convert("L"))
+    return figures.png(fig, tight=True)
 
 
 def plot_samples(wide: pd.DataFrame, images_uri: str, k: int, n: int = 3, seed: int = 42,
@@ -230,11 +161,14 @@ def plot_samples(wide: pd.DataFrame, images_uri: str, k: int, n: int = 3, seed: 
     """Up to ``n`` images with class ``k`` (all their masks overlaid, outlined); None if there are none."""
     from matplotlib.patches import Patch
 
+    from steel.core import storage
+    from steel.data import images as image_io
+
     rows = wide[wide[f"hasDefect_{k}"] == 1]
     if rows.empty:
         return None
     rows = rows.sample(n=min(n, len(rows)), random_state=seed).sort_values("ImageId")
-    plt = _plt()
+    plt = figures.pyplot()
     h, w = shape
     # Fixed layout in inches: a header band for the title and legend, then per image a title line
     # and the image at its true aspect ratio (1600 x 256 is 6.25 : 1).
@@ -246,32 +180,27 @@ def plot_samples(wide: pd.DataFrame, images_uri: str, k: int, n: int = 3, seed: 
     for i, (_, r) in enumerate(rows.iterrows()):
         top = header + i * (caption + img_h) + caption
         ax = fig.add_axes((margin / fig_w, 1 - (top + img_h) / fig_h, img_w / fig_w, img_h / fig_h))
-        image = _read_image(images_uri, r["ImageId"])
+        image = image_io.read(storage.join(images_uri, r["ImageId"]), allow_resize=True)[..., 0]
         masks = {c: rle.decode(r[f"Defect_{c}"], image.shape[:2]) for c in CLASSES if r[f"hasDefect_{c}"]}
-        ax.imshow(overlay(image, masks), interpolation="antialiased", aspect="auto")
-        for c, m in masks.items():
-            if m.any():
-                ax.contour(m, levels=[0.5], colors=[COLORS[c]], linewidths=1.0)
+        ax.imshow(figures.paint(image, masks), interpolation="antialiased", aspect="auto")
         present = ", ".join(str(c) for c in masks)
         ax.set_title(f"{r['ImageId']}  (class{'es' if len(masks) > 1 else ''} {present})", fontsize=10, loc="left")
         ax.set_xticks([])
         ax.set_yticks([])
-    handles = [Patch(facecolor=COLORS[c], alpha=0.7, label=f"class {c}") for c in CLASSES]
+    handles = [Patch(facecolor=hex_color(c), alpha=0.7, label=f"class {c}") for c in CLASSES]
     fig.legend(handles=handles, loc="upper right", bbox_to_anchor=(1 - margin / fig_w, 1 - 0.08 / fig_h),
                ncol=4, frameon=False, fontsize=10)
     fig.text(margin / fig_w, 1 - 0.12 / fig_h, f"Sample images with a class {k} defect",
              ha="left", va="top", fontsize=12, weight="bold")
-    return _png(fig, tight=False)
+    return figures.png(fig)
 
 
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
 
-def _md_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
+def markdown(head: list[str], rows: list[list]) -> str:
+    return "\n".join(figures.markdown_table(head, rows))
 
 
 def _ordinal(p: float) -> str:
@@ -302,10 +231,10 @@ def render_report(s: dict, plots: list[str]) -> str:
     if s["skipped_rows"]:
         lines += ["", f"**{s['skipped_rows']} bad label rows were skipped** (see `{s['skipped_report']}`)."]
     lines += ["", "## Defect classes", "", "![class distribution](class_distribution.png)", "",
-              _md_table(["class", "images", "share of images"],
+              markdown(["class", "images", "share of images"],
                         [[k, f"{v:,}", pct(v)] for k, v in s["images_per_class"].items()]),
               "", "## Labels per image", "", "![labels per image](labels_per_image.png)", "",
-              _md_table(["labels", "images", "share"],
+              markdown(["labels", "images", "share"],
                         [[k, f"{v:,}", pct(v)] for k, v in s["labels_per_image"].items()]),
               "", f"Images with no defect: {s['labels_per_image']['0']:,}, with one label: "
                   f"{s['labels_per_image']['1']:,}, with two labels: {s['labels_per_image']['2']:,}.",
@@ -313,9 +242,9 @@ def render_report(s: dict, plots: list[str]) -> str:
               "Area = pixels in the class mask of one image (256 x 1600 = 409,600 pixels per image).", ""]
     stats = s["area_stats"]
     cols = ["count", "mean", "std", "min", "25%", "50%", "75%", "max"]
-    lines.append(_md_table([""] + cols, [[name] + [_num(row[c]) for c in cols] for name, row in stats.items()]))
+    lines.append(markdown([""] + cols, [[name] + [_num(row[c]) for c in cols] for name, row in stats.items()]))
     lines += ["", "![area histograms](area_histograms.png)", "",
-              f"### Area thresholds ({_ordinal(PERCENTILES[0])} / {_ordinal(PERCENTILES[1])} percentile)", "",
+              f"### Area thresholds ({_ordinal(dataset.PERCENTILES[0])} / {_ordinal(dataset.PERCENTILES[1])} percentile)", "",
               "Written to `area_thresholds.json` for the cascade's area filter (masks whose area falls "
               "outside [min_area, max_area] are emptied). The seed's rounded choice is shown for comparison.",
               ""]
@@ -326,10 +255,10 @@ def render_report(s: dict, plots: list[str]) -> str:
         lo, hi = SEED_AREAS[k]
         rows.append([k, f"{t['min_area']:,}" if t else "no data", f"{t['max_area']:,}" if t else "no data",
                      f"{lo:,} - {hi:,}"])
-    lines.append(_md_table(["class", "min_area", "max_area", "seed"], rows))
+    lines.append(markdown(["class", "min_area", "max_area", "seed"], rows))
     lines += ["", "## Sample images", "",
               "Translucent colours mark each class mask (outlined): "
-              + ", ".join(f"class {k} {COLOR_NAMES[k]}" for k in CLASSES) + ".", ""]
+              + ", ".join(f"class {k} {CLASS_COLOR_NAMES[k]}" for k in CLASSES) + ".", ""]
     for k in CLASSES:
         name = f"samples_class_{k}.png"
         lines += [f"### Class {k}", "", f"![class {k} samples]({name})" if name in plots
@@ -341,7 +270,6 @@ def run_eda(data_uri: str, out_uri: str, split: str | None = None, samples: int 
             skip_bad: bool = False, shape: tuple[int, int] = SHAPE) -> dict:
     """Write the EDA report of ``data_uri`` (Kaggle layout) under ``out_uri``; returns the summary dict."""
     from steel.core import storage
-    from steel.data import labels as dataset
 
     if split not in (None, "all", "train"):
         raise ValueError(f"split must be 'train' or None (whole train.csv), got {split!r}")
@@ -363,9 +291,9 @@ def run_eda(data_uri: str, out_uri: str, split: str | None = None, samples: int 
     if wide.empty:
         raise ValueError(f"{csv_uri}: no images to analyse")
 
-    areas = mask_areas(wide, shape)
+    areas = dataset.mask_areas(wide, shape)
     stats = area_stats(areas)
-    thresholds = area_thresholds(areas)
+    thresholds = dataset.area_thresholds(areas)
     per_class, per_count = label_counts(wide)
     summary = {
         "data": str(data_uri), "layout": layout, "split": split or "all", "scope": scope,
@@ -373,7 +301,7 @@ def run_eda(data_uri: str, out_uri: str, split: str | None = None, samples: int 
         "images_per_class": per_class, "labels_per_image": per_count,
         "area_stats": {name: {c: (None if np.isnan(v) else float(v)) for c, v in row.items()}
                        for name, row in stats.iterrows()},
-        "area_percentiles": list(PERCENTILES), "area_thresholds": thresholds,
+        "area_percentiles": list(dataset.PERCENTILES), "area_thresholds": thresholds,
         "skipped_rows": skipped, "skipped_report": "skipped_labels.csv" if skipped else None,
     }
 

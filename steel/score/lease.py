@@ -7,7 +7,7 @@ The lease is a small JSON object (``run_id``, ``host``, ``pid``, ``acquired_at``
   :class:`LeaseHeld` names the holder. If the heartbeat is older, the lease is taken over with a
   compare-and-swap: on S3 ``PutObject`` with ``If-Match: <the ETag we read>``, so of two takers only
   one wins (the other gets 412 and sees the winner's fresh heartbeat); locally the same check and
-  replace happens under an ``flock`` on ``_LOCK.guard``.
+  replace happens under an ``flock`` on ``_LOCK.guard`` (``steel.core.storage``'s conditional writes).
 - **Renew**: a daemon thread rewrites the heartbeat every ``ttl_s / 4`` with the same compare-and-swap
   against the ETag it last wrote. If someone else took the lease (we were stalled past the TTL), the
   renewal fails and :meth:`Lease.check` raises :class:`LeaseLost` at the writer's next step.
@@ -18,7 +18,6 @@ No database: S3's conditional writes are the only coordination (moto 5.2 enforce
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -56,111 +55,33 @@ def describe(holder: dict, now: float | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Backends: read -> (content, tag); create-if-absent; replace-if-tag
+# The lease object through storage's conditional writes: read -> (content, tag); create-if-absent;
+# replace-if-tag; delete-if-tag.
 
 
-class _S3:
+class _Backend:
     def __init__(self, uri: str):
         self.uri = uri
-        _, path = storage._split(uri)
-        self.bucket, self.key = storage._bucket_key(path)
-        self.client = storage._s3_client(self.bucket)
-
-    @staticmethod
-    def _code(e) -> str:
-        return str((getattr(e, "response", None) or {}).get("Error", {}).get("Code", ""))
 
     def read(self):
-        try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=self.key)
-        except Exception as e:  # noqa: BLE001
-            if self._code(e) in ("NoSuchKey", "404", "NotFound"):
-                return None, None
-            raise
-        return json.loads(obj["Body"].read()), obj["ETag"]
-
-    def _put(self, body: bytes, **cond):
-        try:
-            return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body, **cond)["ETag"]
-        except Exception as e:  # noqa: BLE001
-            # 412: the condition failed; 409: a concurrent conditional write to the same key won.
-            if self._code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-                return None
-            raise
-
-    def create(self, body: bytes):
-        return self._put(body, IfNoneMatch="*")
-
-    def replace(self, body: bytes, tag):
-        return self._put(body, IfMatch=tag)
-
-    def delete(self, tag) -> None:
-        content, current = self.read()
-        if current == tag:
-            self.client.delete_object(Bucket=self.bucket, Key=self.key)
-        else:
-            log.warning("%s: not released: it is no longer ours (%s)", self.uri, describe(content or {}))
-
-
-class _Local:
-    def __init__(self, uri: str):
-        self.path = os.path.abspath(storage._split(uri)[1])
-        self.guard = self.path + ".guard"
-
-    @contextlib.contextmanager
-    def _guarded(self):
-        import fcntl
-
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        with open(self.guard, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
-    def _read(self):
-        try:
-            with open(self.path, "rb") as fh:
-                data = fh.read()
-        except FileNotFoundError:
+        current = storage.read_versioned(self.uri)
+        if current is None:
             return None, None
         try:
-            return json.loads(data), data  # the bytes are the tag: compare-and-swap on content
+            return json.loads(current.data), current.tag
         except json.JSONDecodeError:  # a taker killed mid-create: treat as a lease of heartbeat 0
-            return {"run_id": "?", "heartbeat": 0}, data
-
-    def read(self):
-        with self._guarded():
-            return self._read()
+            return {"run_id": "?", "heartbeat": 0}, current.tag
 
     def create(self, body: bytes):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        with self._guarded():
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return None
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(body)
-                fh.flush()
-                os.fsync(fh.fileno())
-        return body
+        return storage.create_only(self.uri, body)
 
     def replace(self, body: bytes, tag):
-        with self._guarded():
-            if self._read()[1] != tag:
-                return None
-            storage.write_bytes(self.path, body)
-        return body
+        return storage.replace_if(self.uri, body, tag)
 
     def delete(self, tag) -> None:
-        with self._guarded():
-            if self._read()[1] == tag:
-                os.remove(self.path)
-
-
-# ----------------------------------------------------------------------------------------------
+        if not storage.delete_if(self.uri, tag):
+            content, _ = self.read()
+            log.warning("%s: not released: it is no longer ours (%s)", self.uri, describe(content or {}))
 
 
 class Lease:
@@ -177,7 +98,7 @@ class Lease:
         self.ttl_s = float(ttl_s)
         self.heartbeat_s = heartbeat_s if heartbeat_s is not None else self.ttl_s / 4
         self.retries, self.backoff_s = retries, backoff_s  # for release (acquire: the caller retries)
-        self.backend = _S3(self.uri) if storage.is_s3(self.uri) else _Local(self.uri)
+        self.backend = _Backend(self.uri)
         self.tag = None
         self.acquired_at: float | None = None
         self.took_over: dict | None = None
@@ -268,8 +189,7 @@ class Lease:
 
 def read_holder(out_uri: str) -> dict | None:
     """The current lease content of an output, or None."""
-    uri = storage.join(out_uri, LOCK)
-    return (_S3(uri) if storage.is_s3(uri) else _Local(uri)).read()[0]
+    return _Backend(storage.join(out_uri, LOCK)).read()[0]
 
 
 __all__ = ["Lease", "LeaseHeld", "LeaseLost", "LOCK", "read_holder", "describe"]

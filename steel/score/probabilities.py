@@ -3,13 +3,13 @@
 Tuning needs two passes of the cascade over the labelled validation images: the raw (ungated)
 probabilities of every model, and, after the search, the tuned cascade's masks at full resolution.
 Both run on the cluster through the very pipeline batch scoring uses
-(:func:`steel.score.run.cascade_dataset`: ``from_items -> decode_batch -> actor pool``, GPU actors
+(:func:`steel.score.stages.cascade_dataset`: ``from_items -> decode_batch -> actor pool``, GPU actors
 when ``score.gpus_per_actor > 0``); the driver only collects small results:
 
-- :func:`predict_probabilities`: :class:`ProbabilityActor` (a :class:`~steel.score.run.CascadeActor`
+- :func:`predict_probabilities`: :class:`ProbabilityActor` (a :class:`~steel.score.stages.CascadeActor`
   returning per image ``p_defect``, ``p_class`` and each segmenter's map already reduced to the
   cache resolution, float16: ~200 KB per image instead of 6.5 MB);
-- :func:`predict_masks`: scoring's own :class:`~steel.score.run.CascadeActor` with the tuned
+- :func:`predict_masks`: scoring's own :class:`~steel.score.stages.CascadeActor` with the tuned
   thresholds (the same masks ``steel score`` would write).
 
 With the images' truth masks, the probability pass also returns, per image and class, what the
@@ -36,7 +36,7 @@ import numpy as np
 from steel.core import storage
 from steel.core.names import CLASSES, IMAGE_FORMATS, SHAPE
 from steel.data import rle
-from steel.score.run import CascadeActor, _add_stats, cascade_dataset
+from steel.score.stages import CascadeActor, add_stats, cascade_dataset
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class _Probabilities:
 
 @dataclass
 class ProbabilityPredictor:
-    """Picklable factory: ``cascade_factory()`` (e.g. :class:`~steel.score.run.BundleCascade`) wrapped to
+    """Picklable factory: ``cascade_factory()`` (e.g. :class:`~steel.model.predictor.BundleCascade`) wrapped to
     return probabilities at cache resolution ``sizes`` ({class: (h, w)}, or None: no maps) and, with
     ``truth`` ({ImageId: [4 RLEs]}), the deployed tables at pixel thresholds ``edges``."""
 
@@ -137,7 +137,7 @@ class ProbabilityPredictor:
 class ProbabilityActor(CascadeActor):
     """Ray Data actor stage of the tuning pass: probabilities instead of thresholded masks.
 
-    In: :func:`~steel.score.run.decode_batch`'s columns. Out: ``image_id``, ``error`` (decode error or
+    In: :func:`~steel.score.stages.decode_batch`'s columns. Out: ``image_id``, ``error`` (decode error or
     ''), ``p_defect``, ``p_class`` (N x 4) and ``seg_<k>`` (N x h_k x w_k float16; zeros on error
     rows; absent without cache sizes); with truth also ``area``/``inter`` (N x 4 x P int64) and
     ``soft`` (N x 4 x 3) (see :class:`_Probabilities`).
@@ -269,7 +269,7 @@ def predict_masks(cascade_factory: Callable[[], Any], image_ids: Sequence[str], 
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for i, image_id in enumerate(batch["image_id"]):
             if batch["stats"][i]:
-                _add_stats(gating, json.loads(batch["stats"][i]))
+                add_stats(gating, json.loads(batch["stats"][i]))
             if batch["error"][i]:
                 log.warning("skipping %s: %s", image_id, _skip_reason(batch, i))
                 continue

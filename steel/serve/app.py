@@ -13,8 +13,8 @@ A result is ``{"ImageId", "p_defect", "classes": [{"ClassId", "p_class", "Encode
 "bundle_version"}``: the very rows batch scoring writes (``p_class`` is null where the binary gate
 stopped the image, as NaN in the parquet shards).
 
-**Same answers as ``steel score``.** Images are decoded by :func:`steel.score.io.decode_image` and
-scored by :class:`steel.score.run.CascadeActor` around :class:`steel.score.run.BundleCascade`, with
+**Same answers as ``steel score``** (:mod:`steel.serve.scorer`). Images are decoded by :func:`steel.data.images.decode` and
+scored by :class:`steel.score.stages.CascadeActor` around :class:`steel.model.predictor.BundleCascade`, with
 thresholds and TTA resolved as batch scoring does (the bundle's ``thresholds.json``, ``score.tta``,
 ``score.allow_resize``, ``score.image_formats``); rows come from :func:`steel.score.io.result_rows`.
 
@@ -42,186 +42,22 @@ either version can take them.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import dataclasses
-import json
 import logging
-import math
-import threading
-import time
 from typing import Any, Callable
 
 import numpy as np
 
 from steel.core.config import ScoreConfig, ServeConfig
-from steel.core.names import HEIGHT, IMAGE_FORMATS, WIDTH
-from steel.data import images as image_io
-from steel.score import io as score_io
+from steel.model import thresholds as th
+from steel.model.bundle import resolve_bundle
+from steel.model.predictor import BundleCascade
+from steel.serve.scorer import RequestError, Scorer, parse_batch_body
 
 log = logging.getLogger(__name__)
 
 DEPLOYMENT = "SteelEndpoint"
 
-
-def resolve_bundle(bundle_uri: str) -> tuple[str, str]:
-    """``(uri, version)`` of the bundle this endpoint serves; the version goes into every answer.
-
-    :func:`steel.model.bundle.resolve_bundle`, as batch scoring resolves it: a versioned root's ``CURRENT``
-    pointer is read once, here, so a replica serves one immutable version until it is redeployed.
-    """
-    from steel.model.bundle import resolve_bundle as resolve
-
-    resolved = resolve(bundle_uri)
-    return resolved.uri, resolved.version
-
-
-# --------------------------------------------------------------------------------------------
-# The replica's work, without Ray (unit-testable)
-# --------------------------------------------------------------------------------------------
-
-class RequestError(Exception):
-    """A request that cannot be scored: ``status`` (4xx/5xx) and the reason."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-def _json_float(value) -> float | None:
-    value = float(value)
-    return None if math.isnan(value) else value
-
-
-def result_json(image_id: str, result: dict, version: str) -> dict:
-    """One image's answer, built from the rows batch scoring writes (:func:`score_io.result_rows`)."""
-    rows = score_io.result_rows(image_id, result)
-    return {
-        "ImageId": image_id,
-        "p_defect": _json_float(rows[0]["p_defect"]),
-        "classes": [{"ClassId": r["ClassId"], "p_class": _json_float(r[f"p_class_{r['ClassId']}"]),
-                     "EncodedPixels": r["EncodedPixels"], "area": int(r[f"area_{r['ClassId']}"])} for r in rows],
-        "bundle_version": version,
-    }
-
-
-def json_rows(answer: dict) -> list[dict]:
-    """An answer back as the four output rows of a parquet shard (ImageId, ClassId, EncodedPixels,
-    p_defect, p_class_1..4, area_1..4); for clients that store answers beside batch scores."""
-    nan = float("nan")
-    extra = {"p_defect": nan if answer["p_defect"] is None else answer["p_defect"]}
-    for c in answer["classes"]:
-        extra[f"p_class_{c['ClassId']}"] = nan if c["p_class"] is None else c["p_class"]
-        extra[f"area_{c['ClassId']}"] = c["area"]
-    return [{"ImageId": answer["ImageId"], "ClassId": c["ClassId"], "EncodedPixels": c["EncodedPixels"], **extra}
-            for c in answer["classes"]]
-
-
-class Scorer:
-    """Decode and score images the way batch scoring does; one per replica.
-
-    Args:
-        factory: ``f() -> predictor`` (default in :func:`build_app`: :class:`steel.score.run.BundleCascade`).
-        version: the bundle version put into every answer.
-        score_cfg: decoding settings (``allow_resize``, ``image_formats``) shared with ``steel score``.
-        max_image_bytes: largest accepted image.
-    """
-
-    def __init__(self, factory: Callable[[], Any], version: str, score_cfg: ScoreConfig | None = None,
-                 max_image_bytes: int = ServeConfig.max_image_bytes):
-        from steel.score.run import CascadeActor
-
-        cfg = score_cfg or ScoreConfig()
-        self.version = version
-        self.allow_resize = cfg.allow_resize
-        self.formats = tuple(cfg.image_formats or IMAGE_FORMATS)
-        self.max_image_bytes = max_image_bytes
-        self.batches = self.images = 0  # cascade calls and images scored (mean batch size in /ready)
-        self.decoded, self.decode_s, self.score_s = 0, 0.0, 0.0  # wall time decoding / in cascade calls
-        self._count = threading.Lock()  # decode() runs in several worker threads at once
-        t0 = time.time()
-        self.actor = CascadeActor(factory)
-        self.load_s = time.time() - t0
-        t0 = time.time()
-        self.warm_up()
-        self.warmup_s = time.time() - t0
-
-    def warm_up(self) -> None:
-        """Trace every model once (the gates would skip some on a blank image) and run one predict."""
-        predictor = self.actor.predictor
-        for name, fn in getattr(predictor, "models", {}).items():
-            h, w = predictor.input_sizes[name]
-            fn(np.zeros((1, h, w, 3), np.float32))
-        predictor.predict(np.full((1, HEIGHT, WIDTH, 3), 128, np.uint8))
-        if hasattr(predictor, "reset_stats"):
-            predictor.reset_stats()
-
-    def decode(self, data: bytes) -> np.ndarray:
-        """Bytes -> image, or RequestError: 413 when too big, 422 with batch scoring's reason."""
-        if len(data) > self.max_image_bytes:
-            raise RequestError(413, f"image of {len(data)} bytes is over the limit of {self.max_image_bytes} bytes")
-        t0 = time.perf_counter()
-        try:
-            return image_io.decode(data, allow_resize=self.allow_resize, formats=self.formats)
-        except image_io.BadImage as e:
-            raise RequestError(422, str(e)) from None
-        finally:
-            with self._count:
-                self.decoded += 1
-                self.decode_s += time.perf_counter() - t0
-
-    def score(self, ids: list[str], images: list[np.ndarray]) -> list[dict | RequestError]:
-        """Answers for decoded images (one cascade call); a RequestError(500) for an image that failed."""
-        from steel.score.run import batch_result
-
-        n = len(ids)
-        batch = {"shard": np.full(n, "", dtype=object), "image_id": np.asarray(ids, dtype=object),
-                 "file": np.asarray(ids, dtype=object), "error": np.full(n, "", dtype=object),
-                 "image": np.stack(images) if n else np.zeros((0, HEIGHT, WIDTH, 3), np.uint8)}
-        self.batches += 1
-        self.images += n
-        t0 = time.perf_counter()
-        out = self.actor(batch)  # an image whose prediction failed comes back with its error (500)
-        self.score_s += time.perf_counter() - t0
-        answers: list[dict | RequestError] = []
-        for i in range(n):
-            if out["error"][i]:
-                answers.append(RequestError(500, str(out["error"][i])))
-                continue
-            try:
-                answers.append(result_json(ids[i], batch_result(out, i), self.version))
-            except Exception as e:  # noqa: BLE001 - this image's failure, not its batch's
-                answers.append(RequestError(500, f"scoring failed: bad cascade result: {e}"))
-        return answers
-
-
-def parse_batch_body(body: bytes, max_images: int) -> list[tuple[str, bytes]]:
-    """``(id, bytes)`` of each image of a batch request; RequestError(400) for a malformed body."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(400, f"batch body is not JSON: {e}") from None
-    items = data.get("images") if isinstance(data, dict) else None
-    if not isinstance(items, list) or not items:
-        raise RequestError(400, 'batch body must be {"images": [{"id": NAME, "jpeg_b64": BASE64}, ...]} '
-                                "with at least one image")
-    if len(items) > max_images:
-        raise RequestError(413, f"{len(items)} images in one request; the limit is {max_images}")
-    out, seen = [], set()
-    for k, item in enumerate(items):
-        if not isinstance(item, dict) or not isinstance(item.get("jpeg_b64"), str):
-            raise RequestError(400, f"images[{k}]: expected {{'id': NAME, 'jpeg_b64': BASE64}}")
-        image_id = str(item.get("id") or f"image-{k}")
-        if image_id in seen:
-            raise RequestError(400, f"images[{k}]: id {image_id!r} given twice")
-        seen.add(image_id)
-        try:
-            raw = base64.b64decode(item["jpeg_b64"], validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise RequestError(400, f"images[{k}] ({image_id}): jpeg_b64 is not base64: {e}") from None
-        out.append((image_id, raw))
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,33 +177,32 @@ def _endpoint_class():
 
 
 def build_app(bundle_uri: str, score_cfg: ScoreConfig | None = None, serve_cfg: ServeConfig | None = None,
-              thresholds: dict | str | None = None, *, predictor_factory: Callable[[], Any] | None = None,
+              thresholds: dict | str | None = None, *, predictor: Callable[..., Callable[[], Any]] = BundleCascade,
               endpoint: str | None = None):
     """The Serve application for ``bundle_uri`` (deploy it with ``serve.run`` or :func:`run`).
 
-    Thresholds and TTA are resolved as :func:`steel.score.run.score` does; ``serve_cfg`` sets replicas
-    (or autoscaling), CPUs/GPUs per replica, batching and limits. ``predictor_factory`` replaces
-    :class:`steel.score.run.BundleCascade` (tests). ``endpoint``: the S3 endpoint replicas use.
+    The bundle, its thresholds and the TTA are resolved as :func:`steel.score.run.score` does;
+    ``serve_cfg`` sets replicas (or autoscaling), CPUs/GPUs per replica, batching and limits.
+    ``predictor``: the factory class each replica's predictor comes from (batch scoring's:
+    :class:`steel.model.predictor.BundleCascade`). ``endpoint``: the S3 endpoint replicas use.
     """
     from ray import serve
 
     from steel.core import storage
     from steel.core.keras_env import runtime_env
-    from steel.score.run import BundleCascade, _resolve_thresholds
 
     score_cfg = score_cfg or ScoreConfig()
     serve_cfg = serve_cfg or ServeConfig()
-    uri, version = resolve_bundle(bundle_uri)
-    if predictor_factory is None:
-        used = _resolve_thresholds(uri, thresholds)
-        tta = score_cfg.tta if score_cfg.tta is not None else used.get("tta", "none")
-        score_cfg = dataclasses.replace(score_cfg, tta=tta)
-        # As batch scoring's actors: CPU replicas sharing a node get TF pools of their CPU share;
-        # a single replica keeps TensorFlow's default (the whole machine).
-        shared = serve_cfg.autoscaling is not None or serve_cfg.replicas > 1
-        threads = max(1, int(serve_cfg.cpus_per_replica)) if serve_cfg.gpus_per_replica == 0 and shared else None
-        predictor_factory = BundleCascade(uri, used, tta, endpoint=endpoint or storage.current_endpoint(),
-                                          threads=threads)
+    resolved = resolve_bundle(bundle_uri)
+    uri, version = resolved.uri, resolved.version
+    used = th.resolve(uri, thresholds)
+    tta = score_cfg.tta if score_cfg.tta is not None else used.get("tta", "none")
+    score_cfg = dataclasses.replace(score_cfg, tta=tta)
+    # As batch scoring's actors: CPU replicas sharing a node get TF pools of their CPU share;
+    # a single replica keeps TensorFlow's default (the whole machine).
+    shared = serve_cfg.autoscaling is not None or serve_cfg.replicas > 1
+    threads = max(1, int(serve_cfg.cpus_per_replica)) if serve_cfg.gpus_per_replica == 0 and shared else None
+    factory = predictor(uri, used, tta, endpoint=endpoint or storage.current_endpoint(), threads=threads)
     actor_options: dict = {"num_cpus": serve_cfg.cpus_per_replica, "runtime_env": runtime_env()}
     if serve_cfg.gpus_per_replica > 0:
         actor_options["num_gpus"] = serve_cfg.gpus_per_replica
@@ -380,7 +215,7 @@ def build_app(bundle_uri: str, score_cfg: ScoreConfig | None = None, serve_cfg: 
     else:
         options["num_replicas"] = serve_cfg.replicas
     deployment = serve.deployment(_endpoint_class(), name=DEPLOYMENT, **options)
-    return deployment.bind(predictor_factory, uri, version, score_cfg, serve_cfg)
+    return deployment.bind(factory, uri, version, score_cfg, serve_cfg)
 
 
 def app_builder(args: dict):
@@ -422,5 +257,4 @@ def run(app, serve_cfg: ServeConfig):
     return serve.run(app, name=serve_cfg.app_name, route_prefix=serve_cfg.route_prefix)
 
 
-__all__ = ["resolve_bundle", "RequestError", "Scorer", "result_json", "json_rows", "parse_batch_body",
-           "build_app", "app_builder", "start", "run", "DEPLOYMENT"]
+__all__ = ["build_app", "app_builder", "start", "run", "DEPLOYMENT"]
