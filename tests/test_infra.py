@@ -265,35 +265,44 @@ def _uses_token(container: dict) -> bool:
     return env.get("RAY_AUTH_MODE", {}).get("value") == "token" and token.get("name") and token.get("key")
 
 
-def test_long_lived_cluster_and_its_clients_use_token_auth():
-    cluster = next(d for _, d in _documents() if d["kind"] == "RayCluster")
-    assert cluster["spec"]["rayVersion"] >= "2.52", "Ray token auth needs Ray >= 2.52"
-    for spec in _pod_specs(cluster):
-        for c in spec["containers"]:
-            assert _uses_token(c), f"{c['name']}: no RAY_AUTH_MODE=token with the token from a Secret"
+def _ray_pod_specs(doc: dict) -> list[dict]:
+    """The pod specs of a Ray object's Ray nodes (head and worker groups; not a RayJob's submitter)."""
+    from tests.test_kuberay import pod_templates
+
+    return [t["spec"] for where, t in pod_templates(doc) if where != "submitterPodTemplate"]
+
+
+def _token_secret(container: dict) -> str | None:
+    env = _env_names(container)
+    return env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {}).get("name")
+
+
+def test_every_ray_cluster_and_its_clients_use_token_auth():
+    """Every cluster's dashboard/job API needs the token. Two ways (KubeRay 1.5.1 source): the cluster's
+    ``authOptions: {mode: token}``, with which the operator makes the Secret and gives it to every Ray
+    container, the autoscaler, a RayJob's submitter and its own dashboard client
+    (SetContainerTokenAuthEnvVars, GetRayDashboardClientFunc); or the token from a Secret in each Ray
+    container's env, which reaches nothing KubeRay adds. So the clusters the operator talks to (a
+    RayJob's: job status; a RayService's: serve config) must use authOptions. (Network access to the
+    job APIs: tests/test_kuberay.py, on the pods KubeRay makes.)"""
+    from tests.test_kuberay import _cluster_specs
+
+    secrets = {}
+    ray_objects = [d for _, d in _documents() if d["kind"] in ("RayCluster", "RayJob", "RayService")]
+    assert {d["kind"] for d in ray_objects} == {"RayCluster", "RayJob", "RayService"}
+    for doc in ray_objects:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        spec = _cluster_specs(doc)[0]
+        assert spec["rayVersion"] >= "2.52", f"{name}: Ray token auth needs Ray >= 2.52"
+        if (spec.get("authOptions") or {}).get("mode") == "token":
+            continue
+        assert doc["kind"] == "RayCluster", f"{name}: the operator must send the token: use authOptions {{mode: token}}"
+        for pod in _ray_pod_specs(doc):
+            for c in pod["containers"]:
+                assert _uses_token(c), f"{name} {c['name']}: no RAY_AUTH_MODE=token with the token from a Secret"
+        secrets[doc["metadata"]["name"]] = {_token_secret(c) for pod in _ray_pod_specs(doc) for c in pod["containers"]}
     assert _uses_token(_cron_container())
-
-
-def test_only_labelled_client_pods_reach_the_job_api():
-    policies = [d for _, d in _documents() if d["kind"] == "NetworkPolicy"]
-    api = [p for p in policies if any(port.get("port") == 8265 for rule in p["spec"].get("ingress", [])
-                                      for port in rule.get("ports", []))]
-    assert api, "no NetworkPolicy guards the dashboard/job API (8265)"
-    client_labels = {}
-    for rule in (r for p in api for r in p["spec"]["ingress"]):
-        for peer in rule["from"]:
-            assert set(peer) == {"podSelector"} and peer["podSelector"].get("matchLabels"), \
-                f"8265 open to more than labelled pods: {peer}"
-            client_labels.update(peer["podSelector"]["matchLabels"])
-    pod_labels = _cron()["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
-    assert client_labels.items() <= pod_labels.items(), "the nightly CronJob's pods could not reach the job API"
-    # Every other ingress to the cluster's pods: its own pods, or Prometheus on the metrics port only.
-    for p in policies:
-        for rule in p["spec"].get("ingress", []):
-            ports = {port.get("port") for port in rule.get("ports", [])}
-            for peer in rule["from"]:
-                if "namespaceSelector" in peer:
-                    assert ports == {8080}, f"{p['metadata']['name']}: other namespaces reach {ports or 'every port'}"
+    assert secrets["steel"] == {_token_secret(_cron_container())}, "the nightly pod sends another cluster's token"
 
 
 def test_podmonitor_scrapes_the_ray_metrics_port():
@@ -304,7 +313,7 @@ def test_podmonitor_scrapes_the_ray_metrics_port():
     ports = {e["port"] for e in spec["podMetricsEndpoints"]}
     for _, doc in _documents():
         if doc["kind"] in ("RayCluster", "RayJob"):
-            for pod in _pod_specs(doc):
+            for pod in _ray_pod_specs(doc):
                 names = {p["name"] for c in pod["containers"] for p in c.get("ports", [])}
                 assert ports & names, f"{doc['metadata']['name']}: no container port named {ports}"
 
@@ -315,9 +324,16 @@ def test_service_accounts_exist_and_match_the_job():
         for spec in _pod_specs(doc):
             assert spec.get("serviceAccountName") in accounts, f"{path}: service account {spec.get('serviceAccountName')}"
     train = next(d for _, d in _documents() if d["kind"] == "RayJob" and "ray_jobs.train" in d["spec"]["entrypoint"])
-    assert {s["serviceAccountName"] for s in _pod_specs(train)} == {"steel-train"}
+    assert {s["serviceAccountName"] for s in _ray_pod_specs(train)} == {"steel-train"}
     cluster = next(d for _, d in _documents() if d["kind"] == "RayCluster")
-    assert {s["serviceAccountName"] for s in _pod_specs(cluster)} == {"steel-score"}
+    assert {s["serviceAccountName"] for s in _ray_pod_specs(cluster)} == {"steel-score"}
+    # A pod that only submits (the RayJob's submitter) gets no IAM role and no Kubernetes token.
+    submitter = (train["spec"].get("submitterPodTemplate") or {}).get("spec")
+    if submitter:
+        account = next(d for _, d in _documents() if d["kind"] == "ServiceAccount"
+                       and d["metadata"]["name"] == submitter["serviceAccountName"])
+        assert "eks.amazonaws.com/role-arn" not in (account["metadata"].get("annotations") or {})
+        assert account.get("automountServiceAccountToken") is False
 
 
 def test_nightly_cronjob_waits_for_the_scoring_job():
