@@ -305,6 +305,24 @@ def test_every_ray_cluster_and_its_clients_use_token_auth():
     assert secrets["steel"] == {_token_secret(_cron_container())}, "the nightly pod sends another cluster's token"
 
 
+def test_the_autoscaler_sidecar_gets_the_token():
+    """With enableInTreeAutoscaling KubeRay adds an autoscaler container to the head pod
+    (BuildAutoscalerContainer); it talks to the GCS, which refuses it without the token. Its env is
+    autoscalerOptions.env, plus the token only with authOptions (common/pod.go, KubeRay 1.5.1)."""
+    from tests.test_kuberay import _cluster_specs
+
+    for _, doc in _documents():
+        if doc["kind"] not in ("RayCluster", "RayJob", "RayService"):
+            continue
+        spec = _cluster_specs(doc)[0]
+        if not spec.get("enableInTreeAutoscaling") or (spec.get("authOptions") or {}).get("mode") == "token":
+            continue
+        sidecar = {"name": "autoscaler", "env": (spec.get("autoscalerOptions") or {}).get("env") or []}
+        assert _uses_token(sidecar), f"{doc['metadata']['name']}: the autoscaler gets no RAY_AUTH_MODE/RAY_AUTH_TOKEN"
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert _token_secret(sidecar) == _token_secret(head), "the autoscaler sends another Secret's token"
+
+
 def test_podmonitor_scrapes_the_ray_metrics_port():
     monitors = [d for _, d in _documents() if d["kind"] == "PodMonitor"]
     assert monitors and monitors[0]["apiVersion"] == "monitoring.coreos.com/v1"
