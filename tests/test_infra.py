@@ -323,6 +323,46 @@ def test_the_autoscaler_sidecar_gets_the_token():
         assert _token_secret(sidecar) == _token_secret(head), "the autoscaler sends another Secret's token"
 
 
+def _pod_gpus(spec: dict) -> int:
+    """nvidia.com/gpu a pod requests (an extended resource's request defaults to its limit)."""
+    total = 0
+    for c in spec.get("containers", []):
+        res = c.get("resources") or {}
+        total += int((res.get("requests") or {}).get("nvidia.com/gpu", (res.get("limits") or {}).get("nvidia.com/gpu", 0)))
+    return total
+
+
+def max_gpus(doc: dict) -> tuple[int, str]:
+    """The most GPUs an object's pods can request at once, and how that is counted."""
+    from tests.test_kuberay import _cluster_specs
+
+    if doc["kind"] in ("RayCluster", "RayJob", "RayService"):
+        spec = _cluster_specs(doc)[0]
+        per_cluster = _pod_gpus(spec["headGroupSpec"]["template"]["spec"]) + sum(
+            int(g.get("maxReplicas", g.get("replicas", 0))) * int(g.get("numOfHosts", 1)) * _pod_gpus(g["template"]["spec"])
+            for g in spec.get("workerGroupSpecs") or [])
+        submitter = _pod_gpus(((doc["spec"].get("submitterPodTemplate") or {}).get("spec")) or {})
+        # A RayService upgrade (NewCluster) runs the new cluster beside the old one until it serves, and
+        # the old one until rayClusterDeletionDelaySeconds later: both may be at their maximum.
+        clusters = 2 if doc["kind"] == "RayService" and (doc["spec"].get("upgradeStrategy") or {}).get(
+            "type", "NewCluster") != "None" else 1
+        return clusters * per_cluster + submitter, f"{clusters} x {per_cluster} + submitter {submitter}"
+    gpus = sum(_pod_gpus(spec) for spec in _pod_specs(doc))
+    return gpus, f"{gpus}"
+
+
+def test_gpu_quota_holds_every_manifest_at_its_maximum_at_once():
+    quota = next(d for _, d in _documents() if d["kind"] == "ResourceQuota")
+    hard = int(quota["spec"]["hard"]["requests.nvidia.com/gpu"])
+    counted = {f"{d['kind']}/{d['metadata']['name']}": max_gpus(d) for _, d in _documents()
+               if d["metadata"].get("namespace") == quota["metadata"]["namespace"]}
+    total = sum(n for n, _ in counted.values())
+    assert {"RayCluster/steel", "RayJob/steel-train", "RayService/steel-serve"} <= set(counted)
+    assert counted["RayService/steel-serve"][0] > 0 and counted["RayJob/steel-train"][0] > 0
+    assert total <= hard, (f"ResourceQuota {quota['metadata']['name']}: {hard} GPUs, the manifests may ask for "
+                           f"{total}: " + ", ".join(f"{k} {n} ({how})" for k, (n, how) in counted.items() if n))
+
+
 def test_podmonitor_scrapes_the_ray_metrics_port():
     monitors = [d for _, d in _documents() if d["kind"] == "PodMonitor"]
     assert monitors and monitors[0]["apiVersion"] == "monitoring.coreos.com/v1"
