@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import json
 import os
 import re
 import shlex
@@ -408,6 +409,148 @@ def test_nightly_cronjob_waits_for_the_scoring_job():
     assert "RAY_ADDRESS" in _env_names(c)
 
 
+# ---- the nightly script against a fake Ray: which jobs it stops and submits --------------------------
+
+FAKE_RAY = r"""
+import json, os, sys
+
+STATE = os.environ["FAKE_RAY_STATE"]
+
+
+def _load():
+    with open(STATE) as fh:
+        return json.load(fh)
+
+
+def _save(state):
+    with open(STATE, "w") as fh:
+        json.dump(state, fh)
+
+
+class Status(str):
+    def is_terminal(self):
+        return self in ("STOPPED", "SUCCEEDED", "FAILED")
+
+
+class Job:
+    def __init__(self, d):
+        self.submission_id, self.status, self.entrypoint = d["id"], Status(d["status"]), d.get("entrypoint", "")
+
+
+class JobSubmissionClient:  # what ray.job_submission offers, on the state file
+    def __init__(self, address=None, **kwargs):
+        _log({"call": "client", "address": address or os.environ.get("RAY_ADDRESS")})
+
+    def list_jobs(self):
+        return [Job(d) for d in _load()["jobs"]]
+
+    def get_job_status(self, job_id):
+        return Status(next(d["status"] for d in _load()["jobs"] if d["id"] == job_id))
+
+
+def _log(entry):
+    state = _load()
+    state["calls"].append(entry)
+    _save(state)
+
+
+def cli(argv):  # `ray job stop ID` / `ray job submit --submission-id ID ... -- CMD`
+    state = _load()
+    assert argv[:1] == ["job"], argv
+    if argv[1] == "stop":
+        job_id = argv[-1]
+        state["calls"].append({"call": "stop", "id": job_id})
+        for d in state["jobs"]:
+            if d["id"] == job_id:  # `ray job stop` waits until the job has stopped
+                d["status"] = "STOPPED" if d["status"] in ("PENDING", "RUNNING") else d["status"]
+        _save(state)
+        return 0
+    if argv[1] == "submit":
+        job_id = argv[argv.index("--submission-id") + 1]
+        live = [d["id"] for d in state["jobs"] if d["status"] in ("PENDING", "RUNNING")]
+        state["calls"].append({"call": "submit", "id": job_id, "argv": argv, "live": live})
+        state["jobs"].append({"id": job_id, "status": state.get("outcome", "SUCCEEDED")})
+        _save(state)
+        return 0 if state.get("outcome", "SUCCEEDED") == "SUCCEEDED" else 1
+    raise SystemExit(f"fake ray: unexpected {argv}")
+"""
+
+
+def _fake_ray(tmp_path: Path, jobs: list[dict]) -> dict:
+    """A fake ``ray`` CLI first on PATH and a fake ``ray`` package first on PYTHONPATH, both on one
+    JSON state file (the cluster's jobs, and every call made)."""
+    pkg = tmp_path / "pkg" / "ray"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "_fake.py").write_text(FAKE_RAY)
+    (pkg / "job_submission.py").write_text("from ray._fake import JobSubmissionClient  # noqa: F401\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ray").write_text(f"#!{sys.executable}\nimport sys\nfrom ray._fake import cli\nsys.exit(cli(sys.argv[1:]))\n")
+    (bin_dir / "ray").chmod(0o755)
+    (bin_dir / "python").symlink_to(sys.executable)
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"jobs": jobs, "calls": []}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", PYTHONPATH=str(tmp_path / "pkg"),
+               FAKE_RAY_STATE=str(state), HOSTNAME="steel-nightly-score-29012345-abcde",
+               STEEL_WORKDIR=str(tmp_path))
+    for e in _cron_container()["env"]:  # the pod's own env (the token's Secret reference aside)
+        if "value" in e:
+            env[e["name"]] = e["value"]
+    return {"env": env, "state": state}
+
+
+def _run_script(fake: dict, *args) -> subprocess.CompletedProcess:
+    c = _cron_container()
+    return subprocess.run(c["command"] + list(args or c["args"]), env=fake["env"], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_nightly_script_stops_the_job_a_killed_pod_left_before_submitting(tmp_path):
+    """A pod killed by SIGKILL (OOM, lost node, eviction past its grace period) never runs its trap: its
+    Ray job keeps running, holding the output's lease, and the Job's retry would exit 3 (lease held).
+    The script stops this CronJob's earlier jobs that are still live, by submission id, before it
+    submits; it leaves every other job (interactive work, finished nights) alone."""
+    c = _cron_container()
+    cron = _cron()
+    prefix = _env_names(c).get("SUBMISSION_PREFIX", {}).get("value") or f"{cron['metadata']['name']}-"
+    assert prefix.startswith(cron["metadata"]["name"]), "the prefix should name the CronJob"
+    earlier = f"{prefix}20260101T023000-steel-nightly-score-29011111-zzzzz-123"
+    jobs = [{"id": earlier, "status": "RUNNING"},
+            {"id": f"{prefix}20251231T023000-steel-nightly-score-29010000-yyyyy-7", "status": "SUCCEEDED"},
+            {"id": "raysubmit_interactive", "status": "RUNNING"},
+            {"id": "steel-score-by-hand", "status": "PENDING"}]
+    fake = _fake_ray(tmp_path, jobs)
+    out = _run_script(fake)
+    assert out.returncode == 0, out.stdout + out.stderr
+    calls = [x for x in json.loads(fake["state"].read_text())["calls"] if x["call"] != "client"]
+    assert [x["call"] for x in calls] == ["stop", "submit"], calls
+    assert calls[0]["id"] == earlier
+    submit = calls[1]
+    assert earlier not in submit["live"], "submitted before the earlier job had stopped"
+    assert set(submit["live"]) == {"raysubmit_interactive", "steel-score-by-hand"}
+    assert submit["id"].startswith(prefix) and submit["id"] != earlier
+    argv = submit["argv"]
+    assert argv[argv.index("--") + 1:] == c["args"]
+    # `ray job stop` then ends the job's driver with SIGINT and waits: Python raises KeyboardInterrupt,
+    # steel's `finally` releases the lease, so the next try does not wait out lock_ttl_s.
+    env_vars = json.loads(argv[argv.index("--runtime-env-json") + 1])["env_vars"]
+    assert env_vars["RAY_JOB_STOP_SIGNAL"] == "SIGINT"
+    grace = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert 0 < int(env_vars["RAY_JOB_STOP_WAIT_TIME_S"]) < grace, "the driver must get its time within the pod's"
+
+
+def test_nightly_script_fails_when_the_job_fails_with_the_fake_ray(tmp_path):
+    fake = _fake_ray(tmp_path, [])
+    state = json.loads(fake["state"].read_text())
+    fake["state"].write_text(json.dumps({**state, "outcome": "FAILED"}))
+    out = _run_script(fake)
+    assert out.returncode != 0 and "did not succeed" in out.stderr, out.stdout + out.stderr
+    calls = [x["call"] for x in json.loads(fake["state"].read_text())["calls"] if x["call"] != "client"]
+    assert calls == ["submit"], calls
+
+
 def _head_token() -> str | None:
     """Ray 2.60 turns token auth on for a head started where a token exists (~/.ray/auth_token)."""
     path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
@@ -415,11 +558,15 @@ def _head_token() -> str | None:
 
 
 def _run_nightly(address: str, workdir: Path, entrypoint: list[str], token: str | None = None,
-                 **popen) -> subprocess.Popen:
+                 prefix: str | None = None, **popen) -> subprocess.Popen:
     """The CronJob's own script (from the manifest), with the test's Ray head and entrypoint, and the
-    token passed the way the manifest passes it (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN)."""
+    token passed the way the manifest passes it (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN). Each run gets
+    its own SUBMISSION_PREFIX unless given one (runs of one prefix stop each other's jobs)."""
+    import uuid
+
     c = _cron_container()
-    env = dict(os.environ, RAY_ADDRESS=address, STEEL_WORKDIR=str(workdir))
+    env = dict(os.environ, RAY_ADDRESS=address, STEEL_WORKDIR=str(workdir),
+               SUBMISSION_PREFIX=prefix or f"test-{uuid.uuid4().hex[:8]}-")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(name, None)
@@ -432,8 +579,12 @@ def _run_nightly(address: str, workdir: Path, entrypoint: list[str], token: str 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_nightly_script_fails_when_scoring_fails_and_stops_the_job_on_deadline(ray_head, tmp_path):
-    (tmp_path / "job.py").write_text("import sys, time\nif sys.argv[1] == 'sleep':\n    time.sleep(600)\n"
-                                     "sys.exit(int(sys.argv[1]))\n")
+    # `sleep` runs until stopped; on KeyboardInterrupt (what `ray job stop` sends it, RAY_JOB_STOP_SIGNAL)
+    # it leaves a mark, as steel's driver releases its lease in a `finally`.
+    (tmp_path / "job.py").write_text(
+        "import pathlib, sys, time\nif sys.argv[1] == 'sleep':\n    try:\n        time.sleep(600)\n"
+        "    except KeyboardInterrupt:\n        pathlib.Path(sys.argv[2]).write_text('released')\n        raise\n"
+        "sys.exit(int(sys.argv[1]))\n")
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     token = _head_token()
@@ -443,7 +594,7 @@ def test_nightly_script_fails_when_scoring_fails_and_stops_the_job_on_deadline(r
     # until Kubernetes' deadline SIGTERM.
     ok = _run_nightly(ray_head, tmp_path, ["python", "job.py", "0"], token)
     bad = _run_nightly(ray_head, tmp_path, ["python", "job.py", "3"], token)
-    slow = _run_nightly(ray_head, tmp_path, ["python", "job.py", "sleep"], token)
+    slow = _run_nightly(ray_head, tmp_path, ["python", "job.py", "sleep", str(tmp_path / "released-1")], token)
     out, _ = ok.communicate(timeout=180)
     assert ok.returncode == 0, out
     out, _ = bad.communicate(timeout=180)
@@ -459,21 +610,40 @@ def test_nightly_script_fails_when_scoring_fails_and_stops_the_job_on_deadline(r
                                  env=dict(env, RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=120)
         assert listing.returncode == 0, listing.stdout + listing.stderr
 
-    deadline = time.time() + 150
-    job_id = None
-    while time.time() < deadline and job_id is None:
-        running = [j for j in client.list_jobs() if j.submission_id not in before and j.status == JobStatus.RUNNING
-                   and "sleep" in j.entrypoint]
-        job_id = running[0].submission_id if running else None
-        time.sleep(0.5)
-    if not job_id:
-        slow.kill()
+    def running_sleeper(proc, mark) -> str:
+        deadline = time.time() + 150
+        while time.time() < deadline:
+            running = [j for j in client.list_jobs() if j.submission_id not in before
+                       and j.status == JobStatus.RUNNING and mark in j.entrypoint]
+            if running:
+                return running[0].submission_id
+            time.sleep(0.5)
+        proc.kill()
         jobs = [(j.submission_id, j.status, j.entrypoint, j.message) for j in client.list_jobs()]
-        pytest.fail(f"the sleeping job never ran: {jobs}\n{slow.communicate()[0]}")
+        pytest.fail(f"the sleeping job never ran: {jobs}\n{proc.communicate()[0]}")
+
+    job_id = running_sleeper(slow, "released-1")
     slow.send_signal(signal.SIGTERM)  # what Kubernetes does at activeDeadlineSeconds
     out, _ = slow.communicate(timeout=90)
     assert slow.returncode == 143, out
     assert client.get_job_status(job_id) == JobStatus.STOPPED
+    assert (tmp_path / "released-1").read_text() == "released", "the driver was not stopped with SIGINT"
+
+    # A pod SIGKILLed (no trap runs): its job goes on; the Job's next pod stops it, then scores.
+    prefix = "steel-nightly-score-test-"
+    killed = _run_nightly(ray_head, tmp_path, ["python", "job.py", "sleep", str(tmp_path / "released-2")], token,
+                          prefix=prefix)
+    orphan = running_sleeper(killed, "released-2")
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.communicate(timeout=30)
+    time.sleep(1)
+    assert client.get_job_status(orphan) == JobStatus.RUNNING, "the job should outlive its SIGKILLed pod"
+    retry = _run_nightly(ray_head, tmp_path, ["python", "job.py", "0"], token, prefix=prefix)
+    out, _ = retry.communicate(timeout=180)
+    assert retry.returncode == 0, out
+    assert f"stopping Ray job {orphan}" in out, out
+    assert client.get_job_status(orphan) == JobStatus.STOPPED
+    assert (tmp_path / "released-2").read_text() == "released"
 
 
 # ---- Dockerfile ---------------------------------------------------------------------------------------
