@@ -3,7 +3,13 @@ role cannot touch bundles, no action wildcards, listing only under named prefixe
 rights (with iam:PassRole for the worker role only) only on the launcher head's role.
 
 Policies are evaluated by a small evaluator of IAM's own rules for what these files use: explicit Deny
-wins, else any matching Allow; ``*``/``?`` wildcards in resources; ``StringLike`` on ``s3:prefix``.
+wins, else any matching Allow (no match: implicit deny); actions match case-insensitively, resources
+case-sensitively, both with ``*``/``?`` wildcards; every condition operator of a statement must hold,
+every key of an operator must hold, and a key holds when any of its values matches; a key missing
+from the request fails ``String*`` operators (and ``ForAnyValue:``) but passes ``ForAllValues:``;
+condition key names are case-insensitive, values are not. Operators: ``StringEquals``,
+``StringLike``, ``StringNotEquals``, ``Null``, with ``ForAnyValue:``/``ForAllValues:`` for multi-valued
+keys (``aws:TagKeys``). Anything else fails the test rather than being guessed.
 """
 
 from __future__ import annotations
@@ -37,21 +43,48 @@ def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
+_OPERATORS = {
+    "StringEquals": lambda value, pattern: value == pattern,
+    "StringLike": lambda value, pattern: fnmatch.fnmatchcase(value, pattern),
+    "StringNotEquals": lambda value, pattern: value != pattern,
+}
+
+
+def _condition_holds(op: str, key: str, patterns, context: dict) -> bool:
+    patterns = [str(p) for p in _as_list(patterns)]
+    present = {k.lower(): v for k, v in context.items()}
+    value = present.get(key.lower())
+    if op == "Null":  # "true": the key must be absent; "false": present
+        return any((value is None) == (p.lower() == "true") for p in patterns)
+    qualifier, _, base = op.rpartition(":")
+    assert base in _OPERATORS and qualifier in ("", "ForAnyValue", "ForAllValues"), f"evaluator does not know {op}"
+    test = _OPERATORS[base]
+    if qualifier == "ForAllValues":  # every value in the request matches one pattern (vacuously true if absent)
+        return value is None or all(any(test(v, p) for p in patterns) for v in _as_list(value))
+    if value is None:
+        return False
+    values = _as_list(value)
+    if qualifier == "ForAnyValue" or len(values) > 1:
+        return any(test(v, p) for v in values for p in patterns)
+    if base == "StringNotEquals":  # negated operators: the value matches none of the patterns
+        return all(test(values[0], p) for p in patterns)
+    return any(test(values[0], p) for p in patterns)
+
+
 def _matches(statement: dict, action: str, resource: str, context: dict) -> bool:
-    if not any(fnmatch.fnmatchcase(action, a) for a in _as_list(statement["Action"])):
+    if not any(fnmatch.fnmatchcase(action.lower(), a.lower()) for a in _as_list(statement["Action"])):
         return False
     if not any(fnmatch.fnmatchcase(resource, r) for r in _as_list(statement["Resource"])):
         return False
-    for op, conditions in statement.get("Condition", {}).items():
-        assert op == "StringLike", f"evaluator knows only StringLike, got {op}"
-        for key, patterns in conditions.items():
-            if key not in context or not any(fnmatch.fnmatchcase(context[key], p) for p in _as_list(patterns)):
-                return False
-    return True
+    return all(_condition_holds(op, key, patterns, context)
+               for op, conditions in statement.get("Condition", {}).items()
+               for key, patterns in conditions.items())
 
 
-def allowed(role: str, action: str, resource: str, **context) -> bool:
-    context = {k.replace("s3_", "s3:"): v for k, v in context.items()}
+def allowed(role: str, action: str, resource: str, context: dict | None = None, **kwargs) -> bool:
+    """IAM's decision for one request. ``context``: condition keys of the request (e.g.
+    ``{"aws:RequestTag/ray-cluster-name": "steel"}``); ``s3_prefix=`` is ``s3:prefix``."""
+    context = {**(context or {}), **{k.replace("s3_", "s3:"): v for k, v in kwargs.items()}}
     statements = _statements(role)
     if any(s["Effect"] == "Deny" and _matches(s, action, resource, context) for s in statements):
         return False
@@ -103,6 +136,33 @@ def test_evaluator_follows_iam_rules():
     assert not allowed("steel-train", "s3:ListBucket", "arn:aws:s3:::steel-data")  # no prefix: denied
     assert not allowed("steel-train", "s3:ListBucket", "arn:aws:s3:::steel-data", s3_prefix="other/")
     assert allowed("steel-train", "s3:ListBucket", "arn:aws:s3:::steel-data", s3_prefix="severstal/x/")
+
+
+@pytest.mark.parametrize("op, patterns, context, holds", [
+    ("StringEquals", "steel", {"ec2:ResourceTag/ray-cluster-name": "steel"}, True),
+    ("StringEquals", "steel", {"ec2:ResourceTag/ray-cluster-name": "Steel"}, False),  # values: case-sensitive
+    ("StringEquals", "steel", {"EC2:ResourceTag/RAY-CLUSTER-NAME": "steel"}, True),  # key names: not
+    ("StringEquals", "steel", {}, False),  # a missing key never equals
+    ("StringLike", "ste*", {"ec2:ResourceTag/ray-cluster-name": "steel"}, True),
+    ("StringEquals", "ste*", {"ec2:ResourceTag/ray-cluster-name": "steel"}, False),  # no wildcards in Equals
+    ("StringNotEquals", ["a", "b"], {"ec2:ResourceTag/ray-cluster-name": "b"}, False),
+    ("StringNotEquals", ["a", "b"], {"ec2:ResourceTag/ray-cluster-name": "c"}, True),
+    ("Null", "true", {}, True),
+    ("Null", "true", {"ec2:ResourceTag/ray-cluster-name": "x"}, False),
+])
+def test_evaluator_condition_operators(op, patterns, context, holds):
+    assert _condition_holds(op, "ec2:ResourceTag/ray-cluster-name", patterns, context) is holds
+
+
+def test_evaluator_set_operators_on_multivalued_keys():
+    keys = {"aws:TagKeys": ["ray-cluster-name", "Name"]}
+    assert _condition_holds("ForAnyValue:StringEquals", "aws:TagKeys", ["Name"], keys)
+    assert not _condition_holds("ForAllValues:StringEquals", "aws:TagKeys", ["Name"], keys)
+    assert _condition_holds("ForAllValues:StringEquals", "aws:TagKeys", ["Name", "ray-cluster-name"], keys)
+    assert _condition_holds("ForAllValues:StringEquals", "aws:TagKeys", ["Name"], {})  # vacuous
+    assert not _condition_holds("ForAnyValue:StringEquals", "aws:TagKeys", ["Name"], {})
+    with pytest.raises(AssertionError, match="does not know"):
+        _condition_holds("NumericLessThan", "aws:MultiFactorAuthAge", "3600", {"aws:MultiFactorAuthAge": "1"})
 
 
 # --- each role may do what its jobs do ---------------------------------------------------------------
@@ -171,13 +231,102 @@ def test_no_wildcard_actions_and_listing_only_under_prefixes(name):
 def test_autoscaler_rights_only_on_the_launcher_head():
     worker_role = f"arn:aws:iam::{ACCOUNT}:role/steel-ray-worker"
     for role in ROLES:
-        can_launch = allowed(role, "ec2:RunInstances", "arn:aws:ec2:us-east-1:1:instance/*")
+        can_launch = allowed(role, "ec2:RunInstances", _instance("*"), _request_tags(CLUSTER_NAME))
         assert can_launch == (role == "steel-ray-head"), role
         assert allowed(role, "iam:PassRole", worker_role) == (role == "steel-ray-head"), role
         assert not allowed(role, "iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/steel-ray-head"), role
         assert not allowed(role, "iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/admin"), role
-    for action in ("ec2:TerminateInstances", "ec2:DescribeInstances", "ec2:CreateTags"):
-        assert allowed("steel-ray-head", action, "*"), action
+        can_terminate = allowed(role, "ec2:TerminateInstances", _instance(), _resource_tags(CLUSTER_NAME))
+        assert can_terminate == (role == "steel-ray-head"), role
+
+
+# --- the autoscaler touches only its own cluster's instances ------------------------------------------
+# Ray's AWS node provider tags every instance it launches with ray-cluster-name=<cluster_name> (in the
+# RunInstances call's TagSpecifications), finds its nodes by that tag, retags them (CreateTags) as their
+# status changes, and terminates (or, with cache_stopped_nodes, stops and restarts) them by id.
+
+CLUSTER = yaml.safe_load((REPO / "cluster.yaml").read_text())
+CLUSTER_NAME = CLUSTER["cluster_name"]
+REGION = CLUSTER["provider"]["region"]
+TAG = "ray-cluster-name"
+
+
+def _instance(instance_id: str = "i-0123456789abcdef0", region: str = REGION, account: str = ACCOUNT) -> str:
+    return f"arn:aws:ec2:{region}:{account}:instance/{instance_id}"
+
+
+def _resource_tags(cluster: str | None) -> dict:
+    """Condition keys of a request on an existing instance tagged ray-cluster-name=<cluster> (None: untagged)."""
+    return {} if cluster is None else {f"ec2:ResourceTag/{TAG}": cluster}
+
+
+def _request_tags(cluster: str | None, **other) -> dict:
+    """Condition keys of a request that sets tags (RunInstances' TagSpecifications, CreateTags)."""
+    tags = ({TAG: cluster} if cluster is not None else {}) | other
+    return {**{f"aws:RequestTag/{k}": v for k, v in tags.items()}, **({"aws:TagKeys": list(tags)} if tags else {})}
+
+
+def _launch_resources() -> list[str]:
+    """The other resources IAM authorizes in a RunInstances call of cluster.yaml's node types: the AMI,
+    subnet, security group, key pair, the network interface and volumes it creates, and the spot request
+    of a spot node type."""
+    amis = {n["node_config"]["ImageId"] for n in CLUSTER["available_node_types"].values()}
+    kinds = ["subnet", "security-group", "key-pair", "network-interface", "volume"]
+    if any("InstanceMarketOptions" in n["node_config"] for n in CLUSTER["available_node_types"].values()):
+        kinds.append("spot-instances-request")
+    return ([f"arn:aws:ec2:{REGION}::image/{ami}" for ami in sorted(amis)]
+            + [f"arn:aws:ec2:{REGION}:{ACCOUNT}:{kind}/x-0123456789abcdef0" for kind in kinds])
+
+
+def test_autoscaler_tag_is_rays_and_names_the_cluster_of_cluster_yaml():
+    from ray.autoscaler.tags import TAG_RAY_CLUSTER_NAME
+
+    assert TAG == TAG_RAY_CLUSTER_NAME
+    values = [v for s in _policy("steel-autoscaler")["Statement"] for conds in s.get("Condition", {}).values()
+              for key, v in conds.items() if key.lower().endswith(f"tag/{TAG}")]
+    assert values, "steel-autoscaler scopes nothing by the cluster's tag"
+    assert all(_as_list(v) == [CLUSTER_NAME] for v in values), (values, CLUSTER_NAME)
+
+
+@pytest.mark.parametrize("action", ["ec2:TerminateInstances", "ec2:StopInstances", "ec2:StartInstances"])
+def test_autoscaler_stops_and_terminates_only_its_own_instances(action):
+    assert allowed("steel-ray-head", action, _instance(), _resource_tags(CLUSTER_NAME))
+    assert not allowed("steel-ray-head", action, _instance()), "an untagged instance"
+    assert not allowed("steel-ray-head", action, _instance(), _resource_tags("other-cluster"))
+    assert not allowed("steel-ray-head", action, _instance(), _resource_tags(CLUSTER_NAME.upper()))
+    assert not allowed("steel-ray-head", action, _instance(account="210987654321"), _resource_tags(CLUSTER_NAME))
+
+
+def test_autoscaler_launches_only_instances_tagged_for_its_cluster():
+    head = "steel-ray-head"
+    assert allowed(head, "ec2:RunInstances", _instance("*"), _request_tags(CLUSTER_NAME, **{"ray-node-type": "worker"}))
+    assert not allowed(head, "ec2:RunInstances", _instance("*")), "an untagged launch"
+    assert not allowed(head, "ec2:RunInstances", _instance("*"), _request_tags("other-cluster"))
+    assert not allowed(head, "ec2:RunInstances", _instance("*", region="eu-west-1"), _request_tags(CLUSTER_NAME))
+    for resource in _launch_resources():  # what else a launch touches: not taggable by Ray, so untagged
+        assert allowed(head, "ec2:RunInstances", resource), resource
+        assert not allowed("steel-ray-worker", "ec2:RunInstances", resource), resource
+
+
+def test_autoscaler_tags_instances_only_at_launch_or_its_own():
+    head = "steel-ray-head"
+    at_launch = {"ec2:CreateAction": "RunInstances"}
+    assert allowed(head, "ec2:CreateTags", _instance("*"), {**at_launch, **_request_tags(CLUSTER_NAME)})
+    assert not allowed(head, "ec2:CreateTags", _instance("*"), {**at_launch, **_request_tags("other-cluster")})
+    status = _request_tags(None, **{"ray-node-status": "up-to-date"})
+    assert allowed(head, "ec2:CreateTags", _instance(), {**_resource_tags(CLUSTER_NAME), **status})
+    # Adopting someone else's instance (tag it as ours, then terminate it) is refused at the first step.
+    assert not allowed(head, "ec2:CreateTags", _instance(), _request_tags(CLUSTER_NAME))
+    assert not allowed(head, "ec2:CreateTags", _instance(), {**_resource_tags("other-cluster"), **_request_tags(CLUSTER_NAME)})
+    assert not allowed(head, "ec2:CreateTags", f"arn:aws:ec2:{REGION}:{ACCOUNT}:volume/vol-1", _request_tags(CLUSTER_NAME))
+
+
+def test_autoscaler_still_sees_everything_it_needs():
+    for action in ("ec2:DescribeInstances", "ec2:DescribeInstanceStatus", "ec2:DescribeInstanceTypes",
+                   "ec2:DescribeImages", "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups",
+                   "ec2:DescribeKeyPairs", "ec2:DescribeAvailabilityZones"):
+        assert allowed("steel-ray-head", action, "*"), action  # Describe* has no resource-level permissions
+        assert not allowed("steel-ray-worker", action, "*"), action
 
 
 def test_launcher_nodes_can_pull_the_image_from_ecr():

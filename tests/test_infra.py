@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import json
 import os
 import re
 import shlex
@@ -265,35 +266,102 @@ def _uses_token(container: dict) -> bool:
     return env.get("RAY_AUTH_MODE", {}).get("value") == "token" and token.get("name") and token.get("key")
 
 
-def test_long_lived_cluster_and_its_clients_use_token_auth():
-    cluster = next(d for _, d in _documents() if d["kind"] == "RayCluster")
-    assert cluster["spec"]["rayVersion"] >= "2.52", "Ray token auth needs Ray >= 2.52"
-    for spec in _pod_specs(cluster):
-        for c in spec["containers"]:
-            assert _uses_token(c), f"{c['name']}: no RAY_AUTH_MODE=token with the token from a Secret"
+def _ray_pod_specs(doc: dict) -> list[dict]:
+    """The pod specs of a Ray object's Ray nodes (head and worker groups; not a RayJob's submitter)."""
+    from tests.test_kuberay import pod_templates
+
+    return [t["spec"] for where, t in pod_templates(doc) if where != "submitterPodTemplate"]
+
+
+def _token_secret(container: dict) -> str | None:
+    env = _env_names(container)
+    return env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {}).get("name")
+
+
+def test_every_ray_cluster_and_its_clients_use_token_auth():
+    """Every cluster's dashboard/job API needs the token. Two ways (KubeRay 1.5.1 source): the cluster's
+    ``authOptions: {mode: token}``, with which the operator makes the Secret and gives it to every Ray
+    container, the autoscaler, a RayJob's submitter and its own dashboard client
+    (SetContainerTokenAuthEnvVars, GetRayDashboardClientFunc); or the token from a Secret in each Ray
+    container's env, which reaches nothing KubeRay adds. So the clusters the operator talks to (a
+    RayJob's: job status; a RayService's: serve config) must use authOptions. (Network access to the
+    job APIs: tests/test_kuberay.py, on the pods KubeRay makes.)"""
+    from tests.test_kuberay import _cluster_specs
+
+    secrets = {}
+    ray_objects = [d for _, d in _documents() if d["kind"] in ("RayCluster", "RayJob", "RayService")]
+    assert {d["kind"] for d in ray_objects} == {"RayCluster", "RayJob", "RayService"}
+    for doc in ray_objects:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        spec = _cluster_specs(doc)[0]
+        assert spec["rayVersion"] >= "2.52", f"{name}: Ray token auth needs Ray >= 2.52"
+        if (spec.get("authOptions") or {}).get("mode") == "token":
+            continue
+        assert doc["kind"] == "RayCluster", f"{name}: the operator must send the token: use authOptions {{mode: token}}"
+        for pod in _ray_pod_specs(doc):
+            for c in pod["containers"]:
+                assert _uses_token(c), f"{name} {c['name']}: no RAY_AUTH_MODE=token with the token from a Secret"
+        secrets[doc["metadata"]["name"]] = {_token_secret(c) for pod in _ray_pod_specs(doc) for c in pod["containers"]}
     assert _uses_token(_cron_container())
+    assert secrets["steel"] == {_token_secret(_cron_container())}, "the nightly pod sends another cluster's token"
 
 
-def test_only_labelled_client_pods_reach_the_job_api():
-    policies = [d for _, d in _documents() if d["kind"] == "NetworkPolicy"]
-    api = [p for p in policies if any(port.get("port") == 8265 for rule in p["spec"].get("ingress", [])
-                                      for port in rule.get("ports", []))]
-    assert api, "no NetworkPolicy guards the dashboard/job API (8265)"
-    client_labels = {}
-    for rule in (r for p in api for r in p["spec"]["ingress"]):
-        for peer in rule["from"]:
-            assert set(peer) == {"podSelector"} and peer["podSelector"].get("matchLabels"), \
-                f"8265 open to more than labelled pods: {peer}"
-            client_labels.update(peer["podSelector"]["matchLabels"])
-    pod_labels = _cron()["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
-    assert client_labels.items() <= pod_labels.items(), "the nightly CronJob's pods could not reach the job API"
-    # Every other ingress to the cluster's pods: its own pods, or Prometheus on the metrics port only.
-    for p in policies:
-        for rule in p["spec"].get("ingress", []):
-            ports = {port.get("port") for port in rule.get("ports", [])}
-            for peer in rule["from"]:
-                if "namespaceSelector" in peer:
-                    assert ports == {8080}, f"{p['metadata']['name']}: other namespaces reach {ports or 'every port'}"
+def test_the_autoscaler_sidecar_gets_the_token():
+    """With enableInTreeAutoscaling KubeRay adds an autoscaler container to the head pod
+    (BuildAutoscalerContainer); it talks to the GCS, which refuses it without the token. Its env is
+    autoscalerOptions.env, plus the token only with authOptions (common/pod.go, KubeRay 1.5.1)."""
+    from tests.test_kuberay import _cluster_specs
+
+    for _, doc in _documents():
+        if doc["kind"] not in ("RayCluster", "RayJob", "RayService"):
+            continue
+        spec = _cluster_specs(doc)[0]
+        if not spec.get("enableInTreeAutoscaling") or (spec.get("authOptions") or {}).get("mode") == "token":
+            continue
+        sidecar = {"name": "autoscaler", "env": (spec.get("autoscalerOptions") or {}).get("env") or []}
+        assert _uses_token(sidecar), f"{doc['metadata']['name']}: the autoscaler gets no RAY_AUTH_MODE/RAY_AUTH_TOKEN"
+        head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert _token_secret(sidecar) == _token_secret(head), "the autoscaler sends another Secret's token"
+
+
+def _pod_gpus(spec: dict) -> int:
+    """nvidia.com/gpu a pod requests (an extended resource's request defaults to its limit)."""
+    total = 0
+    for c in spec.get("containers", []):
+        res = c.get("resources") or {}
+        total += int((res.get("requests") or {}).get("nvidia.com/gpu", (res.get("limits") or {}).get("nvidia.com/gpu", 0)))
+    return total
+
+
+def max_gpus(doc: dict) -> tuple[int, str]:
+    """The most GPUs an object's pods can request at once, and how that is counted."""
+    from tests.test_kuberay import _cluster_specs
+
+    if doc["kind"] in ("RayCluster", "RayJob", "RayService"):
+        spec = _cluster_specs(doc)[0]
+        per_cluster = _pod_gpus(spec["headGroupSpec"]["template"]["spec"]) + sum(
+            int(g.get("maxReplicas", g.get("replicas", 0))) * int(g.get("numOfHosts", 1)) * _pod_gpus(g["template"]["spec"])
+            for g in spec.get("workerGroupSpecs") or [])
+        submitter = _pod_gpus(((doc["spec"].get("submitterPodTemplate") or {}).get("spec")) or {})
+        # A RayService upgrade (NewCluster) runs the new cluster beside the old one until it serves, and
+        # the old one until rayClusterDeletionDelaySeconds later: both may be at their maximum.
+        clusters = 2 if doc["kind"] == "RayService" and (doc["spec"].get("upgradeStrategy") or {}).get(
+            "type", "NewCluster") != "None" else 1
+        return clusters * per_cluster + submitter, f"{clusters} x {per_cluster} + submitter {submitter}"
+    gpus = sum(_pod_gpus(spec) for spec in _pod_specs(doc))
+    return gpus, f"{gpus}"
+
+
+def test_gpu_quota_holds_every_manifest_at_its_maximum_at_once():
+    quota = next(d for _, d in _documents() if d["kind"] == "ResourceQuota")
+    hard = int(quota["spec"]["hard"]["requests.nvidia.com/gpu"])
+    counted = {f"{d['kind']}/{d['metadata']['name']}": max_gpus(d) for _, d in _documents()
+               if d["metadata"].get("namespace") == quota["metadata"]["namespace"]}
+    total = sum(n for n, _ in counted.values())
+    assert {"RayCluster/steel", "RayJob/steel-train", "RayService/steel-serve"} <= set(counted)
+    assert counted["RayService/steel-serve"][0] > 0 and counted["RayJob/steel-train"][0] > 0
+    assert total <= hard, (f"ResourceQuota {quota['metadata']['name']}: {hard} GPUs, the manifests may ask for "
+                           f"{total}: " + ", ".join(f"{k} {n} ({how})" for k, (n, how) in counted.items() if n))
 
 
 def test_podmonitor_scrapes_the_ray_metrics_port():
@@ -304,7 +372,7 @@ def test_podmonitor_scrapes_the_ray_metrics_port():
     ports = {e["port"] for e in spec["podMetricsEndpoints"]}
     for _, doc in _documents():
         if doc["kind"] in ("RayCluster", "RayJob"):
-            for pod in _pod_specs(doc):
+            for pod in _ray_pod_specs(doc):
                 names = {p["name"] for c in pod["containers"] for p in c.get("ports", [])}
                 assert ports & names, f"{doc['metadata']['name']}: no container port named {ports}"
 
@@ -315,9 +383,16 @@ def test_service_accounts_exist_and_match_the_job():
         for spec in _pod_specs(doc):
             assert spec.get("serviceAccountName") in accounts, f"{path}: service account {spec.get('serviceAccountName')}"
     train = next(d for _, d in _documents() if d["kind"] == "RayJob" and "ray_jobs.train" in d["spec"]["entrypoint"])
-    assert {s["serviceAccountName"] for s in _pod_specs(train)} == {"steel-train"}
+    assert {s["serviceAccountName"] for s in _ray_pod_specs(train)} == {"steel-train"}
     cluster = next(d for _, d in _documents() if d["kind"] == "RayCluster")
-    assert {s["serviceAccountName"] for s in _pod_specs(cluster)} == {"steel-score"}
+    assert {s["serviceAccountName"] for s in _ray_pod_specs(cluster)} == {"steel-score"}
+    # A pod that only submits (the RayJob's submitter) gets no IAM role and no Kubernetes token.
+    submitter = (train["spec"].get("submitterPodTemplate") or {}).get("spec")
+    if submitter:
+        account = next(d for _, d in _documents() if d["kind"] == "ServiceAccount"
+                       and d["metadata"]["name"] == submitter["serviceAccountName"])
+        assert "eks.amazonaws.com/role-arn" not in (account["metadata"].get("annotations") or {})
+        assert account.get("automountServiceAccountToken") is False
 
 
 def test_nightly_cronjob_waits_for_the_scoring_job():
@@ -334,6 +409,148 @@ def test_nightly_cronjob_waits_for_the_scoring_job():
     assert "RAY_ADDRESS" in _env_names(c)
 
 
+# ---- the nightly script against a fake Ray: which jobs it stops and submits --------------------------
+
+FAKE_RAY = r"""
+import json, os, sys
+
+STATE = os.environ["FAKE_RAY_STATE"]
+
+
+def _load():
+    with open(STATE) as fh:
+        return json.load(fh)
+
+
+def _save(state):
+    with open(STATE, "w") as fh:
+        json.dump(state, fh)
+
+
+class Status(str):
+    def is_terminal(self):
+        return self in ("STOPPED", "SUCCEEDED", "FAILED")
+
+
+class Job:
+    def __init__(self, d):
+        self.submission_id, self.status, self.entrypoint = d["id"], Status(d["status"]), d.get("entrypoint", "")
+
+
+class JobSubmissionClient:  # what ray.job_submission offers, on the state file
+    def __init__(self, address=None, **kwargs):
+        _log({"call": "client", "address": address or os.environ.get("RAY_ADDRESS")})
+
+    def list_jobs(self):
+        return [Job(d) for d in _load()["jobs"]]
+
+    def get_job_status(self, job_id):
+        return Status(next(d["status"] for d in _load()["jobs"] if d["id"] == job_id))
+
+
+def _log(entry):
+    state = _load()
+    state["calls"].append(entry)
+    _save(state)
+
+
+def cli(argv):  # `ray job stop ID` / `ray job submit --submission-id ID ... -- CMD`
+    state = _load()
+    assert argv[:1] == ["job"], argv
+    if argv[1] == "stop":
+        job_id = argv[-1]
+        state["calls"].append({"call": "stop", "id": job_id})
+        for d in state["jobs"]:
+            if d["id"] == job_id:  # `ray job stop` waits until the job has stopped
+                d["status"] = "STOPPED" if d["status"] in ("PENDING", "RUNNING") else d["status"]
+        _save(state)
+        return 0
+    if argv[1] == "submit":
+        job_id = argv[argv.index("--submission-id") + 1]
+        live = [d["id"] for d in state["jobs"] if d["status"] in ("PENDING", "RUNNING")]
+        state["calls"].append({"call": "submit", "id": job_id, "argv": argv, "live": live})
+        state["jobs"].append({"id": job_id, "status": state.get("outcome", "SUCCEEDED")})
+        _save(state)
+        return 0 if state.get("outcome", "SUCCEEDED") == "SUCCEEDED" else 1
+    raise SystemExit(f"fake ray: unexpected {argv}")
+"""
+
+
+def _fake_ray(tmp_path: Path, jobs: list[dict]) -> dict:
+    """A fake ``ray`` CLI first on PATH and a fake ``ray`` package first on PYTHONPATH, both on one
+    JSON state file (the cluster's jobs, and every call made)."""
+    pkg = tmp_path / "pkg" / "ray"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "_fake.py").write_text(FAKE_RAY)
+    (pkg / "job_submission.py").write_text("from ray._fake import JobSubmissionClient  # noqa: F401\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ray").write_text(f"#!{sys.executable}\nimport sys\nfrom ray._fake import cli\nsys.exit(cli(sys.argv[1:]))\n")
+    (bin_dir / "ray").chmod(0o755)
+    (bin_dir / "python").symlink_to(sys.executable)
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"jobs": jobs, "calls": []}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", PYTHONPATH=str(tmp_path / "pkg"),
+               FAKE_RAY_STATE=str(state), HOSTNAME="steel-nightly-score-29012345-abcde",
+               STEEL_WORKDIR=str(tmp_path))
+    for e in _cron_container()["env"]:  # the pod's own env (the token's Secret reference aside)
+        if "value" in e:
+            env[e["name"]] = e["value"]
+    return {"env": env, "state": state}
+
+
+def _run_script(fake: dict, *args) -> subprocess.CompletedProcess:
+    c = _cron_container()
+    return subprocess.run(c["command"] + list(args or c["args"]), env=fake["env"], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_nightly_script_stops_the_job_a_killed_pod_left_before_submitting(tmp_path):
+    """A pod killed by SIGKILL (OOM, lost node, eviction past its grace period) never runs its trap: its
+    Ray job keeps running, holding the output's lease, and the Job's retry would exit 3 (lease held).
+    The script stops this CronJob's earlier jobs that are still live, by submission id, before it
+    submits; it leaves every other job (interactive work, finished nights) alone."""
+    c = _cron_container()
+    cron = _cron()
+    prefix = _env_names(c).get("SUBMISSION_PREFIX", {}).get("value") or f"{cron['metadata']['name']}-"
+    assert prefix.startswith(cron["metadata"]["name"]), "the prefix should name the CronJob"
+    earlier = f"{prefix}20260101T023000-steel-nightly-score-29011111-zzzzz-123"
+    jobs = [{"id": earlier, "status": "RUNNING"},
+            {"id": f"{prefix}20251231T023000-steel-nightly-score-29010000-yyyyy-7", "status": "SUCCEEDED"},
+            {"id": "raysubmit_interactive", "status": "RUNNING"},
+            {"id": "steel-score-by-hand", "status": "PENDING"}]
+    fake = _fake_ray(tmp_path, jobs)
+    out = _run_script(fake)
+    assert out.returncode == 0, out.stdout + out.stderr
+    calls = [x for x in json.loads(fake["state"].read_text())["calls"] if x["call"] != "client"]
+    assert [x["call"] for x in calls] == ["stop", "submit"], calls
+    assert calls[0]["id"] == earlier
+    submit = calls[1]
+    assert earlier not in submit["live"], "submitted before the earlier job had stopped"
+    assert set(submit["live"]) == {"raysubmit_interactive", "steel-score-by-hand"}
+    assert submit["id"].startswith(prefix) and submit["id"] != earlier
+    argv = submit["argv"]
+    assert argv[argv.index("--") + 1:] == c["args"]
+    # `ray job stop` then ends the job's driver with SIGINT and waits: Python raises KeyboardInterrupt,
+    # steel's `finally` releases the lease, so the next try does not wait out lock_ttl_s.
+    env_vars = json.loads(argv[argv.index("--runtime-env-json") + 1])["env_vars"]
+    assert env_vars["RAY_JOB_STOP_SIGNAL"] == "SIGINT"
+    grace = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert 0 < int(env_vars["RAY_JOB_STOP_WAIT_TIME_S"]) < grace, "the driver must get its time within the pod's"
+
+
+def test_nightly_script_fails_when_the_job_fails_with_the_fake_ray(tmp_path):
+    fake = _fake_ray(tmp_path, [])
+    state = json.loads(fake["state"].read_text())
+    fake["state"].write_text(json.dumps({**state, "outcome": "FAILED"}))
+    out = _run_script(fake)
+    assert out.returncode != 0 and "did not succeed" in out.stderr, out.stdout + out.stderr
+    calls = [x["call"] for x in json.loads(fake["state"].read_text())["calls"] if x["call"] != "client"]
+    assert calls == ["submit"], calls
+
+
 def _head_token() -> str | None:
     """Ray 2.60 turns token auth on for a head started where a token exists (~/.ray/auth_token)."""
     path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
@@ -341,11 +558,15 @@ def _head_token() -> str | None:
 
 
 def _run_nightly(address: str, workdir: Path, entrypoint: list[str], token: str | None = None,
-                 **popen) -> subprocess.Popen:
+                 prefix: str | None = None, **popen) -> subprocess.Popen:
     """The CronJob's own script (from the manifest), with the test's Ray head and entrypoint, and the
-    token passed the way the manifest passes it (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN)."""
+    token passed the way the manifest passes it (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN). Each run gets
+    its own SUBMISSION_PREFIX unless given one (runs of one prefix stop each other's jobs)."""
+    import uuid
+
     c = _cron_container()
-    env = dict(os.environ, RAY_ADDRESS=address, STEEL_WORKDIR=str(workdir))
+    env = dict(os.environ, RAY_ADDRESS=address, STEEL_WORKDIR=str(workdir),
+               SUBMISSION_PREFIX=prefix or f"test-{uuid.uuid4().hex[:8]}-")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(name, None)
@@ -358,8 +579,12 @@ def _run_nightly(address: str, workdir: Path, entrypoint: list[str], token: str 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_nightly_script_fails_when_scoring_fails_and_stops_the_job_on_deadline(ray_head, tmp_path):
-    (tmp_path / "job.py").write_text("import sys, time\nif sys.argv[1] == 'sleep':\n    time.sleep(600)\n"
-                                     "sys.exit(int(sys.argv[1]))\n")
+    # `sleep` runs until stopped; on KeyboardInterrupt (what `ray job stop` sends it, RAY_JOB_STOP_SIGNAL)
+    # it leaves a mark, as steel's driver releases its lease in a `finally`.
+    (tmp_path / "job.py").write_text(
+        "import pathlib, sys, time\nif sys.argv[1] == 'sleep':\n    try:\n        time.sleep(600)\n"
+        "    except KeyboardInterrupt:\n        pathlib.Path(sys.argv[2]).write_text('released')\n        raise\n"
+        "sys.exit(int(sys.argv[1]))\n")
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     token = _head_token()
@@ -369,7 +594,7 @@ def test_nightly_script_fails_when_scoring_fails_and_stops_the_job_on_deadline(r
     # until Kubernetes' deadline SIGTERM.
     ok = _run_nightly(ray_head, tmp_path, ["python", "job.py", "0"], token)
     bad = _run_nightly(ray_head, tmp_path, ["python", "job.py", "3"], token)
-    slow = _run_nightly(ray_head, tmp_path, ["python", "job.py", "sleep"], token)
+    slow = _run_nightly(ray_head, tmp_path, ["python", "job.py", "sleep", str(tmp_path / "released-1")], token)
     out, _ = ok.communicate(timeout=180)
     assert ok.returncode == 0, out
     out, _ = bad.communicate(timeout=180)
@@ -385,21 +610,40 @@ def test_nightly_script_fails_when_scoring_fails_and_stops_the_job_on_deadline(r
                                  env=dict(env, RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=120)
         assert listing.returncode == 0, listing.stdout + listing.stderr
 
-    deadline = time.time() + 150
-    job_id = None
-    while time.time() < deadline and job_id is None:
-        running = [j for j in client.list_jobs() if j.submission_id not in before and j.status == JobStatus.RUNNING
-                   and "sleep" in j.entrypoint]
-        job_id = running[0].submission_id if running else None
-        time.sleep(0.5)
-    if not job_id:
-        slow.kill()
+    def running_sleeper(proc, mark) -> str:
+        deadline = time.time() + 150
+        while time.time() < deadline:
+            running = [j for j in client.list_jobs() if j.submission_id not in before
+                       and j.status == JobStatus.RUNNING and mark in j.entrypoint]
+            if running:
+                return running[0].submission_id
+            time.sleep(0.5)
+        proc.kill()
         jobs = [(j.submission_id, j.status, j.entrypoint, j.message) for j in client.list_jobs()]
-        pytest.fail(f"the sleeping job never ran: {jobs}\n{slow.communicate()[0]}")
+        pytest.fail(f"the sleeping job never ran: {jobs}\n{proc.communicate()[0]}")
+
+    job_id = running_sleeper(slow, "released-1")
     slow.send_signal(signal.SIGTERM)  # what Kubernetes does at activeDeadlineSeconds
     out, _ = slow.communicate(timeout=90)
     assert slow.returncode == 143, out
     assert client.get_job_status(job_id) == JobStatus.STOPPED
+    assert (tmp_path / "released-1").read_text() == "released", "the driver was not stopped with SIGINT"
+
+    # A pod SIGKILLed (no trap runs): its job goes on; the Job's next pod stops it, then scores.
+    prefix = "steel-nightly-score-test-"
+    killed = _run_nightly(ray_head, tmp_path, ["python", "job.py", "sleep", str(tmp_path / "released-2")], token,
+                          prefix=prefix)
+    orphan = running_sleeper(killed, "released-2")
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.communicate(timeout=30)
+    time.sleep(1)
+    assert client.get_job_status(orphan) == JobStatus.RUNNING, "the job should outlive its SIGKILLed pod"
+    retry = _run_nightly(ray_head, tmp_path, ["python", "job.py", "0"], token, prefix=prefix)
+    out, _ = retry.communicate(timeout=180)
+    assert retry.returncode == 0, out
+    assert f"stopping Ray job {orphan}" in out, out
+    assert client.get_job_status(orphan) == JobStatus.STOPPED
+    assert (tmp_path / "released-2").read_text() == "released"
 
 
 # ---- Dockerfile ---------------------------------------------------------------------------------------

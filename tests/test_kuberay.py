@@ -536,3 +536,310 @@ def test_crd_fields_reject_unknown_and_mistyped_fields():
     cluster = _raycluster()
     cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0
     assert any("strings" in e for e in crd_field_errors(cluster))
+
+
+# ====================================================================================================
+# Network isolation, checked on the pods KubeRay makes from these manifests (KubeRay 1.5.1 source):
+#
+# - the RayCluster's pods belong to a cluster of the object's own name; a RayJob's and a RayService's
+#   to a cluster KubeRay names with GenerateRayClusterName (utils/util.go): `<name>-<5 random chars>`
+#   from KubeRay 1.4 on, `<name>-raycluster-<5>` before (both are simulated: the policies must not
+#   depend on it). A RayService keeps two clusters while it upgrades (upgradeStrategy NewCluster).
+# - each Ray pod's labels are labelPod (common/pod.go): ray.io/is-ray-node, ray.io/cluster=<generated
+#   name>, ray.io/node-type, ray.io/group, ray.io/identifier, app.kubernetes.io/{name,created-by},
+#   plus the template's labels and the group's `labels` (which cannot override cluster/node-type/group).
+# - a RayJob (K8sJobMode, the default) submits from a Kubernetes Job whose pod is its
+#   submitterPodTemplate (GetSubmitterTemplate: copied as written, labels included); the Job
+#   controller adds job-name labels. The operator itself talks to the head's dashboard port of the
+#   clusters it drives (RayJob: job status; RayService: serve config), from its own namespace.
+# - NetworkPolicy semantics (ingress only: no policy here restricts egress): a pod selected by no
+#   policy accepts everything; a selected pod accepts what one of the selecting policies' rules allows;
+#   a peer's podSelector alone means the policy's namespace; a rule without ports allows every port.
+
+K8S_RAND = "bcdfghjklmnpqrstvwxz2456789"  # k8s.io/apimachinery/pkg/util/rand, what rand.String draws from
+NAMESPACE = "steel"
+OPERATOR_NAMESPACE = "default"  # where KubeRay's helm chart README installs the operator
+OPERATOR_LABELS = {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance": "kuberay-operator",
+                   "app.kubernetes.io/component": "kuberay-operator"}  # helm-chart/kuberay-operator
+SERVE_CLIENT_LABELS = {"steel.io/ray-client": "steel-serve"}  # README: pods that may call the Serve endpoint
+PORTS = {"dashboard": 8265, "gcs": 6379, "client": 10001, "metrics": 8080, "serve": 8000,
+         "agent": 52365, "worker": 11000}  # Ray's ports; `worker` stands for the random worker ports
+
+
+def _rand5(rng) -> str:
+    return "".join(rng.choice(K8S_RAND) for _ in range(5))
+
+
+def cluster_names(obj: dict, rng) -> list[str]:
+    """The names KubeRay gives the RayCluster(s) of a Ray object (GenerateRayClusterName)."""
+    name = obj["metadata"]["name"]
+    if obj["kind"] == "RayCluster":
+        return [name]
+    names = [f"{name}-{_rand5(rng)}", f"{name}-raycluster-{_rand5(rng)}"]  # KubeRay >= 1.4, < 1.4
+    if obj["kind"] == "RayService" and (obj["spec"].get("upgradeStrategy") or {}).get("type", "NewCluster") != "None":
+        names.append(f"{name}-{_rand5(rng)}")  # the new cluster beside the old one during an upgrade
+    return names
+
+
+def _label_pod(node_type: str, cluster: str, group: str, template: dict, group_spec: dict) -> dict:
+    labels = {"ray.io/is-ray-node": "yes", "ray.io/cluster": cluster, "ray.io/node-type": node_type,
+              "ray.io/group": group, "ray.io/identifier": f"{cluster}-{node_type}"[-63:],
+              "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
+    merged = {**((template.get("metadata") or {}).get("labels") or {}), **(group_spec.get("labels") or {})}
+    fixed = ("ray.io/node-type", "ray.io/group", "ray.io/cluster")
+    return {**labels, **{k: str(v) for k, v in merged.items() if k not in fixed}}
+
+
+def _ports(template: dict) -> dict:
+    return {p["name"]: p["containerPort"] for c in template.get("spec", {}).get("containers", [])
+            for p in c.get("ports", []) if p.get("name")}
+
+
+def _pod(name, namespace, labels, role, owner=None, ports=None) -> dict:
+    return {"name": name, "namespace": namespace, "labels": labels, "role": role, "owner": owner,
+            "ports": ports or {}}
+
+
+def kuberay_pods(obj: dict, rng) -> list[dict]:
+    """One pod per group (head, each worker group) of every cluster of a Ray object, and a RayJob's
+    submitter pod, labelled as KubeRay and the Job controller label them."""
+    owner = f"{obj['kind']}/{obj['metadata']['name']}"
+    ns = obj["metadata"].get("namespace", "default")
+    spec = _cluster_specs(obj)[0]
+    pods = []
+    for cluster in cluster_names(obj, rng):
+        head = spec["headGroupSpec"]
+        pods.append(_pod(f"{cluster}-head-{_rand5(rng)}", ns, _label_pod("head", cluster, "headgroup", head["template"], head),
+                         "head", owner, _ports(head["template"])))
+        for g in spec.get("workerGroupSpecs") or []:
+            pods.append(_pod(f"{cluster}-{g['groupName']}-worker-{_rand5(rng)}", ns,
+                             _label_pod("worker", cluster, g["groupName"], g["template"], g), "worker", owner,
+                             _ports(g["template"])))
+    if obj["kind"] == "RayJob" and obj["spec"].get("submissionMode", "K8sJobMode") == "K8sJobMode":
+        template = obj["spec"].get("submitterPodTemplate") or {}
+        job = obj["metadata"]["name"]
+        labels = {**((template.get("metadata") or {}).get("labels") or {}),
+                  "batch.kubernetes.io/job-name": job, "job-name": job}
+        pods.append(_pod(f"{job}-{_rand5(rng)}", ns, labels, "submitter", owner))
+    return pods
+
+
+def _cron_pods(obj: dict) -> list[dict]:
+    template = obj["spec"]["jobTemplate"]["spec"]["template"]
+    job = f"{obj['metadata']['name']}-29012345"
+    labels = {**((template.get("metadata") or {}).get("labels") or {}), "batch.kubernetes.io/job-name": job,
+              "job-name": job}
+    env = {e["name"]: e.get("value") for c in template["spec"]["containers"] for e in c.get("env") or []}
+    host = re.sub(r"^https?://", "", env.get("RAY_ADDRESS") or "").split(":")[0].split(".")[0]
+    target = f"RayCluster/{host[:-len('-head-svc')]}" if host.endswith("-head-svc") else None
+    pod = _pod(f"{job}-{'x' * 5}", obj["metadata"].get("namespace", "default"), labels, "client", f"CronJob/{obj['metadata']['name']}")
+    pod["client_of"] = target
+    return [pod]
+
+
+def steel_pods(docs: list[dict], seed: int = 0) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    pods = []
+    for d in docs:
+        if d["kind"] in RAY_KINDS:
+            pods += kuberay_pods(d, rng)
+        elif d["kind"] == "CronJob":
+            pods += _cron_pods(d)
+    return pods
+
+
+def other_pods() -> list[dict]:
+    """Pods steel does not make: whoever else runs in the EKS cluster."""
+    return [_pod("debug", NAMESPACE, {"run": "debug"}, "stranger"),
+            _pod("lookalike", NAMESPACE, {"ray.io/cluster": "steel", "ray.io/node-type": "head"}, "stranger"),
+            _pod("web", "default", {"app": "web"}, "stranger"),
+            _pod("kuberay-operator-7d9f8", OPERATOR_NAMESPACE, dict(OPERATOR_LABELS), "operator"),
+            _pod("prometheus-0", "monitoring", {"app.kubernetes.io/name": "prometheus"}, "prometheus"),
+            _pod("line-camera-gw", NAMESPACE, dict(SERVE_CLIENT_LABELS), "serve-client")]
+
+
+def _selects(selector: dict | None, labels: dict) -> bool:
+    if selector is None:
+        return False
+    if any(labels.get(k) != str(v) for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e["key"], e["operator"], [str(v) for v in e.get("values") or []]
+        ok = {"In": lambda: labels.get(key) in values, "NotIn": lambda: labels.get(key) not in values,
+              "Exists": lambda: key in labels, "DoesNotExist": lambda: key not in labels}[op]()
+        if not ok:
+            return False
+    return True
+
+
+def _peer_admits(peer: dict, policy_ns: str, src: dict) -> bool:
+    assert "ipBlock" not in peer, "ipBlock peers are not modelled"
+    ns_sel = peer.get("namespaceSelector")
+    in_ns = (src["namespace"] == policy_ns if ns_sel is None
+             else _selects(ns_sel, {"kubernetes.io/metadata.name": src["namespace"]}))
+    return in_ns and ("podSelector" not in peer or _selects(peer["podSelector"], src["labels"]))
+
+
+def _port_admits(ports: list | None, dst: dict, port: int) -> bool:
+    if not ports:
+        return True
+    for p in ports:
+        assert p.get("protocol", "TCP") == "TCP", p
+        number = dst["ports"].get(p["port"]) if isinstance(p.get("port"), str) else p.get("port")
+        if p.get("port") is None or number == port or (number is not None and number <= port <= p.get("endPort", number)):
+            return True
+    return False
+
+
+def _policy_types(policy: dict) -> list[str]:
+    spec = policy["spec"]
+    return spec.get("policyTypes") or (["Ingress"] + (["Egress"] if spec.get("egress") else []))
+
+
+def isolating(policies: list[dict], dst: dict) -> list[dict]:
+    """The NetworkPolicies that select ``dst`` for ingress."""
+    return [p for p in policies if p["metadata"].get("namespace", "default") == dst["namespace"]
+            and "Ingress" in _policy_types(p) and _selects(p["spec"]["podSelector"], dst["labels"])]
+
+
+def reachable(policies: list[dict], src: dict, dst: dict, port: int) -> bool:
+    selecting = isolating(policies, dst)
+    if not selecting:
+        return True
+    return any(_port_admits(rule.get("ports"), dst, port)
+               and (not rule.get("from") or any(_peer_admits(peer, p["metadata"].get("namespace", "default"), src)
+                                                for peer in rule["from"]))
+               for p in selecting for rule in p["spec"].get("ingress") or [])
+
+
+def _dashboard_port(obj: dict) -> int:
+    return int((_cluster_specs(obj)[0]["headGroupSpec"].get("rayStartParams") or {}).get("dashboard-port", 8265))
+
+
+def network_errors(docs: list[dict]) -> list[str]:
+    """What is wrong with the NetworkPolicies among ``docs`` for the pods the other objects make."""
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    errors = [f"{p['metadata']['name']}: restricts egress (not modelled)" for p in policies if "Egress" in _policy_types(p)]
+    ours = steel_pods(docs)
+    everyone = ours + other_pods()
+    ray_objects = {f"{d['kind']}/{d['metadata']['name']}": d for d in docs if d["kind"] in RAY_KINDS}
+    # 1. Every pod steel makes is isolated: selected by a policy, so only what a rule allows gets in.
+    for pod in ours:
+        if not isolating(policies, pod):
+            errors.append(f"{pod['owner']} pod {pod['name']} ({pod['role']}): selected by no NetworkPolicy, open to every pod")
+    for owner, obj in ray_objects.items():
+        members = [p for p in ours if p["owner"] == owner and p["role"] in ("head", "worker")]
+        heads = [p for p in members if p["role"] == "head"]
+        # 2. A cluster's pods reach each other on every port (Ray uses many, some random).
+        for a in members:
+            for b in members:
+                for port in PORTS.values():
+                    if not reachable(policies, a, b, port):
+                        errors.append(f"{owner}: {a['name']} cannot reach {b['name']}:{port}")
+        # 3. The job API / dashboard: only the cluster's own pods and its clients. Clients: the
+        #    CronJob pods whose RAY_ADDRESS is this cluster, a RayJob's own submitter, and the
+        #    operator for the clusters it drives (RayJob, RayService).
+        port = _dashboard_port(obj)
+        for head in heads:
+            for src in everyone:
+                own = src["owner"] == owner
+                expected = (own or src.get("client_of") == owner
+                            or (src["role"] == "operator" and obj["kind"] in ("RayJob", "RayService")))
+                if reachable(policies, src, head, port) != expected:
+                    verb = "cannot reach" if expected else "reaches"
+                    errors.append(f"{owner}: {src['name']} ({src['role']}, {src['namespace']}) {verb} the job API "
+                                  f"{head['name']}:{port}")
+        # 4. Prometheus scrapes every Ray pod's metrics port, and nothing else.
+        for pod in members:
+            prometheus = next(p for p in everyone if p["role"] == "prometheus")
+            if not reachable(policies, prometheus, pod, PORTS["metrics"]):
+                errors.append(f"{owner}: Prometheus cannot scrape {pod['name']}:{PORTS['metrics']}")
+            for other in (port, PORTS["gcs"], PORTS["serve"]):
+                if reachable(policies, prometheus, pod, other):
+                    errors.append(f"{owner}: Prometheus reaches {pod['name']}:{other}")
+        # 5. A RayService's Serve port: its own pods and the labelled Serve clients only.
+        if obj["kind"] == "RayService":
+            for pod in members:
+                for src in everyone:
+                    expected = src["owner"] == owner or src["role"] == "serve-client"
+                    if reachable(policies, src, pod, PORTS["serve"]) != expected:
+                        errors.append(f"{owner}: {src['name']} ({src['role']}) "
+                                      f"{'cannot reach' if expected else 'reaches'} Serve on {pod['name']}:{PORTS['serve']}")
+    # 6. Every client of a cluster names one that exists.
+    for pod in ours:
+        if pod.get("client_of") and pod["client_of"] not in ray_objects:
+            errors.append(f"{pod['owner']}: RAY_ADDRESS names {pod['client_of']}, which no manifest defines")
+    return errors
+
+
+def _all_docs() -> list[dict]:
+    return [d for _, d in documents()]
+
+
+def test_kuberay_pod_simulation_follows_the_operator():
+    docs = _all_docs()
+    pods = steel_pods(docs)
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    service = next(d for d in docs if d["kind"] == "RayService")
+    job_clusters = {p["labels"]["ray.io/cluster"] for p in pods if p["owner"] == f"RayJob/{job['metadata']['name']}"
+                    and p["role"] == "head"}
+    name = job["metadata"]["name"]
+    assert {re.sub(r"[bcdfghjklmnpqrstvwxz2456789]{5}$", "R", c) for c in job_clusters} == \
+        {f"{name}-R", f"{name}-raycluster-R"}, job_clusters
+    assert all(c != name for c in job_clusters), "KubeRay never names a RayJob's cluster after the RayJob itself"
+    assert len({p["labels"]["ray.io/cluster"] for p in pods if p["owner"].startswith("RayService/")
+                and p["role"] == "head"}) == 3  # two naming schemes + the upgrade's second cluster
+    assert any(p["role"] == "submitter" for p in pods)
+    head = next(p for p in pods if p["owner"] == "RayCluster/steel" and p["role"] == "head")
+    assert head["labels"]["ray.io/cluster"] == "steel" and head["labels"]["ray.io/node-type"] == "head"
+    assert next(p for p in pods if p["role"] == "client")["client_of"] == "RayCluster/steel"
+    del service
+
+
+def test_network_policies_cover_every_pod_and_guard_every_job_api():
+    errors = network_errors(_all_docs())
+    assert not errors, "\n".join(errors)
+
+
+def test_policies_selecting_by_the_cluster_name_miss_the_generated_clusters():
+    """Today's (before issue 20) policies: `ray.io/cluster: steel` selects only the RayCluster's pods."""
+    by_name = [
+        {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+         "metadata": {"name": "steel-ray-internal", "namespace": NAMESPACE},
+         "spec": {"podSelector": {"matchLabels": {"ray.io/cluster": "steel"}}, "policyTypes": ["Ingress"],
+                  "ingress": [{"from": [{"podSelector": {"matchLabels": {"ray.io/cluster": "steel"}}}]},
+                              {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+                               "ports": [{"port": 8080, "protocol": "TCP"}]}]}},
+        {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+         "metadata": {"name": "steel-ray-job-api", "namespace": NAMESPACE},
+         "spec": {"podSelector": {"matchLabels": {"ray.io/cluster": "steel", "ray.io/node-type": "head"}},
+                  "policyTypes": ["Ingress"],
+                  "ingress": [{"from": [{"podSelector": {"matchLabels": {"steel.io/ray-client": "true"}}}],
+                               "ports": [{"port": 8265, "protocol": "TCP"}]}]}},
+    ]
+    docs = [d for d in _all_docs() if d["kind"] != "NetworkPolicy"] + by_name
+    errors = network_errors(docs)
+    assert any("RayJob/" in e and "selected by no NetworkPolicy" in e for e in errors), errors
+    assert any("RayService/" in e and "selected by no NetworkPolicy" in e for e in errors), errors
+    assert any("RayJob/" in e and "(stranger" in e and "reaches the job API" in e for e in errors), errors
+
+
+@pytest.mark.parametrize("breakage", ["unlabelled worker template", "job API open to the namespace",
+                                      "no default deny"])
+def test_network_check_catches_a_broken_manifest(breakage):
+    docs = copy.deepcopy(_all_docs())
+    if breakage == "unlabelled worker template":
+        service = next(d for d in docs if d["kind"] == "RayService")
+        service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["metadata"]["labels"] = {}
+    elif breakage == "job API open to the namespace":
+        for p in docs:
+            if p["kind"] == "NetworkPolicy":
+                for rule in p["spec"].get("ingress") or []:
+                    for peer in rule.get("from") or []:
+                        if "podSelector" in peer and "namespaceSelector" not in peer:
+                            peer["podSelector"] = {}
+    else:
+        docs = [d for d in docs if not (d["kind"] == "NetworkPolicy" and d["spec"]["podSelector"] == {})]
+    assert network_errors(docs)

@@ -9,9 +9,11 @@ Writes are atomic: locally a temporary file in the same folder is renamed over t
 object is committed by one PUT (or one completed multipart upload), so readers see the old or the new
 content, never a part. A missing object raises :class:`FileNotFoundError` naming the URI.
 
-Listings, queries and :func:`resolve` use ``pyarrow.fs`` (what Ray Data takes). S3 reads, writes and
+Listings and :func:`resolve` use ``pyarrow.fs`` (what Ray Data takes). S3 queries, reads, writes and
 deletes use boto3: one GET reads one version of an object even while it is being overwritten (pyarrow's
 HEAD + ranged GETs can mix two), uploads abort cleanly on failure, and deletes leave no folder markers.
+No S3 call is bucket-level (HeadBucket), and none needs to list the whole bucket to tell a missing key
+(403 from S3 then) from a refused one: the IAM policies allow listing only under prefixes.
 """
 
 from __future__ import annotations
@@ -231,7 +233,31 @@ def exists(uri, endpoint: str | None = None) -> bool:
     """True if a file or folder (on S3: an object or any object under the prefix) is there."""
     fs, path = resolve(uri, endpoint)
     with _errors(uri):
-        return fs.get_file_info(path).type != pafs.FileType.NotFound
+        return _kind(fs, path, endpoint) != pafs.FileType.NotFound
+
+
+def _kind(fs, path: str, endpoint: str | None):
+    """File, Directory or NotFound (on S3 for a key below a bucket: :func:`_s3_kind`)."""
+    if isinstance(fs, pafs.S3FileSystem) and "/" in path:
+        return _s3_kind(path, endpoint)
+    return fs.get_file_info(path).type
+
+
+def _s3_kind(path: str, endpoint: str | None):
+    """By listings scoped to the key only: no HeadBucket, and no HEAD of the key, which S3 answers 403
+    (not 404) for a missing key to a role that may list the bucket only under prefixes (infra/iam/)."""
+    bucket, key = _bucket_key(path)
+    client = _s3_client(bucket, endpoint)
+    try:
+        first = client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1).get("Contents") or []
+    except Exception as e:  # noqa: BLE001 - re-raised unless it says NoSuchBucket
+        if isinstance(_translate(e, path), FileNotFoundError):
+            return pafs.FileType.NotFound
+        raise
+    if first and first[0]["Key"] == key:  # the key itself sorts first among the keys it prefixes
+        return pafs.FileType.File
+    under = client.list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/", MaxKeys=1).get("Contents")
+    return pafs.FileType.Directory if under else pafs.FileType.NotFound
 
 
 def makedirs(uri, endpoint: str | None = None) -> None:
@@ -255,10 +281,10 @@ def list_files(uri, suffixes: str | Iterable[str] | None = None, recursive: bool
     wanted = tuple(s.lower() for s in suffixes) if suffixes is not None else None
     with _errors(uri):
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
-        if not infos and is_s3(uri):
-            bucket = _bucket_key(path)[0]
-            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
-                raise FileNotFoundError(errno.ENOENT, "No such bucket", os.fspath(uri))
+        if not infos and is_s3(uri):  # pyarrow lists a missing bucket as empty: ask S3 (NoSuchBucket)
+            bucket, key = _bucket_key(path)
+            _s3_client(bucket, endpoint).list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/" if key else "",
+                                                         MaxKeys=1)
     out = []
     for info in infos:
         if info.type != pafs.FileType.File or info.base_name.startswith(_TMP_PREFIX):
@@ -304,7 +330,12 @@ def open_input(uri, endpoint: str | None = None) -> Iterator[IO[bytes]]:
 
 def _s3_get(path: str, endpoint: str | None):
     bucket, key = _bucket_key(path)
-    return _s3_client(bucket, endpoint).get_object(Bucket=bucket, Key=key)["Body"]
+    try:
+        return _s3_client(bucket, endpoint).get_object(Bucket=bucket, Key=key)["Body"]
+    except Exception as e:  # noqa: BLE001 - S3 says 403 for a missing key unless the role may list the bucket
+        if isinstance(_translate(e, path), PermissionError) and _s3_kind(path, endpoint) == pafs.FileType.NotFound:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", "s3://" + path) from None
+        raise
 
 
 def read_bytes(uri, endpoint: str | None = None) -> bytes:
@@ -549,7 +580,7 @@ def delete(uri, recursive: bool = False, missing_ok: bool = False, endpoint: str
     kind, path = _split(uri)
     fs, fs_path = resolve(uri, endpoint)
     with _errors(uri):
-        kind_found = fs.get_file_info(fs_path).type
+        kind_found = _kind(fs, fs_path, endpoint)
     if kind_found == pafs.FileType.NotFound:
         if missing_ok:
             return
