@@ -153,17 +153,17 @@ def _jpeg(seed: int) -> bytes:
 
 
 def _in_process_dataset(items, cfg, filesystem, formats, factory, actor=None):
-    """steel.score.run.cascade_dataset without Ray: the same decode and actor stages, in this process
+    """steel.score.stages.cascade_dataset without Ray: the same decode and actor stages, in this process
     (the decode stage reads each image through the pyarrow filesystem, as Ray Data's workers do)."""
-    from steel.score import run
+    from steel.score import stages
 
     class Dataset:
         def iter_batches(self, batch_size=None, batch_format="numpy"):
-            stage = (actor or run.CascadeActor)(factory, retries=cfg.retries, backoff_s=cfg.retry_backoff_s)
+            stage = (actor or stages.CascadeActor)(factory, retries=cfg.retries, backoff_s=cfg.retry_backoff_s)
             for i in range(0, len(items), cfg.batch_size):
                 chunk = items[i:i + cfg.batch_size]
                 batch = {k: np.asarray([item[k] for item in chunk], dtype=object) for k in chunk[0]}
-                yield stage(run.decode_batch(batch, filesystem=filesystem, allow_resize=cfg.allow_resize,
+                yield stage(stages.decode_batch(batch, filesystem=filesystem, allow_resize=cfg.allow_resize,
                                              formats=formats, retries=cfg.retries, backoff_s=cfg.retry_backoff_s))
 
     return Dataset()
@@ -196,10 +196,10 @@ def test_nightly_scoring_sends_only_requests_the_scoring_role_may_make(as_role, 
     from steel.core import storage
     from steel.core.config import load_config
     from steel.model import bundle as bundle_lib
-    from steel.model.thresholds import default_thresholds
+    from steel.model.thresholds import bundle_thresholds, default_thresholds
     from steel.score import io as score_io
     from steel.score import run
-    from tests.test_scoring import BrightPredictor
+    from tests.test_scoring import BrightCascade
 
     nightly = _nightly_args()
     images, out = nightly["--images"], nightly["--out"]
@@ -224,13 +224,13 @@ def test_nightly_scoring_sends_only_requests_the_scoring_role_may_make(as_role, 
     assert refused(proxy.take()) == []
 
     first = run.score(bundle_root, images, out, score_cfg, thresholds=default_thresholds(),
-                      predictor_factory=BrightPredictor, expect_new=True)
+                      predictor=BrightCascade, expect_new=True)
     assert (first["scored"], first["problems"]) == (3, []), first
     assert storage.exists(storage.join(out, score_io.SUCCESS))
     for i in range(3, 5):  # the next day's images
         proxy.setup.put_object(Bucket=bucket, Key=f"{prefix}/2026-01-02/cam-{i}.jpg", Body=_jpeg(i))
     second = run.score(bundle_root, images, out, score_cfg, thresholds=default_thresholds(),
-                       predictor_factory=BrightPredictor, expect_new=True)
+                       predictor=BrightCascade, expect_new=True)
     assert (second["scored"], second["images_already_scored"]) == (2, 3), second
     assert storage.read_text(storage.join(out, score_io.SUCCESS)).strip() == second["run_id"]
 
@@ -238,7 +238,7 @@ def test_nightly_scoring_sends_only_requests_the_scoring_role_may_make(as_role, 
     resolved = bundle_lib.resolve_bundle(bundle_root)
     assert resolved.uri == version_uri
     manifest = bundle_lib.read_manifest(resolved.uri)
-    assert bundle_lib.read_thresholds(resolved.uri) is None  # this version has none: a missing key
+    assert bundle_thresholds(resolved.uri) is None  # this version has none: a missing key
     storage.download_to(storage.join(resolved.uri, manifest["models"]["binary"]["weights"]),
                         Path(os.environ.get("TMPDIR", "/tmp")) / f"w-{os.getpid()}.h5")
 
@@ -246,7 +246,7 @@ def test_nightly_scoring_sends_only_requests_the_scoring_role_may_make(as_role, 
     assert refused(log) == [], "\n".join(refused(log))
     ops = {e["op"] for e in log}
     assert {"ListObjectsV2", "GetObject", "HeadObject", "PutObject", "DeleteObject"} <= ops, ops
-    assert any(e["op"] == "PutObject" and e["path"].endswith(f"/_LOCK") for e in log), "the lease was not taken"
+    assert any(e["op"] == "PutObject" and e["path"].endswith("/_LOCK") for e in log), "the lease was not taken"
 
 
 # --- training, as steel-train --------------------------------------------------------------------------
@@ -266,7 +266,8 @@ def test_training_storage_sends_only_requests_the_training_role_may_make(as_role
     from steel.core.config import load_config
     from steel.model import bundle as bundle_lib
     from steel.model import networks
-    from steel.model.thresholds import default_thresholds
+    from steel.model.thresholds import bundle_thresholds, default_thresholds, save_thresholds
+    from steel.train import checkpoints, history
     from steel.train import run as train_run
 
     cfg = load_config(str(REPO / "configs" / "severstal-gpu.yaml"))
@@ -275,8 +276,8 @@ def test_training_storage_sends_only_requests_the_training_role_may_make(as_role
     proxy.setup.put_object(Bucket=bucket, Key=f"{root}/train.csv", Body=b"ImageId,ClassId,EncodedPixels\na.jpg,1,1 3\n")
     proxy.setup.put_object(Bucket=bucket, Key=f"{root}/train_images/a.jpg", Body=_jpeg(0))
     # Plots and TensorBoard files are TensorFlow's and matplotlib's business: stand-ins write the files.
-    monkeypatch.setattr(train_run, "plot_history", lambda frame, name, path: Path(path).write_bytes(b"png"))
-    monkeypatch.setattr(train_run, "write_tensorboard",
+    monkeypatch.setattr(history, "plot_history", lambda frame, name, path: Path(path).write_bytes(b"png"))
+    monkeypatch.setattr(history, "write_tensorboard",
                         lambda frame, logdir: (os.makedirs(logdir, exist_ok=True), Path(logdir, "events.x").write_bytes(b"tb")))
 
     as_role("steel-train")
@@ -288,16 +289,16 @@ def test_training_storage_sends_only_requests_the_training_role_may_make(as_role
     with fs.open_input_stream(path) as fh:  # Ray Data's read of an image
         assert fh.read(2) == b"\xff\xd8"
     # Earlier runs and checkpoints (a first run: none), the bundle (none yet).
-    assert train_run.other_runs(cfg.train.output, "binary", "k" * 16) == []
-    assert train_run.latest_checkpoint(cfg.train.output, f"binary-{'k' * 16}") is None
+    assert checkpoints.other_runs(cfg.train.output, "binary", "k" * 16) == []
+    assert checkpoints.latest_checkpoint(cfg.train.output, f"binary-{'k' * 16}") is None
     assert not train_run._completed(cfg.bundle, "binary", "k" * 16)
     # A finished model: history and logs, then its weights and manifest entry; twice (a re-run replaces).
     spec = networks.model_spec("binary", cfg.train)
     for _ in range(2):
-        train_run.write_history(cfg.bundle, "binary", [{"epoch": 1, "loss": 0.5, "val_loss": 0.6}])
+        history.write_history(cfg.bundle, "binary", [{"epoch": 1, "loss": 0.5, "val_loss": 0.6}])
         bundle_lib.save_model_to_bundle(cfg.bundle, "binary", StandInModel(), spec, {"val_loss": 0.6})
-    assert bundle_lib.read_thresholds(cfg.bundle) is None
-    bundle_lib.write_thresholds(cfg.bundle, default_thresholds())
+    assert bundle_thresholds(cfg.bundle) is None
+    save_thresholds(cfg.bundle, default_thresholds())
     storage.write_text(storage.join(cfg.report, "report.md"), "# report\n")
     published = bundle_lib.publish_bundle(cfg.bundle, cfg.bundle_versions)
     assert bundle_lib.resolve_bundle(cfg.bundle_versions).uri == published.uri
