@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import sys
 
+from steel.core import s3
 from steel.core.names import FORMATS, TTA_MODES
 
 
@@ -48,7 +49,6 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from steel.core import storage
     from steel.core.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -64,7 +64,7 @@ def cli_main(args: argparse.Namespace) -> int:
     images = args.images or score_cfg.images or cfg.data.path("test_images")
     out = args.out or score_cfg.out
     if cfg.storage_endpoint:
-        storage.set_endpoint(cfg.storage_endpoint)
+        s3.set_endpoint(cfg.storage_endpoint)
 
     import ray
 

@@ -15,6 +15,8 @@ import argparse
 import sys
 import time
 
+from steel.core import s3
+
 
 def cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML run config (bundle, score.*, serve.*, storage_endpoint, ray_address)")
@@ -33,7 +35,6 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from steel.core import storage
     from steel.core.config import load_config
 
     changes = {"host": args.host, "port": args.port, "replicas": args.replicas,
@@ -44,7 +45,7 @@ def cli_main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides + flags)
     serve_cfg = cfg.serve
     if cfg.storage_endpoint:
-        storage.set_endpoint(cfg.storage_endpoint)
+        s3.set_endpoint(cfg.storage_endpoint)
     bundle = args.bundle or cfg.bundle
 
     from ray import serve

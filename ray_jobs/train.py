@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from steel.core import s3
+
 
 def cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML config (local path or URI)")
@@ -55,7 +57,6 @@ def ensure_data(cfg) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from steel.core import storage
     from steel.core.config import load_config
     from steel.core.ray_session import ray_session
     from steel.train.run import train_models
@@ -63,7 +64,7 @@ def cli_main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     models = selected_models(args.models, cfg.train.model_names())
     if cfg.storage_endpoint:
-        storage.set_endpoint(cfg.storage_endpoint)
+        s3.set_endpoint(cfg.storage_endpoint)
     ensure_data(cfg)
     with ray_session(args.address or cfg.ray_address):
         train_models(cfg, models)

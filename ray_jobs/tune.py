@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from steel.core import s3
 from steel.core.names import TTA_MODES
 
 
@@ -57,12 +58,11 @@ def _start_thresholds(uri: str | None) -> dict | None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from steel.core import storage
     from steel.core.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if cfg.storage_endpoint:
-        storage.set_endpoint(cfg.storage_endpoint)
+        s3.set_endpoint(cfg.storage_endpoint)
     if args.rounds < 1:
         raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
     if args.batch_size < 1:

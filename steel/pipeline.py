@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from steel.core import storage
+from steel.core import s3, storage
 from steel.core.config import Config
 from steel.core.names import CLASSES
 from steel.model.thresholds import bundle_thresholds
@@ -267,7 +267,7 @@ class Pipeline:
             reuse["val"] = predictions.PredictionCache.load(self._val_cache)
         result = protocol.evaluate_splits(
             {name: splits[name] for name in want}, self.cfg.data.path("train_images"),
-            BundleCascade(str(self.cfg.bundle), deployed, tta, endpoint=storage.current_endpoint()),
+            BundleCascade(str(self.cfg.bundle), deployed, tta, endpoint=s3.current_endpoint()),
             thresholds, score_cfg, max_images=self.cfg.evaluate.max_images_per_split, seed=self.cfg.data.seed,
             kind=kind, identity=predictions.bundle_identity(self.cfg.bundle), reuse=reuse)
         storage.write_text(storage.join(self.cfg.report, "protocol", "metrics.json"), protocol.to_json(result))
@@ -389,5 +389,5 @@ def _all_empty_baseline(result: dict) -> tuple[float, dict]:
 
 def run_pipeline(cfg: Config) -> dict:
     if cfg.storage_endpoint:
-        storage.set_endpoint(cfg.storage_endpoint)
+        s3.set_endpoint(cfg.storage_endpoint)
     return Pipeline(cfg).run()

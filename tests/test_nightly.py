@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steel.core import storage
+from steel.core import s3, storage
 from steel.core.config import ScoreConfig
 from steel.core.retry import retry
 from steel.data import images as image_io
@@ -244,7 +244,7 @@ def test_s3_faults_through_a_proxy_are_retried_and_persistent_ones_fail_the_run(
     write_images(images, first)
     cfg = ScoreConfig(batch_size=3, images_per_shard=3, format="parquet", retries=8, retry_backoff_s=0.01)
     with FaultyProxy(s3_endpoint, rate=0.2, first_n=8, seed=3) as proxy:
-        storage.set_endpoint(proxy.url)
+        s3.set_endpoint(proxy.url)
         try:
             # Intermittent: every key's first 8 GETs/PUTs fail (more than botocore's 5 and pyarrow's 3
             # attempts, so only our retries get through), plus 20% at random: 503 SlowDown or a drop.
@@ -281,7 +281,7 @@ def test_s3_faults_through_a_proxy_are_retried_and_persistent_ones_fail_the_run(
             assert (s["images_in"], s["scored"], s["problems"]) == (2, 2, [])
             assert s["images_already_scored"] == 11
         finally:
-            storage.set_endpoint(None)
+            s3.set_endpoint(None)
     check_output(out, set(first) | set(new))
     assert merge.merge(out, str(tmp_path / "s.csv"))["images"] == 13
 

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import yaml
 
+from steel.core import s3
 from tests.s3_iam_proxy import IamProxy, authorizations
 from tests.test_iam import _nightly_args, allowed
 
@@ -65,13 +66,12 @@ def proxy():
 @pytest.fixture
 def as_role(proxy, monkeypatch):
     """steel.core.storage pointed at the proxy; ``as_role(name)`` makes every request one of that role."""
-    from steel.core import storage
 
     for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                  "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)
-    saved = storage._endpoint
-    storage.set_endpoint(proxy.url)
+    saved = s3._endpoint
+    s3.set_endpoint(proxy.url)
     proxy.take()
 
     def use(role: str | None) -> IamProxy:
@@ -80,7 +80,7 @@ def as_role(proxy, monkeypatch):
 
     yield use
     proxy.role = None
-    storage.set_endpoint(saved)
+    s3.set_endpoint(saved)
 
 
 def refused(log: list[dict]) -> list[str]:

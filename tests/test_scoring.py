@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from steel.core import storage
+from steel.core import s3, storage
 from steel.core.config import ScoreConfig
 from steel.core.names import MODEL_NAMES, is_segmenter
 from steel.data import images as image_io
@@ -94,7 +94,7 @@ class BrightCascade:
         from steel.model.bundle import read_manifest
 
         if self.endpoint:
-            storage.set_endpoint(self.endpoint)
+            s3.set_endpoint(self.endpoint)
         read_manifest(self.bundle_uri)
         return BrightPredictor()
 

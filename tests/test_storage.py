@@ -9,7 +9,7 @@ import boto3
 import pyarrow.fs as pafs
 import pytest
 
-from steel.core import storage
+from steel.core import s3, storage
 
 
 @pytest.fixture(params=["local", "file", "s3"])
@@ -80,7 +80,7 @@ def test_overwrite_replaces_fully_and_leaves_no_temp_files(root, tmp_path):
     assert storage.list_files(root) == [uri]
     if storage.is_s3(root):
         bucket = root[len("s3://"):].split("/")[0]
-        assert _all_keys(bucket, storage.current_endpoint()) == ["root/data.bin"]
+        assert _all_keys(bucket, s3.current_endpoint()) == ["root/data.bin"]
     else:
         local = root[len("file://"):] if root.startswith("file://") else root
         assert os.listdir(local) == ["data.bin"]  # no temp files left behind
@@ -142,7 +142,7 @@ def test_delete_file_and_folder(root):
     assert not storage.exists(b)
     assert not storage.exists(storage.join(root, "d"))
     if storage.is_s3(root):  # no folder-marker objects left behind
-        assert _all_keys(root[len("s3://"):].split("/")[0], storage.current_endpoint()) == []
+        assert _all_keys(root[len("s3://"):].split("/")[0], s3.current_endpoint()) == []
 
 
 def test_copy_local_dir_and_download(root, tmp_path):
@@ -197,7 +197,7 @@ def test_bad_uris():
     with pytest.raises(ValueError, match="empty URI"):
         storage.join("")
     with pytest.raises(ValueError, match="http"):
-        storage.set_endpoint("127.0.0.1:9000")
+        s3.set_endpoint("127.0.0.1:9000")
     with pytest.raises(TypeError, match="needs bytes"):
         storage.write_bytes("/tmp/x", "text")
 
@@ -216,17 +216,17 @@ def test_endpoint_precedence(s3_bucket, s3_endpoint, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", bogus)
     monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)  # an endpoint must not need a region
     monkeypatch.delenv("AWS_REGION", raising=False)
-    assert storage.current_endpoint() == bogus
+    assert s3.current_endpoint() == bogus
     uri = f"s3://{s3_bucket}/ep.txt"
     storage.write_text(uri, "explicit", endpoint=s3_endpoint)  # explicit argument wins
     assert storage.read_text(uri, endpoint=s3_endpoint) == "explicit"
     try:
-        storage.set_endpoint(s3_endpoint)  # process-wide setting beats the environment
-        assert storage.current_endpoint() == s3_endpoint
-        assert storage.current_endpoint("http://other:1") == "http://other:1"
+        s3.set_endpoint(s3_endpoint)  # process-wide setting beats the environment
+        assert s3.current_endpoint() == s3_endpoint
+        assert s3.current_endpoint("http://other:1") == "http://other:1"
         assert storage.list_files(f"s3://{s3_bucket}") == [uri]
         fs, _ = storage.resolve(uri)
         assert fs.region == "us-east-1"
     finally:
-        storage.set_endpoint(None)
-    assert storage.current_endpoint() == bogus
+        s3.set_endpoint(None)
+    assert s3.current_endpoint() == bogus

@@ -1,9 +1,6 @@
 """Files at URIs: a local path, ``file://path`` or ``s3://bucket/key`` (AWS or any S3-compatible endpoint).
 
-Which S3 endpoint: the ``endpoint=`` argument, else :func:`set_endpoint` (process-wide, from the
-config's ``storage_endpoint``), else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, else real AWS.
-Credentials come only from the standard AWS chain (environment, profile, instance role); this module
-never reads, logs or stores them.
+Which S3 endpoint, the clients, and S3's errors: :mod:`steel.core.s3` (``s3.set_endpoint``).
 
 Writes are atomic: locally a temporary file in the same folder is renamed over the target; on S3 the
 object is committed by one PUT (or one completed multipart upload), so readers see the old or the new
@@ -12,8 +9,6 @@ content, never a part. A missing object raises :class:`FileNotFoundError` naming
 Listings and :func:`resolve` use ``pyarrow.fs`` (what Ray Data takes). S3 queries, reads, writes and
 deletes use boto3: one GET reads one version of an object even while it is being overwritten (pyarrow's
 HEAD + ranged GETs can mix two), uploads abort cleanly on failure, and deletes leave no folder markers.
-No S3 call is bucket-level (HeadBucket), and none needs to list the whole bucket to tell a missing key
-(403 from S3 then) from a refused one: the IAM policies allow listing only under prefixes.
 """
 
 from __future__ import annotations
@@ -26,23 +21,18 @@ import posixpath
 import re
 import shutil
 import tempfile
-import threading
 from dataclasses import dataclass
 from typing import IO, Iterable, Iterator
-from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+from steel.core import s3
 
 _TMP_PREFIX = ".tmp-steel-"  # local temp files of in-progress writes; list_files skips them
 _SPOOL_BYTES = 64 * 2**20  # open_output on S3 buffers this much in memory, then spills to disk
 _COPY_CHUNK = 8 * 2**20
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
-_lock = threading.Lock()
-_endpoint: str | None = None
-_s3_filesystems: dict[tuple, pafs.S3FileSystem] = {}
-_s3_clients: dict[tuple, object] = {}
-_bucket_regions: dict[str, str] = {}
 _local = pafs.LocalFileSystem()
 
 _umask = os.umask(0o022)
@@ -100,77 +90,6 @@ def basename(uri) -> str:
     return posixpath.basename(path.rstrip("/")) or path
 
 
-# ----------------------------------------------------------------------------------------------
-# Endpoint, filesystems and clients
-
-
-def set_endpoint(url: str | None) -> None:
-    """Set the process-wide S3 endpoint (e.g. ``http://127.0.0.1:9000``); ``None`` clears it."""
-    global _endpoint
-    if url is not None:
-        _parse_endpoint(url)
-    _endpoint = url or None
-
-
-def current_endpoint(endpoint: str | None = None) -> str | None:
-    """The S3 endpoint a call would use (``None`` = real AWS)."""
-    return (endpoint or _endpoint or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL") or None)
-
-
-def _parse_endpoint(url: str) -> tuple[str, str]:
-    p = urlparse(url)
-    if p.scheme not in ("http", "https") or not p.netloc:
-        raise ValueError(f"S3 endpoint {url!r} must look like http(s)://host[:port]")
-    return p.scheme, p.netloc + p.path.rstrip("/")
-
-
-def _region(url: str | None, bucket: str | None) -> str | None:
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-    if region:
-        return region
-    if url:  # an S3-compatible endpoint: never ask real AWS where the bucket lives
-        return "us-east-1"
-    if bucket:
-        with _lock:
-            cached = _bucket_regions.get(bucket)
-        if cached is None:
-            cached = pafs.resolve_s3_region(bucket)
-            with _lock:
-                _bucket_regions[bucket] = cached
-        return cached
-    return None
-
-
-def _s3_fs(bucket: str | None, endpoint: str | None = None) -> pafs.S3FileSystem:
-    url = current_endpoint(endpoint)
-    region = _region(url, bucket)
-    key = (url, region)
-    with _lock:
-        fs = _s3_filesystems.get(key)
-        if fs is None:
-            kwargs = {"region": region} if region else {}
-            if url:
-                scheme, host = _parse_endpoint(url)
-                kwargs.update(endpoint_override=host, scheme=scheme)
-            fs = _s3_filesystems[key] = pafs.S3FileSystem(**kwargs)
-    return fs
-
-
-def _s3_client(bucket: str | None, endpoint: str | None = None):
-    import boto3
-
-    url = current_endpoint(endpoint)
-    region = _region(url, bucket)
-    key = (url, region)
-    with _lock:
-        client = _s3_clients.get(key)
-        if client is None:
-            client = _s3_clients[key] = boto3.session.Session().client(
-                "s3", endpoint_url=url, region_name=region)
-    return client
-
-
 def resolve(uri, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
     """``(pyarrow filesystem, path)`` for a URI: ``bucket/key`` on S3, an absolute path locally.
 
@@ -178,7 +97,7 @@ def resolve(uri, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
     """
     kind, path = _split(uri)
     if kind == "s3":
-        return _s3_fs(path.split("/", 1)[0], endpoint), path
+        return s3.filesystem(path.split("/", 1)[0], endpoint), path
     return _local, os.path.abspath(path)
 
 
@@ -188,43 +107,6 @@ def uri_to_ray_path(uri, endpoint: str | None = None) -> tuple[str, pafs.FileSys
     return path, fs
 
 
-def _bucket_key(path: str) -> tuple[str, str]:
-    bucket, _, key = path.partition("/")
-    return bucket, key
-
-
-# ----------------------------------------------------------------------------------------------
-# Errors
-
-
-def _translate(exc: BaseException, uri) -> OSError | None:
-    """A clear FileNotFoundError / PermissionError naming ``uri`` for a storage error, or None."""
-    text = str(exc)
-    code = ""
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = str(response.get("Error", {}).get("Code", ""))
-    uri = os.fspath(uri)
-    if isinstance(exc, FileNotFoundError) or code in ("NoSuchKey", "404", "NotFound"):
-        return FileNotFoundError(errno.ENOENT, "No such file or directory", uri)
-    if code == "NoSuchBucket" or "NO_SUCH_BUCKET" in text:
-        return FileNotFoundError(errno.ENOENT, "No such bucket", uri)
-    if isinstance(exc, PermissionError) or code in ("AccessDenied", "403") or "ACCESS_DENIED" in text:
-        return PermissionError(errno.EACCES, "Access denied", uri)
-    return None
-
-
-@contextlib.contextmanager
-def _errors(uri) -> Iterator[None]:
-    try:
-        yield
-    except Exception as e:  # noqa: BLE001 - re-raised below, translated when we know what it means
-        clear = _translate(e, uri)
-        if clear is None:
-            raise
-        raise clear from None
-
-
 # ----------------------------------------------------------------------------------------------
 # Queries
 
@@ -232,32 +114,15 @@ def _errors(uri) -> Iterator[None]:
 def exists(uri, endpoint: str | None = None) -> bool:
     """True if a file or folder (on S3: an object or any object under the prefix) is there."""
     fs, path = resolve(uri, endpoint)
-    with _errors(uri):
+    with s3.errors(uri):
         return _kind(fs, path, endpoint) != pafs.FileType.NotFound
 
 
 def _kind(fs, path: str, endpoint: str | None):
     """File, Directory or NotFound (on S3 for a key below a bucket: :func:`_s3_kind`)."""
     if isinstance(fs, pafs.S3FileSystem) and "/" in path:
-        return _s3_kind(path, endpoint)
+        return s3.kind(path, endpoint)
     return fs.get_file_info(path).type
-
-
-def _s3_kind(path: str, endpoint: str | None):
-    """By listings scoped to the key only: no HeadBucket, and no HEAD of the key, which S3 answers 403
-    (not 404) for a missing key to a role that may list the bucket only under prefixes (infra/iam/)."""
-    bucket, key = _bucket_key(path)
-    client = _s3_client(bucket, endpoint)
-    try:
-        first = client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1).get("Contents") or []
-    except Exception as e:  # noqa: BLE001 - re-raised unless it says NoSuchBucket
-        if isinstance(_translate(e, path), FileNotFoundError):
-            return pafs.FileType.NotFound
-        raise
-    if first and first[0]["Key"] == key:  # the key itself sorts first among the keys it prefixes
-        return pafs.FileType.File
-    under = client.list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/", MaxKeys=1).get("Contents")
-    return pafs.FileType.Directory if under else pafs.FileType.NotFound
 
 
 def makedirs(uri, endpoint: str | None = None) -> None:
@@ -279,11 +144,11 @@ def list_files(uri, suffixes: str | Iterable[str] | None = None, recursive: bool
     if isinstance(suffixes, str):
         suffixes = (suffixes,)
     wanted = tuple(s.lower() for s in suffixes) if suffixes is not None else None
-    with _errors(uri):
+    with s3.errors(uri):
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
         if not infos and is_s3(uri):  # pyarrow lists a missing bucket as empty: ask S3 (NoSuchBucket)
-            bucket, key = _bucket_key(path)
-            _s3_client(bucket, endpoint).list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/" if key else "",
+            bucket, key = s3.bucket_key(path)
+            s3.client(bucket, endpoint).list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/" if key else "",
                                                          MaxKeys=1)
     out = []
     for info in infos:
@@ -299,7 +164,7 @@ def list_dirs(uri, endpoint: str | None = None) -> list[str]:
     """Sorted names (not URIs) of the folders directly under ``uri`` (on S3: the common prefixes);
     ``[]`` when ``uri`` does not exist."""
     fs, path = resolve(uri, endpoint)
-    with _errors(uri):
+    with s3.errors(uri):
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
@@ -313,7 +178,7 @@ def open_input(uri, endpoint: str | None = None) -> Iterator[IO[bytes]]:
     """A seekable binary file object to read ``uri``."""
     kind, path = _split(uri)
     if kind == "local":
-        with _errors(uri):
+        with s3.errors(uri):
             fh = open(path, "rb")
         with fh:
             yield fh
@@ -321,28 +186,18 @@ def open_input(uri, endpoint: str | None = None) -> Iterator[IO[bytes]]:
     # One GET into a local spool: pyarrow's S3 files do a HEAD then ranged GETs, which can mix two
     # versions of an object that is overwritten meanwhile; a single GET is always one version.
     with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as spool:
-        with _errors(uri):
-            body = _s3_get(path, endpoint)
+        with s3.errors(uri):
+            body = s3.get(path, endpoint)
             shutil.copyfileobj(body, spool, _COPY_CHUNK)
         spool.seek(0)
         yield spool
 
 
-def _s3_get(path: str, endpoint: str | None):
-    bucket, key = _bucket_key(path)
-    try:
-        return _s3_client(bucket, endpoint).get_object(Bucket=bucket, Key=key)["Body"]
-    except Exception as e:  # noqa: BLE001 - S3 says 403 for a missing key unless the role may list the bucket
-        if isinstance(_translate(e, path), PermissionError) and _s3_kind(path, endpoint) == pafs.FileType.NotFound:
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory", "s3://" + path) from None
-        raise
-
-
 def read_bytes(uri, endpoint: str | None = None) -> bytes:
     kind, path = _split(uri)
     if kind == "s3":
-        with _errors(uri):
-            return _s3_get(path, endpoint).read()
+        with s3.errors(uri):
+            return s3.get(path, endpoint).read()
     with open_input(uri, endpoint) as fh:
         return fh.read()
 
@@ -397,10 +252,10 @@ def open_output(uri, endpoint: str | None = None) -> Iterator[IO[bytes]]:
     with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as spool:
         yield spool
         spool.seek(0)
-        bucket, key = _bucket_key(path)
-        with _errors(uri):
+        bucket, key = s3.bucket_key(path)
+        with s3.errors(uri):
             # One PUT, or a multipart upload that boto3 aborts if any part fails.
-            _s3_client(bucket, endpoint).upload_fileobj(spool, bucket, key)
+            s3.client(bucket, endpoint).upload_fileobj(spool, bucket, key)
 
 
 def write_bytes(uri, data: bytes, endpoint: str | None = None) -> None:
@@ -412,9 +267,9 @@ def write_bytes(uri, data: bytes, endpoint: str | None = None) -> None:
         with _local_output(path) as fh:
             fh.write(data)
         return
-    bucket, key = _bucket_key(path)
-    with _errors(uri):
-        _s3_client(bucket, endpoint).put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    bucket, key = s3.bucket_key(path)
+    with s3.errors(uri):
+        s3.client(bucket, endpoint).put_object(Bucket=bucket, Key=key, Body=bytes(data))
 
 
 def write_text(uri, text: str, encoding: str = "utf-8", endpoint: str | None = None) -> None:
@@ -437,9 +292,9 @@ def copy_local_dir_to(local_dir, uri, endpoint: str | None = None) -> list[str]:
             dest = join(uri, os.path.relpath(src, local_dir).replace(os.sep, "/"))
             kind, path = _split(dest)
             if kind == "s3":
-                bucket, key = _bucket_key(path)
-                with _errors(dest):
-                    _s3_client(bucket, endpoint).upload_file(src, bucket, key)
+                bucket, key = s3.bucket_key(path)
+                with s3.errors(dest):
+                    s3.client(bucket, endpoint).upload_file(src, bucket, key)
             else:
                 with open(src, "rb") as fin, _local_output(path) as fout:
                     shutil.copyfileobj(fin, fout, _COPY_CHUNK)
@@ -463,11 +318,6 @@ class Versioned:
     data: bytes
     tag: str
     modified: float
-
-
-def _precondition_failed(e: BaseException) -> bool:
-    code = str((getattr(e, "response", None) or {}).get("Error", {}).get("Code", ""))
-    return code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 
 
 @contextlib.contextmanager
@@ -499,11 +349,11 @@ def read_versioned(uri, endpoint: str | None = None) -> Versioned | None:
     if kind == "local":
         with _guard(path):
             return _local_versioned(path)
-    bucket, key = _bucket_key(path)
+    bucket, key = s3.bucket_key(path)
     try:
-        obj = _s3_client(bucket, endpoint).get_object(Bucket=bucket, Key=key)
+        obj = s3.client(bucket, endpoint).get_object(Bucket=bucket, Key=key)
     except Exception as e:  # noqa: BLE001
-        clear = _translate(e, uri)
+        clear = s3.translate(e, uri)
         if isinstance(clear, FileNotFoundError):
             return None
         raise clear or e from None
@@ -524,7 +374,7 @@ def create_only(uri, data: bytes, endpoint: str | None = None) -> str | None:
                 fh.flush()
                 os.fsync(fh.fileno())
         return hashlib.sha256(data).hexdigest()
-    return _s3_put_if(uri, path, data, endpoint, IfNoneMatch="*")
+    return s3.put_if(uri, path, data, endpoint, IfNoneMatch="*")
 
 
 def replace_if(uri, data: bytes, tag: str, endpoint: str | None = None) -> str | None:
@@ -539,7 +389,7 @@ def replace_if(uri, data: bytes, tag: str, endpoint: str | None = None) -> str |
             with _local_output(path) as fh:
                 fh.write(data)
         return hashlib.sha256(data).hexdigest()
-    return _s3_put_if(uri, path, data, endpoint, IfMatch=tag)
+    return s3.put_if(uri, path, data, endpoint, IfMatch=tag)
 
 
 def delete_if(uri, tag: str, endpoint: str | None = None) -> bool:
@@ -555,20 +405,10 @@ def delete_if(uri, tag: str, endpoint: str | None = None) -> bool:
     current = read_versioned(uri, endpoint)
     if current is None or current.tag != tag:
         return False
-    bucket, key = _bucket_key(path)
-    with _errors(uri):
-        _s3_client(bucket, endpoint).delete_object(Bucket=bucket, Key=key)
+    bucket, key = s3.bucket_key(path)
+    with s3.errors(uri):
+        s3.client(bucket, endpoint).delete_object(Bucket=bucket, Key=key)
     return True
-
-
-def _s3_put_if(uri, path: str, data: bytes, endpoint: str | None, **condition) -> str | None:
-    bucket, key = _bucket_key(path)
-    try:
-        return _s3_client(bucket, endpoint).put_object(Bucket=bucket, Key=key, Body=bytes(data), **condition)["ETag"]
-    except Exception as e:  # noqa: BLE001
-        if _precondition_failed(e):
-            return None
-        raise _translate(e, uri) or e from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -579,7 +419,7 @@ def delete(uri, recursive: bool = False, missing_ok: bool = False, endpoint: str
     """Delete a file; a folder (on S3: every object under the prefix) only with ``recursive=True``."""
     kind, path = _split(uri)
     fs, fs_path = resolve(uri, endpoint)
-    with _errors(uri):
+    with s3.errors(uri):
         kind_found = _kind(fs, fs_path, endpoint)
     if kind_found == pafs.FileType.NotFound:
         if missing_ok:
@@ -593,9 +433,9 @@ def delete(uri, recursive: bool = False, missing_ok: bool = False, endpoint: str
         else:
             os.remove(path)
         return
-    bucket, key = _bucket_key(path)
-    client = _s3_client(bucket, endpoint)
-    with _errors(uri):
+    bucket, key = s3.bucket_key(path)
+    client = s3.client(bucket, endpoint)
+    with s3.errors(uri):
         if kind_found == pafs.FileType.File:
             client.delete_object(Bucket=bucket, Key=key)
             return

@@ -268,5 +268,5 @@ def to_json(result: dict) -> str:
     return json.dumps(result, indent=2, default=float) + "\n"
 
 
-__all__ = ["SPLITS", "sample", "reusable", "classifier_metrics", "split_tables", "evaluate_splits", "format_text", "markdown",
+__all__ = ["sample", "reusable", "classifier_metrics", "split_tables", "evaluate_splits", "format_text", "markdown",
            "to_json"]

@@ -446,5 +446,5 @@ def promote_bundle(root_uri: str, version: str) -> None:
 
 __all__ = ["ResolvedBundle", "resolve_bundle", "provenance", "publish_bundle", "promote_bundle", "content_version",
            "POINTER", "VERSIONS", "Bundle", "BundleError", "FORMAT_VERSION", "save_bundle", "save_model_to_bundle", "load_bundle",
-           "load_model", "read_manifest", "spec_with_preprocessing", "write_thresholds", "read_thresholds", "library_versions",
+           "load_model", "read_manifest", "spec_with_preprocessing", "library_versions",
            "weights_name"]

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from steel.core import s3
 from steel.model import thresholds as th
 from steel.model.cascade import Cascade
 
@@ -88,10 +89,9 @@ class BundleCascade:
     threads: int | None = None  # TensorFlow intra-op threads (CPU actors sharing a node)
 
     def __call__(self) -> Cascade:
-        from steel.core import storage
 
         if self.endpoint:
-            storage.set_endpoint(self.endpoint)
+            s3.set_endpoint(self.endpoint)
         if self.threads:
             from steel.core.keras_env import tf
 

@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
-from steel.core import faults, storage
+from steel.core import faults, s3, storage
 from steel.core.config import ScoreConfig, check_section
 from steel.core.names import CLASSES, IMAGE_FORMATS
 from steel.core.retry import retry
@@ -162,7 +162,7 @@ def _score_locked(record, resolved, bundle, used_thresholds, images_uri, out_uri
     defects: Counter = Counter()
     if plan:
         factory = predictor(
-            str(resolved.uri), used_thresholds, cfg.tta, endpoint=storage.current_endpoint(),
+            str(resolved.uri), used_thresholds, cfg.tta, endpoint=s3.current_endpoint(),
             threads=(max(1, (os.cpu_count() or 1) // cfg.actors) if cfg.gpus_per_actor == 0 and cfg.actors > 1
                      else None))
         from steel.core.ray_session import ensure_ray

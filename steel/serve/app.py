@@ -48,6 +48,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from steel.core import s3
 from steel.core.config import ScoreConfig, ServeConfig
 from steel.model import thresholds as th
 from steel.model.bundle import resolve_bundle
@@ -188,7 +189,6 @@ def build_app(bundle_uri: str, score_cfg: ScoreConfig | None = None, serve_cfg: 
     """
     from ray import serve
 
-    from steel.core import storage
     from steel.core.keras_env import runtime_env
 
     score_cfg = score_cfg or ScoreConfig()
@@ -202,7 +202,7 @@ def build_app(bundle_uri: str, score_cfg: ScoreConfig | None = None, serve_cfg: 
     # a single replica keeps TensorFlow's default (the whole machine).
     shared = serve_cfg.autoscaling is not None or serve_cfg.replicas > 1
     threads = max(1, int(serve_cfg.cpus_per_replica)) if serve_cfg.gpus_per_replica == 0 and shared else None
-    factory = predictor(uri, used, tta, endpoint=endpoint or storage.current_endpoint(), threads=threads)
+    factory = predictor(uri, used, tta, endpoint=endpoint or s3.current_endpoint(), threads=threads)
     actor_options: dict = {"num_cpus": serve_cfg.cpus_per_replica, "runtime_env": runtime_env()}
     if serve_cfg.gpus_per_replica > 0:
         actor_options["num_gpus"] = serve_cfg.gpus_per_replica
@@ -226,7 +226,6 @@ def app_builder(args: dict):
     overrides; optional). Replicas and resources may also be overridden in the Serve config's
     ``deployments`` section, which Serve applies on top.
     """
-    from steel.core import storage
     from steel.core.config import load_config
 
     args = dict(args or {})
@@ -237,7 +236,7 @@ def app_builder(args: dict):
     cfg = load_config(args.get("config"), list(overrides) if isinstance(overrides, list) else [str(overrides)])
     bundle = args.get("bundle") or cfg.bundle
     if cfg.storage_endpoint:
-        storage.set_endpoint(cfg.storage_endpoint)
+        s3.set_endpoint(cfg.storage_endpoint)
     return build_app(bundle, cfg.score, cfg.serve, args.get("thresholds"))
 
 

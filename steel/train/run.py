@@ -38,7 +38,7 @@ import os
 import sys
 import time
 
-from steel.core import faults
+from steel.core import faults, s3
 from steel.data.labels import load_splits
 from steel.train.backend import tensorflow_backend_config
 from steel.train.checkpoints import (
@@ -355,7 +355,7 @@ def train_models(cfg, models: list[str] | None = None) -> dict[str, dict]:
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; choose from {', '.join(ALL_MODEL_NAMES)}")
     if cfg.storage_endpoint:
-        storage.set_endpoint(cfg.storage_endpoint)
+        s3.set_endpoint(cfg.storage_endpoint)
     local = local_train_config(cfg.train)
     if local is not cfg.train:
         import dataclasses

@@ -17,6 +17,7 @@ import logging
 import time
 from typing import Any, Callable, Sequence
 
+from steel.core import s3
 from steel.core.names import CLASSES
 from steel.core.ray_session import ensure_ray_for_actors
 from steel.eval.predictions import (
@@ -109,7 +110,7 @@ def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start:
         log.warning("the bundle was trained on a different split (fingerprint %s, data now %s): "
                     "validation images may have been seen in training", manifest_fp[:12], data_fp[:12])
     start = th_lib.resolve(bundle_uri, start)
-    factory = predictor(str(bundle_uri), start, tta, endpoint=storage.current_endpoint())
+    factory = predictor(str(bundle_uri), start, tta, endpoint=s3.current_endpoint())
     sizes = cache_sizes({}, cache_size) if cache_size else None
     grids = grids or Grids()
     seed = seed_thresholds if seed_thresholds is not None else (
@@ -159,7 +160,7 @@ def tune(cfg, bundle_uri: str | None = None, stamp: str | None = None, *, start:
     }
     if full_check:
         ray_ready()
-        tuned = predictor(str(bundle_uri), validate_thresholds(final), tta, endpoint=storage.current_endpoint())
+        tuned = predictor(str(bundle_uri), validate_thresholds(final), tta, endpoint=s3.current_endpoint())
         full = full_resolution_dice(tuned, labels[labels["ImageId"].astype(str).isin(set(cache.image_ids))],
                                     images_uri, score_cfg)
         validation["full_resolution_after"] = {k: full[k] for k in ("mean_dice", "per_class", "n_images")}
@@ -222,13 +223,12 @@ def write_fixed(cfg, bundle_uri: str | None = None, full_check: bool = True, bat
     th = fixed_thresholds(cfg)
     summary: dict = {"mode": "fixed", "thresholds": th, "source": th["source"]}
     if full_check:
-        from steel.core import storage
         from steel.model.predictor import BundleCascade
 
         labels, data_fp = validation_labels(cfg)
         score_cfg = dataclasses.replace(cfg.score, batch_size=batch_size, tta=th["tta"], allow_resize=False)
         ensure_ray_for_actors(ray_address or cfg.ray_address, score_cfg.gpus_per_actor, "tuning")
-        predictor = BundleCascade(str(bundle_uri), th, th["tta"], endpoint=storage.current_endpoint())
+        predictor = BundleCascade(str(bundle_uri), th, th["tta"], endpoint=s3.current_endpoint())
         full = full_resolution_dice(predictor, labels, cfg.data.path("train_images"), score_cfg)
         th["validation"] = {"split": "val", "fingerprint": stamp, "data_fingerprint": data_fp, "mean_dice": full["mean_dice"],
                             "per_class": full["per_class"], "n_images": full["n_images"]}
@@ -270,8 +270,4 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PredictionCache", "Evaluator", "Grids", "search", "sweep", "plot_curves", "predict_cache",
-           "cache_sizes", "cache_key", "load_cache", "bundle_identity",
-           "validation_labels", "tune", "format_summary",
-           "fixed_thresholds", "write_fixed",
-           "default_cache_size", "pixel_grid", "AGREEMENT", "MAX_AREA_GRID"]
+__all__ = ["tune", "write_fixed", "fixed_thresholds", "validation_labels", "pixel_grid", "format_summary", "AGREEMENT"]
