@@ -22,12 +22,13 @@ from steel.data import images as image_io
 def _jpegs(n: int) -> list[tuple[str, bytes]]:
     from PIL import Image
 
-    from steel.data import synth
+    from steel.data.synth import render
+
 
     out = []
     for i in range(n):
-        gray, _ = synth.render(0, "train", i, (3,) if i % 2 else ())
-        out.append(("grey RGB (synthetic set)", synth.encode_jpeg(gray)))
+        gray, _ = render.render(0, "train", i, (3,) if i % 2 else ())
+        out.append(("grey RGB (synthetic set)", render.encode_jpeg(gray)))
         rgb = np.stack([gray, np.roll(gray, 7, 1), gray[::-1]], -1)
         for label, opts in (("colour 4:2:0", {}), ("colour 4:4:4", {"subsampling": 0}),
                             ("colour progressive", {"progressive": True})):

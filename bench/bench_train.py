@@ -110,13 +110,13 @@ def main(argv=None) -> int:
     import ray
 
     from steel.core.keras_env import runtime_env
-    from steel.data import synth
+    from steel.data.synth import write
 
     work = args.work or tempfile.mkdtemp(prefix="bench-train-")
     n = args.learn_images if args.learning else args.images
     root = os.path.join(work, f"data-{n}")
     if not os.path.exists(os.path.join(root, "train.csv")):
-        synth.generate(root, images=n, test_images=0, seed=1, progress=False)
+        write.generate(root, images=n, test_images=0, seed=1, progress=False)
     ray.init(num_cpus=max(4, os.cpu_count() or 1), runtime_env=runtime_env(), include_dashboard=False,
              log_to_driver=True)
     try:

@@ -190,10 +190,10 @@ def main(argv=None) -> int:
     work = os.path.abspath(args.work or tempfile.mkdtemp(prefix="bench-train-overhead-"))
     root = os.path.join(work, f"data-{args.images}")
     if not os.path.exists(os.path.join(root, "train.csv")):
-        from steel.data import synth
+        from steel.data.synth import write
 
         print(f"generating {args.images} synthetic images into {root}", flush=True)
-        synth.generate(root, images=args.images, test_images=0, seed=0, progress=False)
+        write.generate(root, images=args.images, test_images=0, seed=0, progress=False)
     overrides = [f"data.root={root}", "data.synth=null", *args.overrides]
     if args.epochs:
         overrides.append(f"train.epochs_by_model.{args.model}={args.epochs}")

@@ -70,51 +70,9 @@ class Pipeline:
 
     # -- stages -------------------------------------------------------------------------------
     def data(self):
-        cfg = self.cfg.data
-        csv, images = cfg.path("train_csv"), cfg.path("train_images")
-        stale = self._stale_synth()
-        if stale:
-            print(f"[    data] {stale}: generating it again", flush=True)
-        elif storage.exists(csv) and storage.list_files(images)[:1]:
-            n = len(storage.list_files(images))
-            return True, f"{n} training images in {cfg.root}", {"root": cfg.root}
-        if cfg.synth is None:
-            raise FileNotFoundError(
-                f"no dataset at {cfg.root} (need {csv} and {images}/); point data.root at the Kaggle "
-                "files, or set data.synth to generate a synthetic set"
-            )
-        from steel.data import synth
+        from steel.data.synth.write import ensure_dataset
 
-        summary = synth.generate(cfg.root, images=cfg.synth.images, test_images=cfg.synth.test_images,
-                                 seed=cfg.synth.seed)
-        return False, f"synthesised {cfg.synth.images} train + {cfg.synth.test_images} test images into {cfg.root}", {
-            "root": cfg.root, "synth": summary}
-
-    def _stale_synth(self) -> str | None:
-        """Why the synthetic set at ``data.root`` is not the one ``data.synth`` asks for, or None.
-
-        Only a folder ``steel synth`` wrote (its ``synth.json``) is ever regenerated; real data is not.
-        """
-        import json
-
-        from steel.data.synth import MARKER
-
-        cfg = self.cfg.data
-        marker = storage.join(cfg.root, MARKER)
-        if cfg.synth is None or not storage.exists(marker):
-            return None
-        try:
-            made = json.loads(storage.read_text(marker))
-        except ValueError:
-            return f"{marker} is unreadable"
-        if not made.get("complete"):
-            return f"the synthetic set in {cfg.root} is incomplete (an interrupted run)"
-        have = ((made.get("train") or {}).get("images"), (made.get("test") or {}).get("images"), made.get("seed"))
-        want = (cfg.synth.images, cfg.synth.test_images, cfg.synth.seed)
-        if have != want:
-            return (f"{cfg.root} holds a synthetic set of {have[0]} + {have[1]} images (seed {have[2]}), "
-                    f"data.synth asks for {want[0]} + {want[1]} (seed {want[2]})")
-        return None
+        return ensure_dataset(self.cfg.data)
 
     def split(self):
         from steel.data.labels import load_splits

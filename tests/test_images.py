@@ -12,7 +12,8 @@ from PIL import Image
 
 from steel.core.config import load_config
 from steel.core.names import MODEL_NAMES, is_segmenter
-from steel.data import images, synth
+from steel.data import images
+from steel.data.synth import render
 from steel.model import bundle
 from steel.model import networks as models
 from steel.model.cascade import Cascade
@@ -24,7 +25,7 @@ H, W = 256, 1600
 
 def _jpeg(seed: int = 0) -> bytes:
     """A colour JPEG (4:2:0 chroma): the case where decoders and colour conversions could differ."""
-    gray, _ = synth.render(seed, "train", 3, (3,))
+    gray, _ = render.render(seed, "train", 3, (3,))
     rgb = np.stack([gray, np.roll(gray, 11, axis=1), gray[::-1]], axis=-1)
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=90)

@@ -119,8 +119,10 @@ def _check_entrypoint(entrypoint: str) -> str:
     module_name, args = argv[2], argv[3:]
     assert module_name.startswith("ray_jobs."), entrypoint
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=module_name, exit_on_error=False)
-    module.cli_arguments(parser)
+    from steel.cli import command_parser
+
+    parser = command_parser(module.COMMAND)
+    parser.exit_on_error = False
     parsed = parser.parse_args(args)
     config = getattr(parsed, "config", None)
     if config:

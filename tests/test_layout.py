@@ -1,6 +1,6 @@
 """The layout's rules, checked on the source: steel/ is split by stage and imported in one direction.
 
-    core < data < model < {train, score} < eval < {tune, serve, report} < pipeline < cli
+    core < data < model < {train, score} < eval < {tune, serve, report} < pipeline < api < cli
 
 A module may import its own subpackage and any stage below it; stages on the same level (train and
 score; tune, serve and report) never import each other; nothing in steel/ imports ``ray_jobs`` or
@@ -22,7 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 STEEL = REPO / "steel"
 LEVELS = {"core": 0, "data": 1, "model": 2, "train": 3, "score": 3, "eval": 4, "tune": 5, "serve": 5,
-          "report": 5, "pipeline": 6, "cli": 7}
+          "report": 5, "pipeline": 6, "api": 7, "cli": 8}
 HEAVY = ("ray", "tensorflow", "cv2", "matplotlib")
 TF_DOOR = "steel.core.keras_env"  # imports TensorFlow by design: the one place that selects tf-keras
 
@@ -162,7 +162,7 @@ def test_importing_steel_loads_no_ray_tensorflow_cv2_or_matplotlib():
     assert len(names) > 40  # every module of the tree was imported, not an empty list
 
 
-DOTTED = __import__("re").compile(r"\bsteel\.(?:core|data|model|train|score|eval|tune|serve|report|pipeline|cli)"
+DOTTED = __import__("re").compile(r"\bsteel\.(?:core|data|model|train|score|eval|tune|serve|report|pipeline|api|cli)"
                                   r"(?:\.[A-Za-z_][A-Za-z_0-9]*)*(?::[A-Za-z_][A-Za-z_0-9]*)?")
 TEXT_GLOBS = ("README.md", "docs/*.md", "bench/README.md", "configs/**/*.yaml", "infra/**/*", "Makefile", ".ci/*",
               "pyproject.toml", "steel/**/*.py", "ray_jobs/*.py", "bench/*.py", "tests/*.py")

@@ -165,11 +165,11 @@ def test_pipeline_as_a_ray_job(first_run, tmp_path, ray_head):
 
 def test_data_stage_regenerates_a_synthetic_set_of_other_sizes_only(tmp_path, capsys):
     from steel.core.config import config_from_dict
-    from steel.data import synth
+    from steel.data.synth import write
     from steel.pipeline import Pipeline
 
     root = tmp_path / "data"
-    synth.generate(str(root), images=6, test_images=2, seed=1)
+    write.generate(str(root), images=6, test_images=2, seed=1)
     cfg = config_from_dict({"data": {"root": str(root), "synth": {"images": 6, "test_images": 2, "seed": 1}}})
     assert Pipeline(cfg).data()[0] is True  # the same set: skipped
     cfg = config_from_dict({"data": {"root": str(root), "synth": {"images": 8, "test_images": 2, "seed": 1}}})

@@ -13,7 +13,8 @@ from PIL import Image
 
 from steel.cli import main
 from steel.core.names import SEED_AREAS, SHAPE
-from steel.data import rle, synth
+from steel.data import rle
+from steel.data.synth import quotas, render, write
 
 ID_RE = re.compile(r"^[0-9a-f]{9}\.jpg$")
 
@@ -22,7 +23,7 @@ ID_RE = re.compile(r"^[0-9a-f]{9}\.jpg$")
 def d400(tmp_path_factory):
     """400 training + 20 test images, generated once for this module."""
     out = tmp_path_factory.mktemp("synth") / "d400"
-    summary = synth.generate(str(out), images=400, test_images=20, seed=0, workers=2, progress=False)
+    summary = write.generate(str(out), images=400, test_images=20, seed=0, workers=2, progress=False)
     train = pd.read_csv(out / "train.csv", keep_default_na=False)
     truth = pd.read_csv(out / "test_truth.csv", keep_default_na=False)
     return out, summary, train, truth
@@ -39,7 +40,7 @@ def _same_tree(a, b) -> bool:
         if not all(filecmp.cmp(a / sub / n, b / sub / n, shallow=False) for n in _files(a / sub)):
             return False
     return all(filecmp.cmp(a / f, b / f, shallow=False)
-               for f in ("train.csv", "test_truth.csv", "sample_submission.csv", synth.MARKER))
+               for f in ("train.csv", "test_truth.csv", "sample_submission.csv", write.MARKER))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def test_defects_darker_or_brighter_than_surroundings_in_the_jpeg(d400):
 @pytest.mark.parametrize("classes", [(1,), (2,), (3,), (4,), (1, 3), (3, 4), (2, 3), (1, 2)])
 def test_masks_are_exactly_the_painted_pixels(classes):
     for index in range(2):
-        clean, painted, masks, _ = synth.render_layers(7, "train", index, classes)
+        clean, painted, masks, _ = render.render_layers(7, "train", index, classes)
         assert set(masks) == set(classes)
         union = np.zeros(SHAPE, dtype=bool)
         for m in masks.values():
@@ -154,15 +155,15 @@ def test_masks_are_exactly_the_painted_pixels(classes):
 
 
 def test_label_plan_has_exact_quotas():
-    plan = synth.plan_labels(1000, 3, "train")
+    plan = quotas.plan_labels(1000, 3, "train")
     assert len(plan) == 1000
     defect = [p for p in plan if p]
     assert len(defect) == 530
     counts = {k: sum(k in p for p in defect) for k in (1, 2, 3, 4)}
     assert abs(counts[3] / 530 - 0.77) < 0.01 and abs(counts[1] / 530 - 0.13) < 0.01
     assert abs(counts[4] / 530 - 0.12) < 0.01 and abs(counts[2] / 530 - 0.035) < 0.01
-    assert synth.plan_labels(1000, 3, "train") == plan
-    assert synth.plan_labels(1000, 4, "train") != plan
+    assert quotas.plan_labels(1000, 3, "train") == plan
+    assert quotas.plan_labels(1000, 4, "train") != plan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,17 +171,17 @@ def test_label_plan_has_exact_quotas():
 
 
 def test_deterministic_for_a_seed_regardless_of_workers(tmp_path):
-    synth.generate(str(tmp_path / "a"), images=6, test_images=2, seed=11, workers=1, progress=False)
-    synth.generate(str(tmp_path / "b"), images=6, test_images=2, seed=11, workers=2, progress=False)
+    write.generate(str(tmp_path / "a"), images=6, test_images=2, seed=11, workers=1, progress=False)
+    write.generate(str(tmp_path / "b"), images=6, test_images=2, seed=11, workers=2, progress=False)
     assert _same_tree(tmp_path / "a", tmp_path / "b")
 
 
 def test_different_seeds_differ(tmp_path):
-    synth.generate(str(tmp_path / "a"), images=3, test_images=1, seed=1, workers=1, progress=False)
-    synth.generate(str(tmp_path / "b"), images=3, test_images=1, seed=2, workers=1, progress=False)
+    write.generate(str(tmp_path / "a"), images=3, test_images=1, seed=1, workers=1, progress=False)
+    write.generate(str(tmp_path / "b"), images=3, test_images=1, seed=2, workers=1, progress=False)
     assert set(_files(tmp_path / "a" / "train_images")).isdisjoint(_files(tmp_path / "b" / "train_images"))
-    g1, _ = synth.render(1, "train", 0, (3,))
-    g2, _ = synth.render(2, "train", 0, (3,))
+    g1, _ = render.render(1, "train", 0, (3,))
+    g2, _ = render.render(2, "train", 0, (3,))
     assert (g1 != g2).mean() > 0.5
 
 
@@ -193,7 +194,7 @@ def test_cli(tmp_path, capsys):
     assert line.startswith("synth: 3 train images") and str(out) in line and "\n" not in line
     assert len(_files(out / "train_images")) == 3 and len(_files(out / "test_images")) == 1
     # Same seed through the Python API gives the same files.
-    synth.generate(str(tmp_path / "api"), images=3, test_images=1, seed=4, workers=1, progress=False)
+    write.generate(str(tmp_path / "api"), images=3, test_images=1, seed=4, workers=1, progress=False)
     assert _same_tree(out, tmp_path / "api")
 
 
@@ -222,7 +223,7 @@ def test_cli_bad_arguments(tmp_path, capsys, argv, message):
 ])
 def test_generate_bad_arguments(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        synth.generate(str(tmp_path / "x"), **{"images": 2, "test_images": 0, "progress": False, **kwargs})
+        write.generate(str(tmp_path / "x"), **{"images": 2, "test_images": 0, "progress": False, **kwargs})
     assert not (tmp_path / "x").exists()
 
 
@@ -232,12 +233,12 @@ def test_refuses_to_overwrite_another_dataset_but_regenerates_its_own(tmp_path):
     (foreign / "train_images" / "0002cc93b.jpg").write_bytes(b"real data")
     (foreign / "train.csv").write_text("ImageId,ClassId,EncodedPixels\n")
     with pytest.raises(ValueError, match="not written by 'steel synth'"):
-        synth.generate(str(foreign), images=2, test_images=0, workers=1, progress=False)
+        write.generate(str(foreign), images=2, test_images=0, workers=1, progress=False)
     assert (foreign / "train_images" / "0002cc93b.jpg").read_bytes() == b"real data"
 
     ours = tmp_path / "ours"
-    synth.generate(str(ours), images=4, test_images=2, seed=0, workers=1, progress=False)
-    synth.generate(f"file://{ours}", images=2, test_images=1, seed=1, workers=1, progress=False)
+    write.generate(str(ours), images=4, test_images=2, seed=0, workers=1, progress=False)
+    write.generate(f"file://{ours}", images=2, test_images=1, seed=1, workers=1, progress=False)
     assert len(_files(ours / "train_images")) == 2 and len(_files(ours / "test_images")) == 1
     assert set(pd.read_csv(ours / "train.csv").ImageId) <= set(_files(ours / "train_images"))
 
@@ -246,10 +247,10 @@ def test_writes_to_s3(tmp_path, s3_bucket):
     from steel.core import storage
 
     uri = f"s3://{s3_bucket}/synth"
-    summary = synth.generate(uri, images=3, test_images=1, seed=5, workers=1, progress=False)
+    summary = write.generate(uri, images=3, test_images=1, seed=5, workers=1, progress=False)
     assert summary["out"] == uri
     local = tmp_path / "local"
-    synth.generate(str(local), images=3, test_images=1, seed=5, workers=1, progress=False)
+    write.generate(str(local), images=3, test_images=1, seed=5, workers=1, progress=False)
     names = [storage.basename(u) for u in storage.list_files(storage.join(uri, "train_images"))]
     assert names == _files(local / "train_images")
     assert storage.read_bytes(storage.join(uri, "train_images", names[0])) == \
@@ -257,6 +258,6 @@ def test_writes_to_s3(tmp_path, s3_bucket):
     for f in ("train.csv", "test_truth.csv", "sample_submission.csv"):
         assert storage.read_text(storage.join(uri, f)) == (local / f).read_text()
     # Regenerating over its own prefix replaces the set.
-    synth.generate(uri, images=2, test_images=0, seed=6, workers=1, progress=False)
+    write.generate(uri, images=2, test_images=0, seed=6, workers=1, progress=False)
     assert len(storage.list_files(storage.join(uri, "train_images"))) == 2
     assert storage.list_files(storage.join(uri, "test_images")) == []

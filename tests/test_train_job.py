@@ -1,4 +1,4 @@
-"""ray_jobs.train: argument handling, and a real `ray job submit` of a tiny training run."""
+"""steel train / ray_jobs.train: argument handling, and a real `ray job submit` of a tiny training run."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_selected_models():
-    from ray_jobs.train import selected_models
+    from steel.cli import selected_models
 
     default = ["binary", "multilabel", "seg1", "seg2", "seg3", "seg4"]
     assert selected_models([], default) == default
@@ -28,7 +28,7 @@ def test_selected_models():
 
 
 def test_help_is_cheap_and_lists_options():
-    code = ("import sys, ray_jobs.train as t, argparse; p = argparse.ArgumentParser(); t.cli_arguments(p); "
+    code = ("import sys, ray_jobs.train as t; from steel import cli; p = cli.command_parser(t.COMMAND); "
             "print(p.format_help()); print('tensorflow' in sys.modules, 'ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert "--model" in out and "--set" in out and "--address" in out

@@ -386,13 +386,13 @@ def test_steel_tune_on_a_tiny_real_bundle(tmp_path, capsys, ray_local):
     from steel.cli import main
     from steel.core.config import load_config
     from steel.core.names import MODEL_NAMES
-    from steel.data import synth
+    from steel.data.synth import write
     from steel.model import bundle
     from steel.model import networks as models
     from steel.model.predictor import cascade_from_bundle
 
     data = tmp_path / "data"
-    synth.generate(str(data), images=40, test_images=0, seed=1, workers=1, progress=False)
+    write.generate(str(data), images=40, test_images=0, seed=1, workers=1, progress=False)
     tiny_cls = dict(encoder="simplecnn", input_size=(32, 160), encoder_weights="none", dense_units=(8,))
     tiny_seg = dict(encoder="mobilenetv2_035", input_size=(32, 160), encoder_weights="none",
                     decoder_filters=(8, 8, 4, 4, 4))

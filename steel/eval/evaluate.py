@@ -12,7 +12,6 @@ is an error. Truth images missing from the submission are always an error (liste
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pandas as pd
@@ -98,46 +97,3 @@ def format_table(result: dict) -> str:
         c = result["counts"][str(k)]
         lines.append(f"{k:>5}  {result['per_class'][str(k)]:.4f}   {c['truth']:>12}   {c['pred']:>16}")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-def cli_arguments(parser) -> None:
-    parser.add_argument("--submission", required=True, metavar="F",
-                        help="submission CSV (URI): ImageId,ClassId,EncodedPixels or ImageId_ClassId,EncodedPixels")
-    parser.add_argument("--truth", required=True, metavar="F",
-                        help="truth CSV (URI), train.csv-style: defect rows only, or 4 rows per image")
-    parser.add_argument("--json", action="store_true",
-                        help="print only a JSON object {mean_dice, per_class, n_images}")
-    parser.add_argument("--shape", nargs=2, type=int, metavar=("H", "W"), default=list(SHAPE),
-                        help="image height and width the RLEs refer to (default %(default)s)")
-    parser.add_argument("--report", metavar="DIR",
-                        help="also write a report folder (URI): report.md, confusion matrices, classification "
-                             "report, best/worst overlays (steel.eval.report)")
-    parser.add_argument("--images", metavar="URI",
-                        help="with --report: folder of the submission's images, for the overlays")
-
-
-def cli_main(args) -> int:
-    h, w = args.shape
-    if h < 1 or w < 1:
-        raise ValueError(f"--shape must be positive, got {h} {w}")
-    result = evaluate(args.submission, args.truth, shape=(h, w))
-    # Further outputs (e.g. a --report DIR with confusion matrices and overlays) take `result`,
-    # which also carries per_pair and the scored rows.
-    if args.report:
-        if (h, w) != SHAPE:
-            raise ValueError(f"--report needs the Severstal image shape {SHAPE}, got --shape {h} {w}")
-        from steel.eval import report as eval_report
-
-        written = eval_report.write_report(result["pred"], result["truth"], args.images, args.report)
-        log.info("report: %s", written["report"])
-    if args.json:
-        print(json.dumps(summary(result)))
-    else:
-        print(format_table(result))
-        if args.report:
-            print(f"report: {written['report']}")
-    return 0

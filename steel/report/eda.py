@@ -323,30 +323,3 @@ def run_eda(data_uri: str, out_uri: str, split: str | None = None, samples: int 
     storage.write_text(storage.join(out_uri, "summary.json"), json.dumps(summary, indent=2) + "\n")
     storage.write_text(storage.join(out_uri, "report.md"), render_report(summary, list(files)) + "\n")
     return summary
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-def cli_arguments(parser) -> None:
-    parser.add_argument("data", metavar="DATA", help="dataset folder (URI) with train.csv and train_images/")
-    parser.add_argument("--out", required=True, metavar="DIR", help="report folder (URI) to write")
-    parser.add_argument("--split", choices=["all", "train"], default="all",
-                        help="analyse the whole train.csv (default) or only the train split, as the seed did")
-    parser.add_argument("--samples", type=int, default=3, metavar="N", help="sample images per class (default 3)")
-    parser.add_argument("--seed", type=int, default=42, help="split random_state and sample choice (default 42)")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="skip bad label rows (written to DIR/skipped_labels.csv) instead of failing")
-
-
-def cli_main(args) -> int:
-    s = run_eda(args.data, args.out, split=None if args.split == "all" else args.split,
-                samples=args.samples, seed=args.seed, skip_bad=args.skip_bad)
-    pc, lp = s["images_per_class"], s["labels_per_image"]
-    print(f"{s['n_images']} images ({s['scope']}): per class "
-          + ", ".join(f"{k}={v}" for k, v in pc.items())
-          + f"; no defect {lp['0']}, one label {lp['1']}, two labels {lp['2']}")
-    print("area thresholds: " + ", ".join(f"{k}: {v['min_area']}-{v['max_area']}" for k, v in s["area_thresholds"].items()))
-    print(f"report: {args.out}/report.md")
-    return 0

@@ -12,7 +12,6 @@ four empty rows so the file covers every input image. A run without ``_SUCCESS``
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 from steel.core.names import LAYOUTS
@@ -111,25 +110,6 @@ def merge(out_uri: str, to_uri: str, layout: str = "long", fill_errors: bool = F
         log.warning("%d images failed to score and are not in %s (e.g. %s); --fill-errors writes them "
                     "as empty", len(error_ids), to_uri, ", ".join(error_ids[:3]))
     return summary
-
-
-def cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", help="scoring output folder (URI) with shards/")
-    parser.add_argument("--to", required=True, help="submission CSV to write (URI)")
-    parser.add_argument("--layout", choices=LAYOUTS, default="long",
-                        help="long: ImageId,ClassId,EncodedPixels; combined: ImageId_ClassId,EncodedPixels")
-    parser.add_argument("--fill-errors", action="store_true",
-                        help="write images that failed to score as four empty rows")
-    parser.add_argument("--partial", action="store_true", help="merge a run that has not finished")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    s = merge(args.out, args.to, layout=args.layout, fill_errors=args.fill_errors, partial=args.partial)
-    print(f"merged {s['shards']} shards: {s['images']} images, {s['rows']} rows ({s['layout']}) -> {s['to']}"
-          + (f"; {s['errors']} images failed to score" + (" (written empty)" if s["filled"] else
-                                                          " (not included; --fill-errors adds them)")
-             if s["errors"] else ""))
-    return 0
 
 
 __all__ = ["merge", "load_shards", "check_rows", "MergeError"]
