@@ -114,13 +114,12 @@ def dice_with_baseline(pred, truth) -> dict:
     import pandas as pd
 
     from steel.eval import metrics
+    from steel.eval.metrics import presence
 
     res = metrics.mean_dice(pred, truth)
-    empty = metrics.mean_dice(pd.DataFrame({"ImageId": pd.unique(pred["ImageId"]), "ClassId": 1,
-                                            "EncodedPixels": ""}), truth)
+    baseline, per_class = metrics.all_empty(presence(truth, list(pd.unique(pred["ImageId"]))))
     return {"mean_dice": res["mean_dice"], "per_class": {str(k): v for k, v in res["per_class"].items()},
-            "baseline": empty["mean_dice"], "baseline_per_class": {str(k): v for k, v in empty["per_class"].items()},
-            "n_images": res["n_images"]}
+            "baseline": baseline, "baseline_per_class": per_class, "n_images": res["n_images"]}
 
 
 def labelled_test_dice(cfg) -> dict:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 from steel.core import s3, storage
 from steel.core.config import Config
-from steel.core.names import CLASSES
 from steel.model.thresholds import bundle_thresholds
 
 log = logging.getLogger(__name__)
@@ -241,7 +240,9 @@ class Pipeline:
         submission = storage.join(self.cfg.report, "submission.csv")
         merge.merge(self.cfg.score.out, submission)
         result = evaluate(submission, truth)
-        baseline, baseline_per_class = _all_empty_baseline(result)
+        from steel.eval.metrics import all_empty, presence
+
+        baseline, baseline_per_class = all_empty(presence(result["truth"], sorted(set(result["per_pair"]["ImageId"]))))
         report = eval_report.write_report(result["pred"], result["truth"],
                                           self.cfg.score.images or self.cfg.data.path("test_images"),
                                           storage.join(self.cfg.report, "evaluation"))
@@ -253,8 +254,9 @@ class Pipeline:
 
     def _bundle_stamp(self) -> str:
         """Identifies the trained bundle, so thresholds tuned for an older bundle are redone."""
-        manifest = json.loads(storage.read_text(storage.join(self.cfg.bundle, "manifest.json")))
-        models = manifest.get("models", {})
+        from steel.model.bundle import read_manifest
+
+        models = read_manifest(self.cfg.bundle).get("models", {})
         return json.dumps({m: models[m].get("created_at", models[m].get("trained_at")) for m in sorted(models)},
                           sort_keys=True)
 
@@ -329,20 +331,6 @@ def _was_skipped(result) -> bool:
     if isinstance(result, dict):
         return bool(result.get("skipped"))
     return bool(getattr(result, "skipped", False))
-
-
-def _all_empty_baseline(result: dict) -> tuple[float, dict]:
-    """Mean Dice (overall, per class) of predicting no defect anywhere, for the same pairs.
-
-    An empty prediction scores 1 on a pair whose truth is empty and 0 otherwise.
-    """
-    pairs = result["per_pair"][["ImageId", "ClassId"]]
-    truth = result["truth"]
-    defect = truth[truth["EncodedPixels"] != ""][["ImageId", "ClassId"]].assign(_defect=1)
-    merged = pairs.merge(defect, on=["ImageId", "ClassId"], how="left")
-    empty = merged["_defect"].isna()
-    per_class = {str(k): float(empty[merged["ClassId"] == k].mean()) for k in CLASSES}
-    return float(empty.mean()), per_class
 
 
 def run_pipeline(cfg: Config) -> dict:

@@ -14,9 +14,8 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from steel.core.names import CLASSES
+from steel.core.names import CLASSES, SHAPE
 from steel.data import rle
-from steel.data.rle import SHAPE
 
 _BLOCK_PAIRS = 2048  # pairs scored together (512 images)
 _COLUMNS = ("ImageId", "ClassId", "EncodedPixels")
@@ -32,6 +31,26 @@ def dice(pred_mask: np.ndarray, true_mask: np.ndarray) -> float:
     if total == 0:
         return 1.0
     return 2.0 * int(np.logical_and(p, t).sum()) / total
+
+
+def presence(rows: pd.DataFrame, images: list[str]) -> np.ndarray:
+    """(N, 4) int: 1 where an image has a non-empty mask of that class."""
+    out = np.zeros((len(images), len(CLASSES)), dtype=int)
+    index = {img: i for i, img in enumerate(images)}
+    nonempty = rows[rows["EncodedPixels"].fillna("").astype(str).str.strip() != ""]
+    for img, cls in zip(nonempty["ImageId"], nonempty["ClassId"]):
+        if img in index:
+            out[index[img], int(cls) - 1] = 1
+    return out
+
+
+def all_empty(present: np.ndarray) -> tuple[float, dict[str, float]]:
+    """Mean Dice (overall, per class) of predicting no defect anywhere: 1 on every (image, class) pair
+    whose truth is empty, 0 on the others. ``present``: (images, 4) truth presence (nonzero: a defect)."""
+    empty = ~np.asarray(present).astype(bool).reshape(-1, len(CLASSES))
+    if not len(empty):
+        return float("nan"), {str(k): float("nan") for k in CLASSES}
+    return float(empty.mean()), {str(k): float(empty[:, j].mean()) for j, k in enumerate(CLASSES)}
 
 
 def dice_rle(pred_rle, true_rle, shape: tuple[int, int] = SHAPE) -> float:

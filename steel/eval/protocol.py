@@ -35,7 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from steel.core import figures
 from steel.core.names import CLASSES, class_of, is_segmenter
+from steel.eval import metrics
+from steel.eval import report as eval_report
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,6 @@ def classifier_metrics(y: np.ndarray, p: np.ndarray) -> dict:
 def split_tables(cache, thresholds: dict[str, dict]) -> dict:
     """Every table of one split from a :class:`steel.eval.predictions.PredictionCache` with exact tables and
     soft sums (``full_*``): ``{"n_images", "models": {...}, "cascade": {name: {...}}}``."""
-    from steel.eval import report as eval_report
     from steel.eval.evaluator import Evaluator
 
     if not cache.exact or cache.full_soft is None:
@@ -104,10 +106,9 @@ def split_tables(cache, thresholds: dict[str, dict]) -> dict:
                                                         ("prob", "pixel", "min_area", "max_area")})
                            for k in CLASSES], axis=1).astype(int)
         report, text = eval_report.classification_reports(y_class, y_pred)
-        empty = {str(k): float(np.mean(y_class[:, j] == 0)) for j, k in enumerate(CLASSES)}
         cascade[name] = {"mean_dice": float(np.mean(list(per_class.values()))),
                          "per_class": {str(k): float(v) for k, v in per_class.items()},
-                         "baseline_all_empty": float(np.mean(list(empty.values()))),
+                         "baseline_all_empty": metrics.all_empty(y_class)[0],
                          "confusion": eval_report.confusion(y_class, y_pred),
                          "classification_report": report, "classification_text": text}
     return {"n_images": len(cache), "models": models, "cascade": cascade}
@@ -220,10 +221,6 @@ CASCADE_HEAD = ["split", "images", "thresholds", "mean Dice", "class 1", "class 
 MODEL_HEAD = ["model", "split", "images", "loss", "accuracy", "F1", "precision", "recall", "Dice"]
 
 
-def _md(head: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def _text(head: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     numeric = [i for i, h in enumerate(head) if h not in ("split", "images", "thresholds", "model")]
@@ -250,16 +247,12 @@ def format_text(result: dict) -> str:
 def markdown(result: dict) -> list[str]:
     """Report section: cascade table, model table, then per split confusion and classification report."""
     lines = ["## The seed's protocol: train / val / test splits", "", _note(result), "",
-             "### Cascade mean Dice", "", *_md(CASCADE_HEAD, cascade_rows(result)), "",
-             "### Each model", "", *_md(MODEL_HEAD, model_rows(result)), ""]
+             "### Cascade mean Dice", "", *figures.markdown_table(CASCADE_HEAD, cascade_rows(result)), "",
+             "### Each model", "", *figures.markdown_table(MODEL_HEAD, model_rows(result)), ""]
     for name, t in result["splits"].items():
         for th_name, c in t["cascade"].items():
             lines += [f"### {name} split, {th_name} thresholds: image-level confusion and classification report", "",
-                      "| | TN | FP | FN | TP | precision | recall | F1 |", "|---|---|---|---|---|---|---|---|"]
-            for key, m in c["confusion"].items():
-                label = "any defect" if key == "any" else f"class {key}"
-                lines.append(f"| {label} | {m['tn']} | {m['fp']} | {m['fn']} | {m['tp']} | {m['precision']:.3f} | "
-                             f"{m['recall']:.3f} | {m['f1']:.3f} |")
+                      *eval_report.confusion_table(c["confusion"])]
             lines += ["", "```", c["classification_text"].rstrip(), "```", ""]
     return lines
 

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from typing import Any
@@ -22,30 +21,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from steel.core.names import CLASSES, SHAPE
+from steel.core import figures
+from steel.core.names import CLASS_COLORS, CLASSES, SHAPE
 from steel.data import rle
+from steel.eval.metrics import presence
 
 log = logging.getLogger(__name__)
 
 NAMES: tuple[str, ...] = tuple(f"Defect_{k}" for k in CLASSES)
-# RGB colour per class (1 red, 2 green, 3 blue, 4 yellow).
-COLORS: dict[int, tuple[int, int, int]] = {1: (230, 40, 40), 2: (40, 200, 40), 3: (50, 110, 255), 4: (250, 210, 0)}
 
 
 # --------------------------------------------------------------------------------------------
 # Numbers
 # --------------------------------------------------------------------------------------------
-
-def presence(rows: pd.DataFrame, images: list[str]) -> np.ndarray:
-    """(N, 4) int: 1 where an image has a non-empty mask of that class."""
-    out = np.zeros((len(images), len(CLASSES)), dtype=int)
-    index = {img: i for i, img in enumerate(images)}
-    nonempty = rows[rows["EncodedPixels"].fillna("").astype(str).str.strip() != ""]
-    for img, cls in zip(nonempty["ImageId"], nonempty["ClassId"]):
-        if img in index:
-            out[index[img], int(cls) - 1] = 1
-    return out
-
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     """Image-level confusion per class and for "any defect": tn, fp, fn, tp, precision, recall, f1."""
@@ -61,6 +49,13 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         out[key] = {"tn": tn, "fp": fp, "fn": fn, "tp": tp, "precision": precision, "recall": recall, "f1": f1}
     return out
+
+
+def confusion_table(conf: dict) -> list[str]:
+    """Markdown rows of :func:`confusion`'s matrices: TN, FP, FN, TP, precision, recall, F1 per row."""
+    rows = [["any defect" if key == "any" else f"class {key}", c["tn"], c["fp"], c["fn"], c["tp"],
+             f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}"] for key, c in conf.items()]
+    return figures.markdown_table(["", "TN", "FP", "FN", "TP", "precision", "recall", "F1"], rows)
 
 
 def classification_reports(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[dict, str]:
@@ -83,21 +78,8 @@ def classification_reports(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[dict
 # Pictures
 # --------------------------------------------------------------------------------------------
 
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def plot_confusion(conf: dict) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = figures.pyplot()
     keys = [k for k in ("any", "1", "2", "3", "4") if k in conf]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.0 * len(keys), 3.2))
     for ax, key in zip(np.atleast_1d(axes), keys):
@@ -110,24 +92,7 @@ def plot_confusion(conf: dict) -> bytes:
         ax.set_yticks([0, 1], ["true no", "true yes"])
         ax.set_title("any defect" if key == "any" else f"class {key}")
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.88, wspace=0.45)
-    return _png(fig)
-
-
-def _paint(image: np.ndarray, masks: dict[int, np.ndarray], alpha: float = 0.45) -> np.ndarray:
-    import cv2
-
-    out = image.astype(np.float32).copy()
-    for k, m in masks.items():
-        if not m.any():
-            continue
-        sel = m.astype(bool)
-        out[sel] = (1 - alpha) * out[sel] + alpha * np.asarray(COLORS[k], np.float32)
-    out = out.clip(0, 255).astype(np.uint8)
-    for k, m in masks.items():  # outline, so thin defects stay visible
-        if m.any():
-            contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-            cv2.drawContours(out, contours, -1, COLORS[k], 1)
-    return out
+    return figures.png(fig, dpi=80)
 
 
 def _label(panel: np.ndarray, text: str) -> np.ndarray:
@@ -147,11 +112,11 @@ def overlay(image: np.ndarray | None, truth: dict[int, str], pred: dict[int, str
     tm = {k: rle.decode(truth.get(k, "") or "", shape) for k in CLASSES}
     pm = {k: rle.decode(pred.get(k, "") or "", shape) for k in CLASSES}
     top = _label(base, title + ("" if image is not None else "  (image not available: masks on grey)"))
-    panels = [top, _label(_paint(base, tm), "truth"), _label(_paint(base, pm), "prediction")]
+    panels = [top, _label(figures.paint(base, tm), "truth"), _label(figures.paint(base, pm), "prediction")]
     key = np.full((22, shape[1], 3), 255, np.uint8)
     x = 6
     for k in CLASSES:
-        cv2.rectangle(key, (x, 5), (x + 14, 17), COLORS[k], -1)
+        cv2.rectangle(key, (x, 5), (x + 14, 17), CLASS_COLORS[k], -1)
         cv2.putText(key, f"class {k}", (x + 20, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
         x += 110
     canvas = np.concatenate([key, *panels], axis=0)
@@ -274,18 +239,12 @@ def _markdown(s: dict, report_text: str) -> str:
         "# Evaluation report", "",
         f"Mean Dice **{s['mean_dice']:.4f}** over {s['n_images']} images ({s['n_pairs']} image-class pairs; "
         "a pair with both masks empty scores 1).", "",
-        "| class | Dice | images with defect (truth) | images predicted |",
-        "|---|---|---|---|",
+        *figures.markdown_table(["class", "Dice", "images with defect (truth)", "images predicted"],
+                                [[k, f"{s['per_class'][str(k)]:.4f}", s["counts"][str(k)]["truth"],
+                                  s["counts"][str(k)]["pred"]] for k in CLASSES]),
     ]
-    for k in CLASSES:
-        c = s["counts"][str(k)]
-        lines.append(f"| {k} | {s['per_class'][str(k)]:.4f} | {c['truth']} | {c['pred']} |")
     lines += ["", "## Image-level confusion matrices (defect present in truth vs predicted)", "",
-              "| | TN | FP | FN | TP | precision | recall | F1 |", "|---|---|---|---|---|---|---|---|"]
-    for key, c in s["confusion"].items():
-        name = "any defect" if key == "any" else f"class {key}"
-        lines.append(f"| {name} | {c['tn']} | {c['fp']} | {c['fn']} | {c['tp']} | {c['precision']:.3f} | "
-                     f"{c['recall']:.3f} | {c['f1']:.3f} |")
+              *confusion_table(s["confusion"])]
     lines += ["", "![confusion matrices](confusion.png)", "", "## Classification report", "", "```",
               report_text.rstrip(), "```", ""]
     for kind, title in (("worst", "Worst images (lowest mean Dice)"),
@@ -300,4 +259,4 @@ def _markdown(s: dict, report_text: str) -> str:
 
 
 __all__ = ["write_report", "presence", "confusion", "classification_reports", "overlay", "plot_confusion",
-           "pick_overlays", "COLORS"]
+           "pick_overlays"]

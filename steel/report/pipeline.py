@@ -8,11 +8,11 @@ the model against the all-empty baseline on the separate test set, and the night
 
 from __future__ import annotations
 
-import io
 import json
 
-from steel.core import storage
+from steel.core import figures, storage
 from steel.core.config import Config
+from steel.core.names import CLASSES, hex_color
 
 
 def _copy_pngs(src_dir: str, dst_dir: str, prefix: str) -> list[str]:
@@ -31,12 +31,9 @@ def _copy_pngs(src_dir: str, dst_dir: str, prefix: str) -> list[str]:
 
 
 def _dice_chart(evaluation: dict) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = figures.pyplot()
     classes = ["1", "2", "3", "4"]
     model = [evaluation["per_class"][k] for k in classes]
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -55,10 +52,7 @@ def _dice_chart(evaluation: dict) -> bytes:
     ax.set_title("Held-out mean Dice per class")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figures.png(fig, dpi=110)
 
 
 def drift_series(records: list[dict]) -> list[dict]:
@@ -84,34 +78,27 @@ def drift_chart(records: list[dict]) -> bytes | None:
     series = drift_series(records)
     if not series:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     x = [p["night"] for p in series]
-    for k, color in zip("1234", ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")):
-        ax.plot(x, [p["rate"][k] for p in series], marker="o", color=color, label=f"class {k}")
+    for k in CLASSES:
+        ax.plot(x, [p["rate"][str(k)] for p in series], marker="o", color=hex_color(k), label=f"class {k}")
     ax.set_ylabel("share of scored images with a defect")
     ax.set_title("Nightly defect-image rate per class (drift)")
     ax.set_ylim(0, max(0.05, max(max(p["rate"].values()) for p in series) * 1.15))
     ax.tick_params(axis="x", labelrotation=45, labelsize=8)
     ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figures.png(fig, dpi=110)
 
 
 def write(cfg: Config, results: list, state: dict) -> str:
     out = cfg.report
     storage.makedirs(out)
     lines = [f"# Pipeline report: {cfg.name}", ""]
-    lines += ["| stage | status | seconds | summary |", "|---|---|---:|---|"]
-    for r in results:
-        lines.append(f"| {r.name} | {'skipped' if r.skipped else 'ran'} | {r.seconds:.0f} | {r.summary} |")
+    lines += figures.markdown_table(["stage", "status", "seconds", "summary"],
+                                    [[r.name, "skipped" if r.skipped else "ran", f"{r.seconds:.0f}", r.summary]
+                                     for r in results], right=[2])
     lines.append("")
 
     pr = state.get("protocol")
@@ -126,8 +113,7 @@ def write(cfg: Config, results: list, state: dict) -> str:
                   f"The scored test images (`steel score`'s submission) against their own truth: mean Dice "
                   f"**{ev['mean_dice']:.4f}** on {ev['n_images']} images "
                   f"(all-empty baseline {ev['baseline_all_empty']:.4f}).", "",
-                  "| class | Dice |", "|---|---:|"]
-        lines += [f"| {k} | {v:.4f} |" for k, v in ev["per_class"].items()]
+                  *figures.markdown_table(["class", "Dice"], [[k, f"{v:.4f}"] for k, v in ev["per_class"].items()])]
         storage.write_bytes(storage.join(out, "dice_per_class.png"), _dice_chart(ev))
         lines += ["", "![Dice per class](dice_per_class.png)", ""]
         eval_dir = storage.join(out, "evaluation")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 
+from steel.core import figures
 from steel.train.checkpoints import monitor_metric
 
 
@@ -19,11 +20,9 @@ def history_frame(history: list[dict]):
 
 def plot_history(frame, name: str, path: str) -> None:
     """Loss and the monitored metric vs epoch, train and val (matplotlib Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    plt = figures.pyplot()
 
     metric = monitor_metric(name)[len("val_"):]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -37,8 +36,8 @@ def plot_history(frame, name: str, path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    with open(path, "wb") as fh:
+        fh.write(figures.png(fig, dpi=90))
 
 
 def write_tensorboard(frame, logdir: str) -> None:

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import io
 from typing import Sequence
 
 import numpy as np
 
+from steel.core import figures
 from steel.core.names import CLASSES
 from steel.eval.evaluator import Evaluator
 from steel.tune.search import Grids, candidates
@@ -28,16 +28,10 @@ def sweep(ev: Evaluator, th: dict, k: int | None, param: str, values: Sequence[f
 
 def plot_curves(ev: Evaluator, start: dict, final: dict, grids: Grids) -> dict[str, bytes]:
     """PNG bytes: ``dice_vs_binary.png`` and ``dice_vs_class{k}.png`` (prob, pixel, min_area, max_area panels)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = figures.pyplot()
 
     def png(fig) -> bytes:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=80)
-        plt.close(fig)
-        return buf.getvalue()
+        return figures.png(fig, dpi=80)
 
     files = {}
     values = candidates(grids.binary, final["binary"])
