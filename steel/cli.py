@@ -58,6 +58,11 @@ def _config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
                         "cluster; else a local Ray)")
 
 
+def _bundle_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--bundle", help=f"model bundle URI (default: {default})")
+    p.add_argument("--thresholds", help="thresholds JSON URI (default: the bundle's thresholds.json)")
+
+
 def _json_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON document (the run's summary) on stdout and nothing else there")
@@ -139,7 +144,7 @@ def args_tune(p: argparse.ArgumentParser) -> None:
 
 def args_score(p: argparse.ArgumentParser) -> None:
     _config_args(p)
-    p.add_argument("--bundle", help="model bundle URI or versioned root (default: bundle_versions, else bundle)")
+    _bundle_args(p, "the config's bundle_versions root, else its bundle")
     p.add_argument("--images", help="folder / S3 prefix of images (default: score.images or data test_images)")
     p.add_argument("--out", help="output folder URI (default: score.out)")
     p.add_argument("--actors", type=int, help="cascade actors (model replicas)")
@@ -154,14 +159,12 @@ def args_score(p: argparse.ArgumentParser) -> None:
     p.add_argument("--since", help="list only date partitions dt=YYYY-MM-DD on or after this day")
     p.add_argument("--expect-new", action="store_true", default=None,
                    help="exit 1 when there are no new images (a stopped camera feed)")
-    p.add_argument("--thresholds", help="thresholds JSON URI (default: the bundle's thresholds.json)")
     _json_arg(p)
 
 
 def args_serve(p: argparse.ArgumentParser) -> None:
     _config_args(p)
-    p.add_argument("--bundle", help="model bundle URI (default: the config's bundle)")
-    p.add_argument("--thresholds", help="thresholds JSON URI (default: the bundle's thresholds.json)")
+    _bundle_args(p, "the config's bundle")
     p.add_argument("--host", help="HTTP address (default serve.host: 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default serve.port: 8000)")
     p.add_argument("--replicas", type=int, help="replicas of the endpoint (ignored with serve.autoscaling)")

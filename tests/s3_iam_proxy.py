@@ -17,13 +17,11 @@ condition keys such as ``s3:prefix``) and evaluated against the role's policies 
 
 from __future__ import annotations
 
-import http.client
-import threading
 import xml.etree.ElementTree as ET
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
 
-HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade", "content-length"}
+from tests.http_proxy import LoopbackProxy
+
 DENIED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
           b"<Message>Access Denied</Message></Error>")
 
@@ -91,88 +89,40 @@ def authorizations(method: str, path: str, headers: dict, body: bytes | None) ->
     raise UnknownRequest(f"{method} {path}")
 
 
-class IamProxy:
+class IamProxy(LoopbackProxy):
+    name = "s3-iam-proxy"
+
     def __init__(self, target: str, allowed):
         """``allowed(role, action, resource, context) -> bool``: the policy evaluator."""
-        self.target = urlparse(target)
+        super().__init__(target)
         self.allowed = allowed
         self.role: str | None = None
         self.log: list[dict] = []
-        self.lock = threading.Lock()
-        proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # quiet
-                pass
-
-            def _body(self) -> bytes | None:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    data = b""
-                    while True:
-                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                        if size == 0:
-                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                                pass
-                            return data
-                        data += self.rfile.read(size)
-                        self.rfile.readline()
-                length = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(length) if length else None
-
-            def _reply(self, status: int, headers: list, data: bytes) -> None:
-                self.send_response(status)
-                for k, v in headers:
-                    if k.lower() not in HOP or (self.command == "HEAD" and k.lower() == "content-length"):
-                        self.send_header(k, v)  # a HEAD's Content-Length is the object's size
-                if self.command != "HEAD":
-                    self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            def _handle(self):
-                body = self._body()
-                entry = {"method": self.command, "path": self.path, "role": proxy.role}
-                try:
-                    entry["op"], entry["auth"] = authorizations(self.command, self.path, dict(self.headers), body)
-                except UnknownRequest:
-                    entry["op"], entry["auth"] = "UNKNOWN", []
-                role = proxy.role
-                entry["denied"] = [a for a in entry["auth"] if role and not proxy.allowed(role, *a)]
-                if role and (entry["op"] == "UNKNOWN" or entry["denied"]):
-                    entry["status"] = 403
-                    proxy._record(entry)
-                    return self._reply(403, [("Content-Type", "application/xml")], DENIED)
-                conn = http.client.HTTPConnection(proxy.target.hostname, proxy.target.port, timeout=60)
-                try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP and k.lower() != "expect"}
-                    if body is not None:
-                        headers["Content-Length"] = str(len(body))
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    data, status, resp_headers = resp.read(), resp.status, resp.getheaders()
-                finally:
-                    conn.close()
-                entry["upstream_status"] = status
-                bucket = urlparse(self.path).path.lstrip("/").split("/")[0]
-                if (role and status == 404 and entry["op"] in ("GetObject", "HeadObject")
-                        and not proxy.allowed(role, "s3:ListBucket", f"arn:aws:s3:::{bucket}", {})):
-                    entry["status"] = 403  # S3 does not tell who may not list whether a key exists
-                    entry["missing_key"] = True
-                    proxy._record(entry)
-                    return self._reply(403, [("Content-Type", "application/xml")], DENIED)
-                entry["status"] = status
-                proxy._record(entry)
-                self._reply(status, resp_headers, data)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, name="s3-iam-proxy", daemon=True)
+    def handle(self, h, body) -> None:
+        entry = {"method": h.command, "path": h.path, "role": self.role}
+        try:
+            entry["op"], entry["auth"] = authorizations(h.command, h.path, dict(h.headers), body)
+        except UnknownRequest:
+            entry["op"], entry["auth"] = "UNKNOWN", []
+        role = self.role
+        entry["denied"] = [a for a in entry["auth"] if role and not self.allowed(role, *a)]
+        if role and (entry["op"] == "UNKNOWN" or entry["denied"]):
+            entry["status"] = 403
+            self._record(entry)
+            return self.reply(h, 403, [("Content-Type", "application/xml")], DENIED)
+        status, resp_headers, data = self.forward(h, body)
+        entry["upstream_status"] = status
+        bucket = urlparse(h.path).path.lstrip("/").split("/")[0]
+        if (role and status == 404 and entry["op"] in ("GetObject", "HeadObject")
+                and not self.allowed(role, "s3:ListBucket", f"arn:aws:s3:::{bucket}", {})):
+            entry["status"] = 403  # S3 does not tell who may not list whether a key exists
+            entry["missing_key"] = True
+            self._record(entry)
+            return self.reply(h, 403, [("Content-Type", "application/xml")], DENIED)
+        entry["status"] = status
+        self._record(entry)
+        self.reply(h, status, resp_headers, data)
 
     def _record(self, entry: dict) -> None:
         with self.lock:
@@ -183,12 +133,3 @@ class IamProxy:
         with self.lock:
             out, self.log = self.log, []
         return out
-
-    def __enter__(self) -> "IamProxy":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)

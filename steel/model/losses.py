@@ -130,22 +130,22 @@ def weighted_bce(pos_weight):
     return weighted_bce
 
 
+def _rounded_count(x):
+    """Entries of ``x`` that round to 1 (the seed's Keras metrics count positives at 0.5)."""
+    tf, _ = _tf()
+    return tf.reduce_sum(tf.round(tf.clip_by_value(x, 0.0, 1.0)))
+
+
 def recall_m(y_true, y_pred):
     """Recall of predictions rounded at 0.5: ``TP / (P + eps)`` over the batch."""
-    tf, _ = _tf()
     y_true, y_pred = _f32(y_true, y_pred)
-    true_positives = tf.reduce_sum(tf.round(tf.clip_by_value(y_true * y_pred, 0.0, 1.0)))
-    possible_positives = tf.reduce_sum(tf.round(tf.clip_by_value(y_true, 0.0, 1.0)))
-    return true_positives / (possible_positives + EPSILON)
+    return _rounded_count(y_true * y_pred) / (_rounded_count(y_true) + EPSILON)
 
 
 def precision_m(y_true, y_pred):
     """Precision of predictions rounded at 0.5: ``TP / (predicted P + eps)`` over the batch."""
-    tf, _ = _tf()
     y_true, y_pred = _f32(y_true, y_pred)
-    true_positives = tf.reduce_sum(tf.round(tf.clip_by_value(y_true * y_pred, 0.0, 1.0)))
-    predicted_positives = tf.reduce_sum(tf.round(tf.clip_by_value(y_pred, 0.0, 1.0)))
-    return true_positives / (predicted_positives + EPSILON)
+    return _rounded_count(y_true * y_pred) / (_rounded_count(y_pred) + EPSILON)
 
 
 def f1_m(y_true, y_pred):
