@@ -142,7 +142,7 @@ def test_bad_rows_raise_with_row_and_reason_or_are_skipped_with_a_report(tmp_pat
     with pytest.raises(LabelError) as err:
         load_labels(csv, images=IMAGES)
     msg = str(err.value)
-    assert isinstance(err.value, ValueError)
+    assert err.value.problems["row"].tolist() == [line]  # the bad row, as data too (for a report)
     assert f"row {line}: ImageId={bad[0]!r} ClassId='{bad[1]}': {reason}" in msg
     assert "1 bad label rows" in msg
     problems = err.value.problems

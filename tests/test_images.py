@@ -16,7 +16,6 @@ from steel.data import images
 from steel.data.synth import render
 from steel.model import bundle
 from steel.model import networks as models
-from steel.model.cascade import Cascade
 from steel.model.predictor import cascade_from_bundle
 from steel.model.thresholds import default_thresholds
 
@@ -32,34 +31,23 @@ def _jpeg(seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def _recording_cascade(specs: dict) -> tuple[Cascade, dict]:
-    """A cascade of stand-in models that record the input each one is handed."""
-    seen: dict[str, np.ndarray] = {}
+@pytest.fixture(scope="module")
+def tiny_keras():
+    """Six tiny Keras models (random weights): what the production bundle-to-cascade path wraps."""
+    from steel.core.names import model_kind
+    from tests.conftest import TINY_SPECS
 
-    def model(name):
-        def call(x):
-            seen[name] = x.copy()
-            n = len(x)
-            if name == "binary":
-                return np.ones((n, 1), np.float32)
-            if name == "multilabel":
-                return np.ones((n, 4), np.float32)
-            return np.zeros((n, *x.shape[1:3], 1), np.float32)
-        return call
-
-    cas = Cascade({n: model(n) for n in MODEL_NAMES}, {n: specs[n]["input_size"] for n in MODEL_NAMES},
-                  default_thresholds(), preprocessing={n: specs[n]["preprocessing"] for n in MODEL_NAMES})
-    return cas, seen
+    return {n: models.build(n, **TINY_SPECS[model_kind(n)]) for n in MODEL_NAMES}
 
 
 @pytest.mark.parametrize("encoder", models.SEGMENTER_ENCODERS)
-def test_one_jpeg_identical_arrays_on_training_tuning_and_scoring_paths(tmp_path, encoder):
-    """The same file bytes give bit-identical model inputs through training's Ray Data stage
-    (train_data.prepare_batch), tuning's reader (tuning.read_image -> cascade) and scoring's Ray
-    Data stage (stages.decode_batch -> cascade), for each U-Net encoder's preprocessing and the
-    classifier's."""
+def test_one_jpeg_identical_arrays_on_training_tuning_and_scoring_paths(tmp_path, encoder, tiny_keras):
+    """The same file bytes give bit-identical model inputs through training's two Ray Data stages
+    (prepare_batch, and decode_batch + finish_batch for the worker cache) and, through scoring's decode
+    stage (stages.decode_batch, which tuning's probability pass runs too), the cascade that
+    steel.model.predictor builds from a bundle, for each U-Net encoder's preprocessing and the classifier's."""
     from steel.score import stages
-    from steel.train.data import prepare_batch
+    from steel.train.data import decode_batch, finish_batch, prepare_batch
 
     data = _jpeg()
     path = tmp_path / "a.jpg"
@@ -69,29 +57,76 @@ def test_one_jpeg_identical_arrays_on_training_tuning_and_scoring_paths(tmp_path
     specs = {n: seg if is_segmenter(n) else cls for n in MODEL_NAMES}
 
     batch = {"path": np.array([str(path)], dtype=object), "bytes": np.array([data], dtype=object)}
-    train = {
-        n: prepare_batch(batch, name=n, labels={"a.jpg": "" if n == "seg1" else np.float32([1])},
-                         input_size=tuple(specs[n]["input_size"]), preprocessing=specs[n]["preprocessing"])["image"]
-        for n in ("binary", "seg1")
-    }
+    labels = {n: {"a.jpg": "" if n == "seg1" else np.float32([1])} for n in ("binary", "seg1")}
+    train, cached = {}, {}
+    for n in ("binary", "seg1"):
+        size, prep = tuple(specs[n]["input_size"]), specs[n]["preprocessing"]
+        train[n] = prepare_batch(batch, name=n, labels=labels[n], input_size=size, preprocessing=prep)["image"]
+        rows = decode_batch(batch, name=n, labels=labels[n], input_size=size)
+        cached[n] = finish_batch(rows, name=n, preprocessing=prep)["image"]
 
-    cas, seen = _recording_cascade(specs)
-    cas.predict_probabilities(images.read(str(path))[None])
-    tune = {n: seen["binary"] if n == "binary" else seen["seg1"] for n in ("binary", "seg1")}
-
+    cas = cascade_from_bundle(SimpleNamespace(models=tiny_keras, specs=specs, thresholds=None))
     decoded = stages.decode_batch({"shard": ["s"], "image_id": ["a.jpg"], "file": [str(path)], "path": [str(path)]})
     assert decoded["error"][0] == ""
-    seen.clear()
-    cas.predict(decoded["image"])
-    score = {"binary": seen["binary"], "seg1": seen["seg1"]}  # the gates pass everything here
+    served = {n: cas._inputs(decoded["image"], n, {}) for n in ("binary", "seg1")}
 
     for n in ("binary", "seg1"):
-        assert train[n].dtype == tune[n].dtype == score[n].dtype == np.float32
-        np.testing.assert_array_equal(train[n], tune[n])
-        np.testing.assert_array_equal(train[n], score[n])
+        assert train[n].dtype == cached[n].dtype == served[n].dtype == np.float32
+        np.testing.assert_array_equal(train[n], cached[n])
+        np.testing.assert_array_equal(train[n], served[n])
         np.testing.assert_array_equal(train[n][0], images.load(data, specs[n]))
     if seg["preprocessing"] != "unit":  # the U-Net really gets its own scaling, not the classifier's
         assert train["seg1"].min() < 0 or train["seg1"].max() > 1
+
+
+@pytest.mark.timeout(300)
+def test_a_saved_bundle_answers_alike_on_the_tuning_and_scoring_actors(tmp_path, ray_local):
+    """One JPEG through the real paths end to end: the bundle on disk, steel.model.predictor.BundleCascade
+    in Ray actors for tuning's probability pass and for ``steel score``'s rows, against the model run in
+    this process on training's prepared input: the same probabilities."""
+    import pandas as pd
+
+    from steel.core.config import ScoreConfig
+    from steel.core.names import model_kind
+    from steel.model.predictor import BundleCascade
+    from steel.score import io as score_io
+    from steel.score.probabilities import predict_probabilities
+    from steel.score.run import score
+    from steel.train.data import prepare_batch
+    from tests.conftest import TINY_SPECS
+
+    specs = {n: models.resolve_spec(n, **TINY_SPECS[model_kind(n)],
+                                    preprocessing="imagenet" if is_segmenter(n) else None) for n in MODEL_NAMES}
+    built = {n: models.build(n, **specs[n]) for n in MODEL_NAMES}
+    uri = str(tmp_path / "bundle")
+    bundle.save_bundle(uri, built, specs, load_config(None))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    data = _jpeg(5)
+    (folder / "a.jpg").write_bytes(data)
+    batch = {"path": np.array([str(folder / "a.jpg")], dtype=object), "bytes": np.array([data], dtype=object)}
+    x = {n: prepare_batch(batch, name=n, labels={"a.jpg": "" if is_segmenter(n) else np.float32([1])},
+                          input_size=tuple(specs[n]["input_size"]), preprocessing=specs[n]["preprocessing"])["image"]
+         for n in ("binary", "seg2")}
+    reloaded = bundle.load_bundle(uri)  # what the actors load
+    p_binary = float(reloaded.models["binary"](x["binary"], training=False).numpy()[0, 0])
+    seg2 = reloaded.models["seg2"](x["seg2"], training=False).numpy()[0, ..., 0]
+
+    cfg = ScoreConfig(actors=1, batch_size=1)
+    everything = {**default_thresholds(), "binary": 0.0}
+    for c in everything["classes"].values():
+        c.update(prob=0.0)
+    tuned = predict_probabilities(BundleCascade(uri, everything, "none"), ["a.jpg"], str(folder),
+                                  {k: tuple(specs[f"seg{k}"]["input_size"]) for k in (1, 2, 3, 4)}, cfg)
+    assert tuned["image_ids"] == ["a.jpg"]
+    np.testing.assert_allclose(tuned["p_defect"][0], p_binary, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tuned["seg"][2][0].astype(np.float32), seg2, atol=2e-3)  # stored as float16
+
+    out = str(tmp_path / "scores")
+    summary = score(uri, str(folder), out, ScoreConfig(actors=1, batch_size=1, format="parquet"), thresholds=everything)
+    assert summary["scored"] == 1
+    rows = pd.concat([score_io.read_rows_file(u) for u in score_io.complete_shards(out).values()])
+    np.testing.assert_allclose(rows["p_defect"].iloc[0], p_binary, rtol=1e-5, atol=1e-6)
 
 
 def test_decoder_reasons_are_permanent_errors():

@@ -185,45 +185,53 @@ def test_final_line_names_the_split():
                                                               "baseline_all_empty": 0.4}, 60)
 
 
-def test_pipeline_evaluate_stage_wiring(tmp_path, monkeypatch):
-    """The evaluate stage hands protocol the deployed and seed thresholds, the split tables, and tuning's
-    saved val predictions; writes protocol/metrics.json (protocol's Ray pass itself: the test above)."""
+def test_pipeline_evaluate_stage_reuses_tunings_predictions(tmp_path, monkeypatch):
+    """The evaluate stage runs protocol on the labelled val split with tuning's saved predictions (the same
+    models, TTA and images: no second pass), scores the deployed and the seed's thresholds, and writes
+    protocol/metrics.json. The numbers are worked out by hand from :func:`_cache`."""
     import json
 
     from steel import pipeline
     from steel.core import ray_session
     from steel.core.config import load_config
+    from steel.eval import predictions
     from steel.tune import run as tuning
 
     cfg = load_config(None, [f"bundle={tmp_path / 'bundle'}", f"report={tmp_path / 'report'}",
-                             f"data.root={tmp_path / 'data'}", "evaluate.max_images_per_split=7"])
+                             f"data.root={tmp_path / 'data'}", "evaluate.splits=[val]"])
     (tmp_path / "bundle").mkdir()
     (tmp_path / "bundle" / "manifest.json").write_text(json.dumps({"format_version": 1, "models": {"unified": {"sha256": "ab", "spec": {}}}}))
     tuned = default_thresholds()
     tuned["binary"] = 0.7
     (tmp_path / "bundle" / "thresholds.json").write_text(json.dumps(tuned))
-    seen = {}
+    val = pd.DataFrame({"ImageId": [f"{i}.jpg" for i in range(4)], **{f"Defect_{k}": "" for k in range(1, 5)}})
+    cache = _cache()
+    cache.meta["key"] = predictions.cache_key(predictions.bundle_identity(str(tmp_path / "bundle")), "none", None, val)
 
-    def fake_evaluate_splits(splits, images_uri, factory, thresholds, score_cfg, **kw):
-        seen.update(splits=splits, thresholds=thresholds, **kw)
-        t = protocol.split_tables(_cache(), thresholds)
-        t.update(split="val", of=4, sampled=False, skipped=[], reused=bool(kw["reuse"]))
-        return {"splits": {"val": t}, "kind": kw["kind"], "max_images": kw["max_images"], "thresholds": {}}
+    def no_second_pass(*a, **k):
+        raise AssertionError("the val split was predicted again instead of reusing tuning's predictions")
 
-    monkeypatch.setattr(protocol, "evaluate_splits", fake_evaluate_splits)
+    monkeypatch.setattr(predictions, "predict_cache", no_second_pass)
     monkeypatch.setattr(ray_session, "ensure_ray_for_actors", lambda *a: None)
     monkeypatch.setattr(tuning, "fixed_thresholds", lambda cfg: default_thresholds())
     p = pipeline.Pipeline(cfg)
-    labels = pd.DataFrame({"ImageId": ["a.jpg"]})
-    p.state["splits"] = {"train": labels, "val": labels, "test": labels}
-    _cache().save(p._val_cache)  # what the tune stage leaves
-    skipped, summary, out = p.evaluate()
-    assert not skipped and "val split (4 images, tuning predictions reused)" in summary
-    assert set(seen["thresholds"]) == {"deployed", "seed"} and seen["thresholds"]["deployed"]["binary"] == 0.7
-    assert list(seen["splits"]) == ["train", "val", "test"] and seen["max_images"] == 7 and seen["kind"] == "unified"
-    assert list(seen["reuse"]) == ["val"] and seen["identity"]["models"]["unified"]["sha256"] == "ab"
-    written = json.loads((tmp_path / "report" / "protocol" / "metrics.json").read_text())
-    assert written["splits"]["val"]["cascade"]["seed"]["mean_dice"] == pytest.approx(out["protocol"]["splits"]["val"]["cascade"]["seed"]["mean_dice"])
-    import shutil
+    p.state["splits"] = {"train": val.iloc[:0], "val": val, "test": val.iloc[:0]}
+    cache.save(p._val_cache)  # what the tune stage leaves
+    try:
+        skipped, summary, out = p.evaluate()
+    finally:
+        import shutil
 
-    shutil.rmtree(p._tmp)  # run() removes it; evaluate() alone does not
+        shutil.rmtree(p._tmp)  # run() removes it; evaluate() alone does not
+    assert not skipped and "val split (4 images, tuning predictions reused)" in summary
+    tables = out["protocol"]["splits"]["val"]
+    # Images 0-2 score 1 in every class (image 2's 600-pixel false mask is below class 3's min_area 1100);
+    # image 3's class-3 mask covers 2000 of its 4000 pixels: Dice 2 * 2000 / 6000.
+    class3 = (3 + 2 * 2000 / 6000) / 4
+    for name in ("deployed", "seed"):
+        assert tables["cascade"][name]["per_class"] == pytest.approx({"1": 1.0, "2": 1.0, "3": class3, "4": 1.0})
+        assert tables["cascade"][name]["mean_dice"] == pytest.approx((3 + class3) / 4)
+    assert tables["cascade"]["deployed"]["baseline_all_empty"] == pytest.approx(14 / 16)  # 2 of 16 pairs have a defect
+    assert out["protocol"]["thresholds"]["deployed"]["binary"] == 0.7 and out["protocol"]["kind"] == "unified"
+    written = json.loads((tmp_path / "report" / "protocol" / "metrics.json").read_text())
+    assert written["splits"]["val"]["cascade"]["seed"]["mean_dice"] == pytest.approx((3 + class3) / 4)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from steel.data import rle
+from steel.data import images, rle
 
 H, W = 256, 1600
 
@@ -91,7 +91,9 @@ def test_prepare_batch_classifier_and_segmenter(tiny):
     out = prepare_batch(_batch(root, ids), name="multilabel", labels=label_lookup(wide, "multilabel"),
                         input_size=(32, 160))
     assert out["image"].shape == (3, 32, 160, 3) and out["image"].dtype == np.float32
-    assert 0.0 <= out["image"].min() and out["image"].max() <= 1.0
+    decoded = np.stack([images.resize(images.decode((root / "train_images" / i).read_bytes())[None], (32, 160))[0]
+                        for i in ids])
+    np.testing.assert_allclose(out["image"], decoded / np.float32(255.0), atol=1e-6)  # unit scaling of these pixels
     expected = wide.set_index("ImageId").loc[ids, [f"hasDefect_{k}" for k in (1, 2, 3, 4)]].to_numpy()
     np.testing.assert_array_equal(out["label"], expected.astype(np.float32))
 
