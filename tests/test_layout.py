@@ -207,3 +207,17 @@ def _resolves(ref: str, importlib) -> bool:
 def test_every_dotted_path_named_in_docs_configs_and_code_resolves():
     bad = unresolved_paths()
     assert not bad, "dotted paths that do not resolve:\n" + "\n".join(bad)
+
+
+def test_shared_names_are_imported_from_core_names():
+    """A constant of steel.core.names imported through another module is a second definition in
+    disguise (``from steel.data.rle import SHAPE``): every module takes them from steel.core.names."""
+    import steel.core.names as names
+
+    shared = {n for n in dir(names) if not n.startswith("_") and n != "annotations"}
+    bad = []
+    for module, path in modules().items():
+        for line, target, imported in imports(path, module):
+            if target.startswith("steel") and target != "steel.core.names":
+                bad += [f"{path.relative_to(REPO)}:{line}: {n} from {target}" for n in imported if n in shared]
+    assert not bad, "import these from steel.core.names:\n" + "\n".join(bad)

@@ -324,7 +324,7 @@ def spec_with_preprocessing(spec: dict) -> dict:
     Bundles saved before the spec recorded it (no ``preprocessing`` key) were trained and tuned on
     [0, 1] pixels whatever the encoder: they get ``steel.data.images.LEGACY_PREPROCESSING`` (``unit``).
     """
-    from steel.data.images import LEGACY_PREPROCESSING
+    from steel.core.names import LEGACY_PREPROCESSING
 
     out = dict(spec)
     if not out.get("preprocessing"):

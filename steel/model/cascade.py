@@ -36,10 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from steel.core.names import CLASSES, MODEL_NAMES, SHAPE, TTA_VIEWS, UNIFIED, class_of
+from steel.core.names import CLASSES, MODEL_NAMES, SHAPE, TTA_MODES, TTA_VIEWS, UNIFIED, class_of
 from steel.data import images as image_io
 from steel.data import rle
-from steel.model.thresholds import TTA_MODES, validate_thresholds
+from steel.model.thresholds import validate_thresholds
 
 
 def _cv2():
