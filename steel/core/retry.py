@@ -6,6 +6,7 @@ retrying cannot fix as ``permanent`` (a missing file, a bad image, a lease anoth
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import random
 import time
@@ -13,6 +14,13 @@ import time
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 60.0
+_active = contextvars.ContextVar("steel_retry_active", default=False)
+
+
+def active() -> bool:
+    """True inside a :func:`retry` call: the layers below (``steel.core.storage``) then try once and let
+    the caller's loop count the attempts, so retries are never multiplied."""
+    return _active.get()
 
 
 def retry(fn, *, retries: int, backoff_s: float, what: str = "", permanent: tuple = (),
@@ -25,6 +33,7 @@ def retry(fn, *, retries: int, backoff_s: float, what: str = "", permanent: tupl
     """
     attempt = 0
     while True:
+        token = _active.set(True)
         try:
             return fn()
         except permanent:
@@ -39,6 +48,8 @@ def retry(fn, *, retries: int, backoff_s: float, what: str = "", permanent: tupl
                 on_retry(e)
             sleep(delay)
             attempt += 1
+        finally:
+            _active.reset(token)
 
 
-__all__ = ["retry", "MAX_BACKOFF_S"]
+__all__ = ["retry", "active", "MAX_BACKOFF_S"]

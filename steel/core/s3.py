@@ -86,9 +86,76 @@ def filesystem(bucket: str | None, endpoint: str | None = None) -> pafs.S3FileSy
     return fs
 
 
+class PrefixOnlyHandler(pafs.FileSystemHandler):
+    """pyarrow's S3 filesystem minus directory creation, for code that insists on ``create_dir``
+    (Ray Train's checkpoint storage). S3 has no directories (writing a key makes its prefix), and
+    pyarrow's ``create_dir`` first asks HeadBucket: ``s3:ListBucket`` on the whole bucket, which a role
+    allowed to list only under prefixes (``infra/iam/``) is refused."""
+
+    def __init__(self, fs: pafs.FileSystem):
+        self.fs = fs
+
+    def __reduce__(self):  # picklable for Ray: checkpoints carry their filesystem to the workers
+        return PrefixOnlyHandler, (self.fs,)
+
+    def get_type_name(self) -> str:
+        return "s3-prefix-only"
+
+    def equals(self, other) -> bool:
+        return isinstance(other, PrefixOnlyHandler) and self.fs.equals(other.fs)
+
+    def get_file_info(self, paths):
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path, recursive) -> None:
+        pass
+
+    def delete_dir(self, path) -> None:
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False) -> None:
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise PermissionError("refusing to delete every object of a bucket")
+
+    def delete_file(self, path) -> None:
+        self.fs.delete_file(path)
+
+    def move(self, src, dest) -> None:
+        self.fs.move(src, dest)
+
+    def copy_file(self, src, dest) -> None:
+        self.fs.copy_file(src, dest)
+
+    def open_input_stream(self, path):
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path, metadata):
+        return self.fs.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        return self.fs.open_append_stream(path, metadata=metadata)
+
+    def normalize_path(self, path):
+        return self.fs.normalize_path(path)
+
+
+def prefix_only_filesystem(bucket: str | None, endpoint: str | None = None) -> pafs.PyFileSystem:
+    """:func:`filesystem` wrapped in :class:`PrefixOnlyHandler` (no bucket-level request on create_dir)."""
+    return pafs.PyFileSystem(PrefixOnlyHandler(filesystem(bucket, endpoint)))
+
+
 def client(bucket: str | None, endpoint: str | None = None):
     """The boto3 S3 client for ``bucket`` on the current endpoint (one per endpoint and region)."""
     import boto3
+    import botocore.config
 
     url = current_endpoint(endpoint)
     region = bucket_region(url, bucket)
@@ -96,8 +163,23 @@ def client(bucket: str | None, endpoint: str | None = None):
     with _lock:
         made = _clients.get(key)
         if made is None:
-            made = _clients[key] = boto3.session.Session().client("s3", endpoint_url=url, region_name=region)
+            # Standard mode, one attempt: every retry is steel's (steel.core.retry), counted once; botocore's
+            # legacy mode would retry each call 5 times inside each of steel's attempts.
+            config = botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 1})
+            made = _clients[key] = boto3.session.Session().client("s3", endpoint_url=url, region_name=region,
+                                                                  config=config)
     return made
+
+
+def response_time(response: dict, default: float) -> float:
+    """The store's clock when it answered (the HTTP ``Date`` header of a boto3 response), else ``default``."""
+    from email.utils import parsedate_to_datetime
+
+    date = ((response or {}).get("ResponseMetadata") or {}).get("HTTPHeaders", {}).get("date")
+    try:
+        return parsedate_to_datetime(date).timestamp() if date else default
+    except (TypeError, ValueError):
+        return default
 
 
 def bucket_key(path: str) -> tuple[str, str]:
@@ -154,14 +236,23 @@ def kind(path: str, endpoint: str | None):
     return pafs.FileType.Directory if under else pafs.FileType.NotFound
 
 
-def get(path: str, endpoint: str | None):
+def get_object(path: str, endpoint: str | None) -> dict:
+    """boto3's GetObject response for the exact key; FileNotFoundError when there is no such key, also
+    when S3 says 403 for it (as it does to a role that may list the bucket only under prefixes)."""
     bucket, key = bucket_key(path)
     try:
-        return client(bucket, endpoint).get_object(Bucket=bucket, Key=key)["Body"]
-    except Exception as e:  # noqa: BLE001 - S3 says 403 for a missing key unless the role may list the bucket
-        if isinstance(translate(e, path), PermissionError) and kind(path, endpoint) == pafs.FileType.NotFound:
+        return client(bucket, endpoint).get_object(Bucket=bucket, Key=key)
+    except Exception as e:  # noqa: BLE001
+        clear = translate(e, "s3://" + path)
+        if isinstance(clear, FileNotFoundError) or (
+                isinstance(clear, PermissionError) and kind(path, endpoint) == pafs.FileType.NotFound):
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", "s3://" + path) from None
         raise
+
+
+def get(path: str, endpoint: str | None):
+    """The body (a stream) of the object at ``bucket/key``; see :func:`get_object`."""
+    return get_object(path, endpoint)["Body"]
 
 
 def precondition_failed(e: BaseException) -> bool:

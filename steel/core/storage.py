@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 import posixpath
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import IO, Iterable, Iterator
 
 import pyarrow.fs as pafs
 
-from steel.core import s3
+from steel.core import retry, s3
 
 _TMP_PREFIX = ".tmp-steel-"  # local temp files of in-progress writes; list_files skips them
 _SPOOL_BYTES = 64 * 2**20  # open_output on S3 buffers this much in memory, then spills to disk
@@ -37,6 +39,25 @@ _local = pafs.LocalFileSystem()
 
 _umask = os.umask(0o022)
 os.umask(_umask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Retries: an S3 call outside a caller's retry loop is retried here; inside one (steel.core.retry),
+# it is tried once and the caller counts the attempts (botocore itself makes one attempt per call).
+
+S3_RETRIES = 4
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, ValueError, TypeError)
+
+
+def _retried(fn):
+    @functools.wraps(fn)
+    def call(uri, *args, **kwargs):
+        if not is_s3(uri) or retry.active():
+            return fn(uri, *args, **kwargs)
+        return retry.retry(lambda: fn(uri, *args, **kwargs), retries=S3_RETRIES, backoff_s=0.5,
+                           what=f"{fn.__name__}({uri})", permanent=_PERMANENT)
+
+    return call
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,7 +86,7 @@ def _split(uri) -> tuple[str, str]:
         bucket = rest.split("/", 1)[0]
         if not bucket:
             raise ValueError(f"{uri!r}: S3 URI without a bucket (expected s3://bucket/key)")
-        return "s3", rest.rstrip("/")
+        return "s3", rest  # the key exactly as given: S3 keys may hold //, ./, .. and a trailing /
     raise ValueError(f"{uri!r}: unsupported URI scheme {scheme!r}; use a local path, file:// or s3://")
 
 
@@ -111,6 +132,7 @@ def uri_to_ray_path(uri, endpoint: str | None = None) -> tuple[str, pafs.FileSys
 # Queries
 
 
+@_retried
 def exists(uri, endpoint: str | None = None) -> bool:
     """True if a file or folder (on S3: an object or any object under the prefix) is there."""
     fs, path = resolve(uri, endpoint)
@@ -132,41 +154,95 @@ def makedirs(uri, endpoint: str | None = None) -> None:
         os.makedirs(path, exist_ok=True)
 
 
+@dataclass(frozen=True)
+class Entry:
+    """A file found by :func:`list_entries`: ``name`` is its path below the listed folder exactly as the
+    store holds it (an S3 key's rest, never normalised), ``uri`` reads it back, ``modified`` is when the
+    store last wrote it (its own clock)."""
+
+    name: str
+    uri: str
+    size: int
+    modified: float
+
+
+@_retried
+def list_entries(uri, recursive: bool = True, endpoint: str | None = None) -> tuple[list[Entry], float]:
+    """The files in a folder (below it, with ``recursive``), sorted by name, and the store's clock now.
+
+    On S3 the names are the keys as listed (``a//b.jpg``, ``x/../b.jpg`` and ``b.jpg/`` are three
+    objects, three names); a missing prefix is empty, a missing bucket raises FileNotFoundError.
+    Locally a missing folder is empty. Files of in-progress writes (``.tmp-steel-*``) are left out.
+    """
+    kind, path = _split(uri)
+    if kind == "local":
+        return _local_entries(os.fspath(uri), path, recursive), time.time()
+    bucket, key = s3.bucket_key(path)
+    prefix = key.rstrip("/") + "/" if key else ""
+    root = f"s3://{bucket}/{prefix}"
+    entries, now = [], time.time()
+    with s3.errors(uri):
+        pages = s3.client(bucket, endpoint).get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix, **({} if recursive else {"Delimiter": "/"}))
+        for page in pages:
+            now = s3.response_time(page, now)
+            for obj in page.get("Contents", []):
+                name = obj["Key"][len(prefix):]
+                if name and not posixpath.basename(name.rstrip("/")).startswith(_TMP_PREFIX):
+                    entries.append(Entry(name, root + name, int(obj["Size"]), obj["LastModified"].timestamp()))
+    return sorted(entries, key=lambda e: e.name), now
+
+
+def _local_entries(uri: str, path: str, recursive: bool) -> list[Entry]:
+    root = path.rstrip(os.sep) or os.sep
+    base = uri.rstrip("/")
+    out = []
+    if not os.path.isdir(root):
+        return out
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        rel = os.path.relpath(folder, root)
+        for f in files:
+            if f.startswith(_TMP_PREFIX):
+                continue
+            name = f if rel == "." else f"{rel.replace(os.sep, '/')}/{f}"
+            st = os.stat(os.path.join(folder, f))
+            out.append(Entry(name, f"{base}/{name}", st.st_size, st.st_mtime))
+        if not recursive:
+            break
+    return sorted(out, key=lambda e: e.name)
+
+
 def list_files(uri, suffixes: str | Iterable[str] | None = None, recursive: bool = False,
                endpoint: str | None = None) -> list[str]:
-    """Sorted URIs (same scheme and form as ``uri``) of the files in a folder.
+    """Sorted URIs of the files in a folder (:func:`list_entries`' ``uri`` of each).
 
     ``suffixes`` (e.g. ``(".jpg", ".png")``) keeps names ending with one of them, ignoring case.
     A folder that does not exist gives ``[]`` (on S3 a missing prefix and an empty one are the same
     thing); a missing S3 bucket raises FileNotFoundError.
     """
-    fs, path = resolve(uri, endpoint)
     if isinstance(suffixes, str):
         suffixes = (suffixes,)
     wanted = tuple(s.lower() for s in suffixes) if suffixes is not None else None
-    with s3.errors(uri):
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
-        if not infos and is_s3(uri):  # pyarrow lists a missing bucket as empty: ask S3 (NoSuchBucket)
-            bucket, key = s3.bucket_key(path)
-            s3.client(bucket, endpoint).list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/" if key else "",
-                                                         MaxKeys=1)
-    out = []
-    for info in infos:
-        if info.type != pafs.FileType.File or info.base_name.startswith(_TMP_PREFIX):
-            continue
-        if wanted is not None and not info.base_name.lower().endswith(wanted):
-            continue
-        out.append(join(uri, posixpath.relpath(info.path, path.rstrip("/") or "/")))
-    return sorted(out)
+    entries, _ = list_entries(uri, recursive=recursive, endpoint=endpoint)
+    return [e.uri for e in entries if wanted is None or e.name.lower().endswith(wanted)]
 
 
+@_retried
 def list_dirs(uri, endpoint: str | None = None) -> list[str]:
     """Sorted names (not URIs) of the folders directly under ``uri`` (on S3: the common prefixes);
     ``[]`` when ``uri`` does not exist."""
-    fs, path = resolve(uri, endpoint)
+    kind, path = _split(uri)
+    if kind == "local":
+        return sorted(d.name for d in os.scandir(path) if d.is_dir()) if os.path.isdir(path) else []
+    bucket, key = s3.bucket_key(path)
+    prefix = key.rstrip("/") + "/" if key else ""
+    out = []
     with s3.errors(uri):
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+        for page in s3.client(bucket, endpoint).get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            out += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+    return sorted(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,13 +262,18 @@ def open_input(uri, endpoint: str | None = None) -> Iterator[IO[bytes]]:
     # One GET into a local spool: pyarrow's S3 files do a HEAD then ranged GETs, which can mix two
     # versions of an object that is overwritten meanwhile; a single GET is always one version.
     with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as spool:
-        with s3.errors(uri):
-            body = s3.get(path, endpoint)
-            shutil.copyfileobj(body, spool, _COPY_CHUNK)
+        def fetch():
+            spool.seek(0)
+            spool.truncate()
+            with s3.errors(uri):
+                shutil.copyfileobj(s3.get(path, endpoint), spool, _COPY_CHUNK)
+
+        _retried(lambda _uri: fetch())(uri)
         spool.seek(0)
         yield spool
 
 
+@_retried
 def read_bytes(uri, endpoint: str | None = None) -> bytes:
     kind, path = _split(uri)
     if kind == "s3":
@@ -251,13 +332,18 @@ def open_output(uri, endpoint: str | None = None) -> Iterator[IO[bytes]]:
         return
     with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as spool:
         yield spool
-        spool.seek(0)
         bucket, key = s3.bucket_key(path)
-        with s3.errors(uri):
-            # One PUT, or a multipart upload that boto3 aborts if any part fails.
-            s3.client(bucket, endpoint).upload_fileobj(spool, bucket, key)
+
+        def upload(_uri):
+            spool.seek(0)
+            with s3.errors(uri):
+                # One PUT, or a multipart upload that boto3 aborts if any part fails.
+                s3.client(bucket, endpoint).upload_fileobj(spool, bucket, key)
+
+        _retried(upload)(uri)
 
 
+@_retried
 def write_bytes(uri, data: bytes, endpoint: str | None = None) -> None:
     """Write ``data`` to ``uri`` atomically (local temp + rename; one PUT on S3)."""
     kind, path = _split(uri)
@@ -293,8 +379,12 @@ def copy_local_dir_to(local_dir, uri, endpoint: str | None = None) -> list[str]:
             kind, path = _split(dest)
             if kind == "s3":
                 bucket, key = s3.bucket_key(path)
-                with s3.errors(dest):
-                    s3.client(bucket, endpoint).upload_file(src, bucket, key)
+
+                def upload(dest, src=src, bucket=bucket, key=key):
+                    with s3.errors(dest):
+                        s3.client(bucket, endpoint).upload_file(src, bucket, key)
+
+                _retried(upload)(dest)
             else:
                 with open(src, "rb") as fin, _local_output(path) as fout:
                     shutil.copyfileobj(fin, fout, _COPY_CHUNK)
@@ -312,12 +402,19 @@ def copy_local_dir_to(local_dir, uri, endpoint: str | None = None) -> list[str]:
 
 @dataclass(frozen=True)
 class Versioned:
-    """One version of an object: its bytes, its tag (S3 ETag; locally the content's sha256) and when
-    the store last wrote it (S3 ``LastModified``; locally the file's mtime), on the store's clock."""
+    """One version of an object: its bytes, its tag (S3 ETag; locally the content's sha256), when the
+    store last wrote it (S3 ``LastModified``; locally the file's mtime) and the store's clock when it
+    was read (S3's ``Date``; locally the time): ``now - modified`` is the object's age, whatever the
+    reader's own clock says."""
 
     data: bytes
     tag: str
     modified: float
+    now: float
+
+    @property
+    def age(self) -> float:
+        return self.now - self.modified
 
 
 @contextlib.contextmanager
@@ -340,24 +437,33 @@ def _local_versioned(path: str) -> Versioned | None:
             modified = os.fstat(fh.fileno()).st_mtime
     except FileNotFoundError:
         return None
-    return Versioned(data, hashlib.sha256(data).hexdigest(), modified)
+    return Versioned(data, hashlib.sha256(data).hexdigest(), modified, _fs_now(path + ".guard"))
 
 
+def _fs_now(probe: str) -> float:
+    """The file system's clock now (a shared folder's server may disagree with this host's): the mtime
+    it gives ``probe`` when touched."""
+    try:
+        os.utime(probe)
+        return os.stat(probe).st_mtime
+    except OSError:
+        return time.time()
+
+
+@_retried
 def read_versioned(uri, endpoint: str | None = None) -> Versioned | None:
     """The object's current version (:class:`Versioned`), or None when there is none."""
     kind, path = _split(uri)
     if kind == "local":
         with _guard(path):
             return _local_versioned(path)
-    bucket, key = s3.bucket_key(path)
     try:
-        obj = s3.client(bucket, endpoint).get_object(Bucket=bucket, Key=key)
-    except Exception as e:  # noqa: BLE001
-        clear = s3.translate(e, uri)
-        if isinstance(clear, FileNotFoundError):
-            return None
-        raise clear or e from None
-    return Versioned(obj["Body"].read(), obj["ETag"], obj["LastModified"].timestamp())
+        with s3.errors(uri):
+            obj = s3.get_object(path, endpoint)
+    except FileNotFoundError:
+        return None
+    modified = obj["LastModified"].timestamp()
+    return Versioned(obj["Body"].read(), obj["ETag"], modified, s3.response_time(obj, time.time()))
 
 
 def create_only(uri, data: bytes, endpoint: str | None = None) -> str | None:
@@ -415,6 +521,7 @@ def delete_if(uri, tag: str, endpoint: str | None = None) -> bool:
 # Deleting
 
 
+@_retried
 def delete(uri, recursive: bool = False, missing_ok: bool = False, endpoint: str | None = None) -> None:
     """Delete a file; a folder (on S3: every object under the prefix) only with ``recursive=True``."""
     kind, path = _split(uri)

@@ -134,12 +134,14 @@ def local_train_config(train_cfg):
 
 
 def _storage(uri: str):
-    """``(storage_path, storage_filesystem)`` for ``RunConfig``: explicit pyarrow fs for S3."""
-    from steel.core import storage
+    """``(storage_path, storage_filesystem)`` for ``RunConfig``: on S3 a pyarrow filesystem whose
+    ``create_dir`` sends nothing (``steel.core.s3.PrefixOnlyHandler``: Ray Train creates directories
+    before every checkpoint, and pyarrow would ask HeadBucket, which the training role may not)."""
+    from steel.core import s3, storage
 
     if storage.is_s3(uri):
-        fs, path = storage.resolve(uri)
-        return path, fs
+        _, path = storage.resolve(uri)
+        return path, s3.prefix_only_filesystem(path.split("/", 1)[0])
     path = os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
     os.makedirs(path, exist_ok=True)
     return path, None
