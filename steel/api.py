@@ -127,6 +127,18 @@ def score(cfg: Config | str, bundle: str | None = None, images: str | None = Non
             ray.shutdown()
 
 
+def lease(out: str, break_stale: bool = False) -> dict:
+    """The lease of a scoring output (``held``: False when there is none): holder, age by the store's
+    clock, TTL, stale or dead. ``break_stale`` removes it when it is stale or its holder is dead (raises
+    :class:`steel.score.lease.LeaseHeld` while a live run renews it)."""
+    from steel.score import lease as leases
+
+    if break_stale:
+        return {"held": False, "broken": leases.break_lease(out)}
+    st = leases.status(out)
+    return {"held": False, "out": str(out)} if st is None else {"held": True, "out": str(out), **st}
+
+
 def merge(out: str, to: str, layout: str = "long", fill_errors: bool = False, partial: bool = False) -> dict:
     """One sorted Kaggle-ready CSV from a scoring output's shards; :func:`steel.score.merge.merge`."""
     from steel.score.merge import merge as run_merge

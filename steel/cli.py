@@ -23,9 +23,12 @@ EXIT = {
               "1 the run finished with problems: images failed transiently (not recorded; the next run scores "
               "them), the permanent-error rate is above score.max_error_rate, or --expect-new found nothing new "
               "(the last line says which); 3 another run holds the output's lease (nothing started; the message "
-              "names the holder and when its lease goes stale); 2 bad input; 130 interrupted."),
+              "names the holder and when its lease goes stale), or this run lost it while running (it stopped "
+              "before writing more; what it wrote counts); 2 bad input; 130 interrupted."),
     "train": ("exit status: 0 every model is in the bundle; 1 training failed (models it finished are saved to "
               "the bundle first, and a re-run continues from the last checkpoint); 2 bad input; 130 interrupted."),
+    "lease": ("exit status: 0 shown (or broken); 3 --break refused: the holder is alive (its heartbeat is fresh "
+              "and it is not provably dead); 2 no lease to break, or bad input; 130 interrupted."),
     "merge": ("exit status: 0 written; 2 the shards do not make a valid submission (each problem listed), the run "
               "has not finished (no _SUCCESS; --partial merges anyway), or bad input; 130 interrupted."),
 }
@@ -184,6 +187,13 @@ def args_merge(p: argparse.ArgumentParser) -> None:
     _json_arg(p)
 
 
+def args_lease(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="scoring output folder (URI) holding the _LOCK")
+    p.add_argument("--break", dest="break_stale", action="store_true",
+                   help="remove the lease if it is stale or its holder is dead (a live holder's is refused)")
+    _json_arg(p)
+
+
 def args_run(p: argparse.ArgumentParser) -> None:
     _config_args(p, required=True)
     _json_arg(p)
@@ -293,7 +303,7 @@ def _start_thresholds(uri: str | None) -> dict | None:
 
 def cmd_score(args):
     from steel import api
-    from steel.score.lease import LeaseHeld
+    from steel.score.lease import LeaseHeld, LeaseLost
     from steel.score.run import format_summary
 
     overrides = _flags(args, "score", {
@@ -310,6 +320,10 @@ def cmd_score(args):
     except LeaseHeld as e:
         print(f"steel score: not started: {e}", file=sys.stderr)
         return 3, {"status": "not started", "error": str(e)}, []
+    except LeaseLost as e:
+        print(f"steel score: stopped: {e}. The shards it wrote count; the next run scores the rest",
+              file=sys.stderr)
+        return 3, {"status": "lease lost", "error": str(e)}, []
     lines = [format_summary(s)]
     if s.get("problems"):
         print(f"steel score: FAILED (run {s.get('run_id')}): " + "; ".join(s["problems"]), file=sys.stderr)
@@ -364,6 +378,27 @@ def cmd_merge(args):
     return 0, s, [line]
 
 
+def cmd_lease(args):
+    from steel import api
+    from steel.score.lease import LeaseHeld, describe
+
+    try:
+        s = api.lease(args.out, break_stale=args.break_stale)
+    except LeaseHeld as e:
+        print(f"steel lease: not broken: {e}", file=sys.stderr)
+        return 3, {"held": True, "broken": None, "error": str(e)}, []
+    if args.break_stale:
+        b = s["broken"]
+        return 0, s, [f"broke {b['uri']}: {describe(b['holder'])}, last renewed {b['age_s']:.0f} s ago "
+                      f"({'holder dead' if b['dead'] else 'stale'}; TTL {b['ttl_s']:.0f} s)"]
+    if not s["held"]:
+        return 0, s, [f"{args.out}: no lease: no run is scoring into it"]
+    state = "holder dead" if s["dead"] else ("stale: the next run takes it over" if s["stale"] else
+                                             f"live: goes stale in {s['ttl_s'] - s['age_s']:.0f} s without renewal")
+    return 0, s, [f"{s['uri']}: {describe(s['holder'])}, last renewed {s['age_s']:.0f} s ago (TTL "
+                  f"{s['ttl_s']:.0f} s): {state}"]
+
+
 def cmd_run(args):
     from steel import api
 
@@ -379,6 +414,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "score": ("batch-score images with a bundle on Ray Data (resumable, incremental)", args_score, cmd_score),
     "serve": ("serve a bundle's cascade as an HTTP endpoint (Ray Serve)", args_serve, cmd_serve),
     "merge": ("merge scoring shards into one Kaggle-ready CSV", args_merge, cmd_merge),
+    "lease": ("show (or --break) the lease of a scoring output: which run holds it, and since when", args_lease,
+              cmd_lease),
     "evaluate": ("mean Dice of a submission against truth", args_evaluate, cmd_evaluate),
     "run": ("run the whole pipeline from a config, each finished stage skipped", args_run, cmd_run),
 }

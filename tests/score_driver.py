@@ -4,14 +4,16 @@
 
 Exits 1 when the run reports problems (like ``steel score``). With ``STEEL_SCORE_PAUSE_AT`` set the
 run pauses at that point and writes ``<point> <pid>`` to ``STEEL_SCORE_PAUSE_FILE``; the test then
-SIGKILLs this process's group (see ``steel.core.faults.pause_point``).
+SIGKILLs this process's group (see ``steel.core.faults.pause_point``). ``STEEL_TEST_LOCK_TTL_S``
+sets score.lock_ttl_s (default: long, so that only a dead holder's lease is taken over at once).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
-LOCK_TTL_S = 2.0
+TTL_ENV = "STEEL_TEST_LOCK_TTL_S"
 
 
 def main(argv: list[str]) -> int:
@@ -26,8 +28,14 @@ def main(argv: list[str]) -> int:
 
     ray.cloudpickle.register_pickle_by_value(mod)
     ray.init(log_to_driver=False)
-    cfg = ScoreConfig(batch_size=2, images_per_shard=3, lock_ttl_s=LOCK_TTL_S, retries=1, retry_backoff_s=0.01)
-    summary = score(bundle, images, out, cfg, predictor=mod.BrightCascade)
+    cfg = ScoreConfig(batch_size=2, images_per_shard=3, lock_ttl_s=float(os.environ.get(TTL_ENV, 600)), retries=1, retry_backoff_s=0.01)
+    from steel.score.lease import LeaseLost
+
+    try:
+        summary = score(bundle, images, out, cfg, predictor=mod.BrightCascade)
+    except LeaseLost as e:
+        print("lease lost:", e)
+        return 3
     print(format_summary(summary))
     for p in summary["problems"]:
         print("problem:", p)

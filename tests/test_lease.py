@@ -20,10 +20,9 @@ def out_uri(request, tmp_path):
     return f"s3://{bucket}/scores"
 
 
-def stale(out: str, run_id: str = "old-run", age_s: float = 3600) -> None:
-    """A lease left by a killed run: its heartbeat is ``age_s`` old."""
-    storage.write_text(storage.join(out, lease.LOCK), json.dumps(
-        {"run_id": run_id, "host": "gone-host", "pid": 1, "heartbeat": time.time() - age_s}))
+def stale(out: str, run_id: str = "old-run") -> None:
+    """A lease left by a killed run on another host, more than a second old on the store's clock."""
+    _aged(out, json.dumps({"run_id": run_id, "host": "gone-host", "pid": 1}).encode(), older_than_s=1.0)
 
 
 @pytest.mark.timeout(60)
@@ -32,7 +31,7 @@ def test_second_run_is_refused_naming_the_holder_then_may_take_it_after_release(
     try:
         with pytest.raises(lease.LeaseHeld) as e:
             lease.Lease(out_uri, "run-b", ttl_s=60).acquire()
-        assert "run run-a on" in str(e.value) and "heartbeat" in str(e.value)
+        assert "run run-a on" in str(e.value) and "goes stale in" in str(e.value)
         assert lease.read_holder(out_uri)["run_id"] == "run-a"
     finally:
         a.release()
@@ -44,7 +43,7 @@ def test_second_run_is_refused_naming_the_holder_then_may_take_it_after_release(
 @pytest.mark.timeout(60)
 def test_heartbeat_keeps_a_live_lease_and_a_stale_one_is_taken_over_by_one_taker(out_uri):
     live = lease.Lease(out_uri, "live", ttl_s=1.0, heartbeat_s=0.1).acquire()
-    time.sleep(1.5)  # longer than the TTL: only the heartbeat keeps it
+    time.sleep(2.5)  # longer than the TTL: only the heartbeat keeps it
     with pytest.raises(lease.LeaseHeld, match="run live"):
         lease.Lease(out_uri, "late", ttl_s=1.0).acquire()
     live.release()
@@ -56,7 +55,7 @@ def test_heartbeat_keeps_a_live_lease_and_a_stale_one_is_taken_over_by_one_taker
     def take(i):
         barrier.wait()
         try:
-            winners.append(lease.Lease(out_uri, f"taker-{i}", ttl_s=60).acquire())
+            winners.append(lease.Lease(out_uri, f"taker-{i}", ttl_s=1.0, heartbeat_s=3600).acquire())
         except lease.LeaseHeld as e:
             losers.append(str(e))
 
@@ -76,15 +75,170 @@ def test_heartbeat_keeps_a_live_lease_and_a_stale_one_is_taken_over_by_one_taker
 
 @pytest.mark.timeout(60)
 def test_a_stalled_holder_learns_it_lost_the_lease(out_uri):
-    a = lease.Lease(out_uri, "stalled", ttl_s=0.3, heartbeat_s=3600).acquire()  # heartbeat never fires
-    time.sleep(0.5)
-    b = lease.Lease(out_uri, "next", ttl_s=0.3, heartbeat_s=3600).acquire()
+    # The holder's heartbeat never fires (a stall); a taker finds its 1 s lease stale.
+    a = lease.Lease(out_uri, "stalled", ttl_s=1.0, heartbeat_s=3600).acquire()
+    time.sleep(2.3)
+    b = lease.Lease(out_uri, "next", ttl_s=1.0, heartbeat_s=3600).acquire()
     try:
-        a.check()  # nothing noticed yet
-        a.renew()
+        a.renew()  # what its heartbeat does when it wakes up
         with pytest.raises(lease.LeaseLost, match="taken over by run next"):
             a.check()
         a.release()  # must not delete the new holder's lease
         assert lease.read_holder(out_uri)["run_id"] == "next"
     finally:
         b.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 20 item 6: a lease decided on the store's clock, fenced writes, dead holders, breaking by hand
+
+
+def _aged(out: str, body: bytes, older_than_s: float) -> None:
+    """A lease object the store wrote ``older_than_s`` ago (locally backdated; on S3 by waiting)."""
+    uri = storage.join(out, lease.LOCK)
+    storage.write_bytes(uri, body)
+    if storage.is_s3(out):
+        time.sleep(older_than_s + 1.1)  # S3's LastModified and Date have one-second resolution
+    else:
+        import os
+
+        t = time.time() - older_than_s - 1
+        os.utime(uri.removeprefix("file://"), (t, t))
+
+
+@pytest.mark.timeout(60)
+def test_a_taker_whose_clock_runs_ahead_cannot_take_a_live_lease(s3_bucket, monkeypatch):
+    out = f"s3://{s3_bucket}/scores"
+    holder = lease.Lease(out, "holder", ttl_s=60).acquire()
+    try:
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + 3600)  # this host's clock is an hour fast
+        with pytest.raises(lease.LeaseHeld, match="run holder on"):
+            lease.Lease(out, "fast-clock", ttl_s=60).acquire()
+        monkeypatch.setattr(time, "time", real)
+        assert lease.read_holder(out)["run_id"] == "holder"
+    finally:
+        holder.release()
+
+
+@pytest.mark.timeout(60)
+def test_renewals_failing_for_half_the_ttl_stop_the_run(out_uri, monkeypatch):
+    a = lease.Lease(out_uri, "flaky-store", ttl_s=1.0, heartbeat_s=0.05).acquire()
+    try:
+        def down(*args, **kwargs):
+            raise ConnectionError("store unreachable")
+
+        monkeypatch.setattr(storage, "replace_if", down)
+        a.check()  # just renewed: fine
+        time.sleep(0.7)
+        with pytest.raises(lease.LeaseLost, match="not renewed for"):
+            a.check()
+    finally:
+        monkeypatch.undo()
+        a.release()
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path):
+    import socket
+    import subprocess
+
+    out = str(tmp_path / "out")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    storage.write_text(storage.join(out, lease.LOCK), json.dumps(
+        {"run_id": "killed", "host": socket.gethostname(), "boot_id": lease._boot_id(), "pid": gone.pid,
+         "pid_started": "1", "ttl_s": 120}))
+    with lease.Lease(out, "rerun", ttl_s=120) as b:  # the lease is seconds old: only its holder is gone
+        assert b.took_over["run_id"] == "killed" and b.took_over["dead"] is True
+    # A live holder on this host (this very process) is not "dead": the re-run is refused.
+    with lease.Lease(out, "alive", ttl_s=120):
+        with pytest.raises(lease.LeaseHeld, match=r"goes stale in \d+ s .*steel lease"):
+            lease.Lease(out, "second", ttl_s=120).acquire()
+
+
+@pytest.mark.timeout(60)
+def test_a_taker_with_a_shorter_ttl_waits_out_the_holders(out_uri):
+    a = lease.Lease(out_uri, "long-ttl", ttl_s=60.0, heartbeat_s=3600).acquire()
+    try:
+        time.sleep(2.3)
+        with pytest.raises(lease.LeaseHeld, match="goes stale in 5[0-9] s"):
+            lease.Lease(out_uri, "impatient", ttl_s=1.0).acquire()
+        a.fence()  # still the holder
+    finally:
+        a.release()
+
+
+@pytest.mark.timeout(60)
+def test_a_run_that_lost_its_lease_is_fenced_off(out_uri):
+    a = lease.Lease(out_uri, "stalled", ttl_s=1.0, heartbeat_s=3600).acquire()  # no heartbeat: a stall
+    time.sleep(2.3)
+    b = lease.Lease(out_uri, "next", ttl_s=1.0, heartbeat_s=3600).acquire()
+    try:
+        assert b.took_over["run_id"] == "stalled"
+        with pytest.raises(lease.LeaseLost, match=r"not renewed for \d s \(over 50% of its 1 s TTL\)"):
+            a.fence()  # what the stalled run does before its next shard: it stops, having been silent
+        b2 = lease.Lease(out_uri, "third", ttl_s=60.0)
+        with pytest.raises(lease.LeaseHeld):  # and a live holder is not taken over
+            b2.acquire()
+        a.release()  # must not delete the new holder's lease
+        assert lease.read_holder(out_uri)["run_id"] == "next"
+        b.fence()  # the holder passes
+    finally:
+        b.release()
+
+
+@pytest.mark.timeout(60)
+def test_break_refuses_a_live_lease_and_removes_a_stale_or_unreadable_one(out_uri):
+    live = lease.Lease(out_uri, "live", ttl_s=60).acquire()
+    try:
+        with pytest.raises(lease.LeaseHeld, match="it is alive; not broken"):
+            lease.break_lease(out_uri)
+        assert lease.status(out_uri)["holder"]["run_id"] == "live" and not lease.status(out_uri)["stale"]
+    finally:
+        live.release()
+    _aged(out_uri, b"not json at all", older_than_s=1.0)
+    st = lease.status(out_uri)
+    assert st["holder"]["unreadable"] and st["age_s"] >= 1.0
+    with lease.Lease(out_uri, "after-garbage", ttl_s=1.0):  # unreadable and stale: taken over, not a crash
+        pass
+    _aged(out_uri, json.dumps({"run_id": "old", "host": "elsewhere", "ttl_s": 1}).encode(), older_than_s=1.0)
+    assert lease.break_lease(out_uri)["holder"]["run_id"] == "old" and lease.read_holder(out_uri) is None
+
+
+@pytest.mark.timeout(60)
+def test_lease_command_shows_and_breaks(tmp_path, capsys):
+    from steel.cli import main
+
+    out = str(tmp_path / "out")
+    assert main(["lease", out]) == 0
+    assert "no lease: no run is scoring into it" in capsys.readouterr().out
+    live = lease.Lease(out, "live-run", ttl_s=60).acquire()
+    try:
+        assert main(["lease", out, "--json"]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert (shown["held"], shown["holder"]["run_id"], shown["stale"], shown["dead"]) == (True, "live-run", False, False)
+        assert main(["lease", out, "--break"]) == 3
+        assert "not broken" in capsys.readouterr().err and lease.read_holder(out)["run_id"] == "live-run"
+    finally:
+        live.release()
+    _aged(out, json.dumps({"run_id": "left-behind", "host": "gone-host", "pid": 1, "ttl_s": 1}).encode(), 1.0)
+    assert main(["lease", out]) == 0
+    assert "run left-behind on gone-host (pid 1)" in capsys.readouterr().out
+    assert main(["lease", out, "--break"]) == 0
+    assert "broke" in capsys.readouterr().out and lease.read_holder(out) is None
+
+
+def test_score_exits_3_when_the_run_loses_its_lease(tmp_path, monkeypatch, capsys):
+    from steel import api
+    from steel.cli import main
+
+    def lost(*a, **k):
+        raise lease.LeaseLost("lease x/_LOCK was taken over by run other on host (pid 9)")
+
+    monkeypatch.setattr(api, "score", lost)
+    assert main(["score", "--bundle", str(tmp_path), "--images", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--json"]) == 3
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["status"] == "lease lost" and "stopped: lease x/_LOCK was taken over" in captured.err
+

@@ -187,8 +187,14 @@ class ScoreConfig:
     retries: int = 4  # transient failures (storage, network, predictor/OOM): retries per read/write/batch
     retry_backoff_s: float = 1.0  # first wait; doubles each retry (capped at 60 s), with jitter
     max_error_rate: float = 0.05  # permanent (decode) errors / new images above this: the run exits non-zero
-    lock_ttl_s: float = 900.0  # a lease whose heartbeat is older than this is taken over
-    since: str | None = None  # YYYY-MM-DD: list only date partitions dt=YYYY-MM-DD on or after it
+    # A lease not renewed for this long (the store's clock) is taken over; its holder renews it every
+    # lock_ttl_s / 4 and stops writing when it could not for lock_ttl_s / 2 (steel.score.lease).
+    lock_ttl_s: float = 120.0
+    # YYYY-MM-DD: list only the date partitions (dt=/date=YYYY-MM-DD, YYYY-MM-DD or YYYY/MM/DD) on or
+    # after this day minus since_lookback_days; images an earlier run left pending are retried anyway.
+    since: str | None = None
+    since_lookback_days: int = 1  # late uploads into the days before `since` are still found
+    settle_s: float = 60.0  # a file written less than this ago that does not decode (still being copied): pending, not an error
     expect_new: bool = False  # no new images is a failure (a stopped camera feed)
 
 
@@ -407,7 +413,7 @@ def _check(obj, prefix: str) -> None:
         for name in ("actors", "batch_size", "images_per_shard"):
             if getattr(obj, name) < 1:
                 raise ConfigError(f"{p}{name}: must be at least 1, got {getattr(obj, name)}")
-        for name in ("gpus_per_actor", "retries", "retry_backoff_s"):
+        for name in ("gpus_per_actor", "retries", "retry_backoff_s", "since_lookback_days", "settle_s"):
             if getattr(obj, name) < 0:
                 raise ConfigError(f"{p}{name}: must not be negative, got {getattr(obj, name)}")
         if not 0 <= obj.max_error_rate <= 1:

@@ -10,7 +10,8 @@ sets them on the process or in a job's ``runtime_env``; unset, each hook costs o
   (:func:`fail_after_shards`): a crash between shards.
 - ``STEEL_SCORE_PAUSE_AT=point[:n]`` with ``STEEL_SCORE_PAUSE_FILE=PATH``: the n-th time (default
   1st) the scoring driver reaches ``point`` it writes ``<point> <pid>`` to PATH and sleeps, so a test
-  can SIGKILL it exactly there (:func:`pause_point`).
+  can SIGKILL (or SIGSTOP) it exactly there (:func:`pause_point`); with ``STEEL_SCORE_RESUME_FILE=PATH``
+  it goes on once that file exists (a run that stalled and woke up).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ TRAIN_FAIL_ENV = "STEEL_TRAIN_FAIL_AT"
 SCORE_FAIL_AFTER_ENV = "STEEL_SCORE_FAIL_AFTER_SHARDS"
 SCORE_PAUSE_AT_ENV = "STEEL_SCORE_PAUSE_AT"
 SCORE_PAUSE_FILE_ENV = "STEEL_SCORE_PAUSE_FILE"
+SCORE_RESUME_FILE_ENV = "STEEL_SCORE_RESUME_FILE"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +84,8 @@ _pause_hits: Counter = Counter()
 def pause_point(point: str) -> None:
     """Named point of a scoring run (``listed``, ``mid_shard``, ``shard_written`` - between a shard's
     rows file and its index -, ``before_success``): with :data:`SCORE_PAUSE_AT_ENV` naming it, the
-    n-th visit writes ``<point> <pid>`` to :data:`SCORE_PAUSE_FILE_ENV` and sleeps for ever."""
+    n-th visit writes ``<point> <pid>`` to :data:`SCORE_PAUSE_FILE_ENV` and sleeps: for ever, or until
+    the file :data:`SCORE_RESUME_FILE_ENV` names exists."""
     spec = os.environ.get(SCORE_PAUSE_AT_ENV, "")
     if not spec:
         return
@@ -97,9 +100,11 @@ def pause_point(point: str) -> None:
         with open(marker, "w") as fh:
             fh.write(f"{point} {os.getpid()}")
     log.warning("test hook: paused at %s (%s)", point, SCORE_PAUSE_AT_ENV)
-    while True:
-        time.sleep(3600)
+    resume = os.environ.get(SCORE_RESUME_FILE_ENV)
+    while not (resume and os.path.exists(resume)):
+        time.sleep(0.1 if resume else 3600)
+    log.warning("test hook: resumed at %s", point)
 
 
 __all__ = ["TRAIN_FAIL_ENV", "SCORE_FAIL_AFTER_ENV", "SCORE_PAUSE_AT_ENV", "SCORE_PAUSE_FILE_ENV",
-           "parse_train_fault", "train_fault", "maybe_fail", "fail_after_shards", "pause_point"]
+           "SCORE_RESUME_FILE_ENV", "parse_train_fault", "train_fault", "maybe_fail", "fail_after_shards", "pause_point"]
