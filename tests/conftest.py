@@ -5,6 +5,8 @@
 - ``ray_local``: an in-process local Ray (started once per session, shut down at the end).
 - ``ray_head``: a separate Ray head (``ray start --head --block`` in its own process group), for
   tests that submit jobs; stopped by killing that process group, never ``ray stop``.
+- ``tiny_bundle``: a real bundle of six tiny random-weight models; ``scoring_without_ray``: scoring's
+  Ray Data stages run in the test's process.
 """
 
 from __future__ import annotations
@@ -186,3 +188,34 @@ def tiny_bundle(tmp_path_factory) -> str:
     uri = str(tmp_path_factory.mktemp("bundle") / "tiny")
     save_tiny_bundle(uri)
     return uri
+
+
+# Scoring's pipeline without Ray
+
+def _in_process_dataset(items, cfg, formats, factory, actor=None):
+    """steel.score.stages.cascade_dataset without Ray: the same decode and actor stages, in this process."""
+    import numpy as np
+
+    from steel.score import stages
+
+    class Dataset:
+        def iter_batches(self, batch_size=None, batch_format="numpy"):
+            stage = (actor or stages.CascadeActor)(factory, retries=cfg.retries, backoff_s=cfg.retry_backoff_s)
+            for i in range(0, len(items), cfg.batch_size):
+                chunk = items[i:i + cfg.batch_size]
+                batch = {k: np.asarray([item[k] for item in chunk], dtype=object) for k in chunk[0]}
+                yield stage(stages.decode_batch(batch, allow_resize=cfg.allow_resize, formats=formats,
+                                                retries=cfg.retries, backoff_s=cfg.retry_backoff_s))
+
+    return Dataset()
+
+
+@pytest.fixture
+def scoring_without_ray(monkeypatch):
+    """steel.score.run.score runs its Ray Data stages in this process (tests of what scoring reads and
+    writes, where Ray's start-up would be most of the time)."""
+    import steel.core.ray_session
+    from steel.score import run
+
+    monkeypatch.setattr(run, "cascade_dataset", _in_process_dataset)
+    monkeypatch.setattr(steel.core.ray_session, "ensure_ray", lambda *a, **k: False)

@@ -51,8 +51,8 @@ class Constant:
         return [{"p_defect": 0.0, "p_class": [0.0] * 4, "masks": [""] * 4, "areas": [0] * 4} for _ in images]
 
 
-class ConstantCascade:  # BundleCascade's shape: (bundle_uri, thresholds, tta, endpoint=, threads=)
-    def __init__(self, bundle_uri, thresholds, tta="none", endpoint=None, threads=None):
+class ConstantCascade:  # BundleCascade's shape: (bundle_uri, thresholds, tta, endpoint=, threads=, weights=)
+    def __init__(self, bundle_uri, thresholds, tta="none", endpoint=None, threads=None, weights=None):
         pass
 
     def __call__(self):
@@ -81,8 +81,8 @@ cfg = ScoreConfig(gpus_per_actor=1, actors=1, batch_size=2, images_per_shard=4)
 # driver check (score) and the actor's own check (the pipeline run without the driver check)
 out["score_driver"] = attempt(lambda: scoring.score(bundle, images, f"{work}/scores", cfg, predictor=ConstantCascade))
 files = sorted(storage.list_files(images))[:2]
-items = [{"shard": "s", "image_id": f.rsplit("/", 1)[-1], "file": f, "path": f} for f in files]
-out["score_actor"] = attempt(lambda: stages.cascade_dataset(items, cfg, None, ("JPEG",), factory).take_all())
+items = [{"shard": "s", "image_id": f.rsplit("/", 1)[-1], "file": f} for f in files]
+out["score_actor"] = attempt(lambda: stages.cascade_dataset(items, cfg, ("JPEG",), factory).take_all())
 
 from steel.train import run as training
 

@@ -66,7 +66,7 @@ def test_one_jpeg_identical_arrays_on_training_tuning_and_scoring_paths(tmp_path
         cached[n] = finish_batch(rows, name=n, preprocessing=prep)["image"]
 
     cas = cascade_from_bundle(SimpleNamespace(models=tiny_keras, specs=specs, thresholds=None))
-    decoded = stages.decode_batch({"shard": ["s"], "image_id": ["a.jpg"], "file": [str(path)], "path": [str(path)]})
+    decoded = stages.decode_batch({"shard": ["s"], "image_id": ["a.jpg"], "file": [str(path)]})
     assert decoded["error"][0] == ""
     served = {n: cas._inputs(decoded["image"], n, {}) for n in ("binary", "seg1")}
 

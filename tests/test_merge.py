@@ -12,13 +12,14 @@ from steel.score import merge
 EMPTY = {"p_defect": 0.1, "p_class": [0.0] * 4, "masks": ["", "", "", ""], "areas": [0] * 4}
 
 
-def write_shard(out: str, name: str, results: dict, fmt: str = "csv", errors: dict | None = None) -> None:
+def write_shard(out: str, name: str, results: dict, fmt: str = "csv", errors: dict | None = None,
+                written_at: str | None = None) -> None:
     shard = score_io.ShardResult(name, sorted([*results, *(errors or {})]))
     for image_id, res in results.items():
         shard.add_scored(image_id, res)
     for image_id, reason in (errors or {}).items():
         shard.add_error(image_id, f"/in/{image_id}", reason)
-    shard.write(out, fmt)
+    shard.write(out, fmt, {"written_at": written_at} if written_at else None)
 
 
 def test_merge_sorts_mixed_formats_and_fills_errors(tmp_path):
@@ -48,20 +49,25 @@ def test_merge_sorts_mixed_formats_and_fills_errors(tmp_path):
     assert (table["EncodedPixels"].iloc[8:12] == "").all()
 
 
-def test_merge_rejects_duplicates_missing_rows_and_bad_rle(tmp_path):
+def test_merge_takes_an_image_in_two_shards_once_and_rejects_missing_rows_and_bad_rle(tmp_path):
     out = str(tmp_path / "out")
-    write_shard(out, "part-1", {"same.jpg": EMPTY})
-    write_shard(out, "part-2", {"same.jpg": EMPTY})
+    defect = {**EMPTY, "masks": ["5 2", "", "", ""], "areas": [2, 0, 0, 0]}
+    write_shard(out, "part-1", {"same.jpg": EMPTY, "a.jpg": EMPTY}, written_at="2026-12-02T01:00:00Z")
+    write_shard(out, "part-2", {"same.jpg": defect}, written_at="2026-12-01T01:00:00Z")  # written first
     storage.write_text(storage.join(out, "_SUCCESS"), "")
-    with pytest.raises(merge.MergeError, match=r"same.jpg: in 2 shards \(part-1, part-2\)"):
-        merge.merge(out, str(tmp_path / "s.csv"))
+    s = merge.merge(out, str(tmp_path / "s.csv"))
+    assert (s["images"], s["rows"], s["duplicates_ignored"]) == (2, 8, 1)
+    table = pd.read_csv(str(tmp_path / "s.csv"), keep_default_na=False)
+    assert table.loc[(table.ImageId == "same.jpg") & (table.ClassId == 1), "EncodedPixels"].item() == "5 2"
     storage.write_text(score_io.shard_uri(out, "part-2", "csv"),
                        "ImageId,ClassId,EncodedPixels\nother.jpg,1,\nother.jpg,1,\nother.jpg,3,5 0\n")
     with pytest.raises(merge.MergeError) as e:
-        merge.merge(out, str(tmp_path / "s.csv"))
+        merge.merge(out, str(tmp_path / "bad.csv"))
     assert "other.jpg: 3 rows with 2 distinct classes" in str(e.value)
     assert "invalid EncodedPixels" in str(e.value)
-    assert not storage.exists(str(tmp_path / "s.csv"))
+    # same.jpg: its owner's index lists it, its files no longer hold it (and part-1's copy is not its owner's)
+    assert "same.jpg: listed by the index of part-2 but not in its files" in str(e.value)
+    assert not storage.exists(str(tmp_path / "bad.csv"))
 
 
 def test_merge_cli_and_empty_output(tmp_path, capsys):

@@ -9,6 +9,7 @@ test_scoring.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -128,12 +129,152 @@ def test_since_lists_only_new_date_partitions(tmp_path):
     for day in ("dt=2026-11-27", "dt=2026-11-28", "2026-11-29", "dt=2026-11-30"):
         write_images(storage.join(root, day), ["a.jpg", "cam2/b.jpg"])
     write_images(root, ["loose.jpg"])
-    inputs = score_io.list_inputs(root, since="2026-11-29")
+    inputs = score_io.list_inputs(root, since="2026-11-29").inputs
     assert list(inputs) == ["2026-11-29/a.jpg", "2026-11-29/cam2/b.jpg", "dt=2026-11-30/a.jpg",
                             "dt=2026-11-30/cam2/b.jpg"]
-    assert len(score_io.list_inputs(root)) == 9  # without --since: everything, same ids
+    assert len(score_io.list_inputs(root).inputs) == 9  # without --since: everything, same ids
     with pytest.raises(ValueError, match="YYYY-MM-DD"):
         score_io.list_inputs(root, since="29/11/2026")
+
+
+def test_since_finds_every_partition_form_late_uploads_and_reports_the_rest(tmp_path):
+    root = str(tmp_path / "archive")
+    forms = {"dt=2026-11-28": "a.jpg", "date=2026-11-29": "b.jpg", "2026-11-30": "c.jpg", "2026/11/30": "d.jpg",
+             "2026/12/01": "cam/e.jpg", "dt=2026-11-20": "old.jpg"}
+    for folder, name in forms.items():
+        write_images(storage.join(root, folder), [name])
+    write_images(root, ["loose.jpg"])
+    write_images(storage.join(root, "misc"), ["x.jpg"])
+    write_images(storage.join(root, "2026", "extra"), ["y.jpg"])
+    listing = score_io.list_inputs(root, since="2026-11-30", lookback_days=1)
+    assert list(listing.inputs) == ["2026-11-30/c.jpg", "2026/11/30/d.jpg", "2026/12/01/cam/e.jpg",
+                                    "date=2026-11-29/b.jpg"]  # 11-29: the day of lookback
+    assert listing.unplaced == ["2026/extra/", "loose.jpg", "misc/"]
+    assert listing.partitions == ["2026-11-30", "2026/11/30", "2026/12/01", "date=2026-11-29"]
+    assert len(score_io.list_inputs(root, since="2026-11-30", lookback_days=3).inputs) == 5  # + dt=2026-11-28
+
+
+def test_a_night_retries_what_the_last_left_pending_whatever_since_says(tiny_bundle, scoring_without_ray, tmp_path,
+                                                                        monkeypatch):
+    """Night 1 cannot read one image (storage fault); night 2, with --since that night's date, still
+    scores it, and a late upload into night 1's partition (the lookback); a file outside every
+    partition fails the night instead of being skipped quietly."""
+    from steel.score.run import score
+
+    images, out = str(tmp_path / "archive"), str(tmp_path / "out")
+    write_images(storage.join(images, "dt=2026-11-29"), ["a.jpg", "b.jpg", "c.jpg"])
+    real_read = storage.read_bytes
+
+    def flaky(uri, endpoint=None):
+        if uri.endswith("/b.jpg") and night["n"] == 1:
+            raise ConnectionError("connection reset by peer")
+        return real_read(uri, endpoint)
+
+    night = {"n": 1}
+    monkeypatch.setattr(storage, "read_bytes", flaky)
+    cfg = ScoreConfig(batch_size=2, images_per_shard=2, retries=1, retry_backoff_s=0.0)
+    s = score(tiny_bundle, images, out, dataclasses.replace(cfg, since="2026-11-29"), predictor=BrightCascade)
+    assert (s["scored"], s["transient_failures"], s["status"]) == (2, 1, "incomplete")
+    assert list(s["pending"]) == ["dt=2026-11-29/b.jpg"] and not storage.exists(storage.join(out, "_SUCCESS"))
+
+    night["n"] = 2  # --since 2026-12-01 with a day of lookback lists 11-30 and 12-01, not 11-29
+    write_images(storage.join(images, "dt=2026-12-01"), ["d.jpg"], start=10)
+    write_images(storage.join(images, "dt=2026-11-30"), ["late.jpg"], start=11)  # uploaded after its night
+    write_images(images, ["stray.jpg"], start=12)
+    s = score(tiny_bundle, images, out, dataclasses.replace(cfg, since="2026-12-01"), predictor=BrightCascade)
+    assert (s["scored"], s["images_carried_over"], s["unplaced"], s["status"]) == (3, 1, 1, "incomplete")
+    assert any("not in a date partition" in p and "stray.jpg" in p for p in s["problems"])
+    assert index_ids(out) == {f"dt=2026-11-29/{n}" for n in ("a.jpg", "b.jpg", "c.jpg")} | {
+        "dt=2026-11-30/late.jpg", "dt=2026-12-01/d.jpg"}
+    assert not storage.exists(storage.join(out, "_SUCCESS"))
+
+    storage.delete(storage.join(images, "stray.jpg"))
+    write_images(storage.join(images, "dt=2026-12-02"), ["e.jpg"], start=13)
+    s = score(tiny_bundle, images, out, dataclasses.replace(cfg, since="2026-12-02", since_lookback_days=0),
+              predictor=BrightCascade)
+    assert (s["scored"], s["images_carried_over"], s["problems"], s["status"]) == (1, 0, [], "ok")
+    assert storage.exists(storage.join(out, "_SUCCESS"))
+
+
+def test_s3_keys_are_scored_exactly_as_listed(tiny_bundle, scoring_without_ray, s3_bucket, monkeypatch):
+    """``a//b.jpg`` and ``a/b.jpg`` are two images; ``x/../b.jpg`` and ``trailing.jpg/`` are read by their own
+    keys; a listed key the store will not serve is a permanent error row; a key deleted after the
+    listing leaves no row and is not pending."""
+    from steel.core import faults
+    from steel.score.run import score
+
+    images, out = f"s3://{s3_bucket}/archive", f"s3://{s3_bucket}/scores"
+    keys = ["a//b.jpg", "a/b.jpg", "x/../b.jpg", "trailing.jpg/", "./c.jpg", "unservable.jpg", "gone.jpg"]
+    for i, key in enumerate(keys):
+        storage.write_bytes(f"{images}/{key}", jpeg_bytes(i))
+    real_read = storage.read_bytes
+
+    def read(uri, endpoint=None):
+        if uri.endswith("/unservable.jpg"):
+            raise FileNotFoundError(uri)  # what S3 says to a key it lists but will not serve under that name
+        return real_read(uri, endpoint)
+
+    monkeypatch.setattr(storage, "read_bytes", read)
+    monkeypatch.setattr(faults, "pause_point",
+                        lambda point: point == "listed" and storage.delete(f"{images}/gone.jpg"))
+    s = score(tiny_bundle, images, out, ScoreConfig(batch_size=3, images_per_shard=4, settle_s=0),
+              predictor=BrightCascade)
+    assert (s["images_in"], s["scored"], s["errors"], s["images_gone"], s["pending"]) == (7, 5, 1, 1, {})
+    rows = check_output(out, set(keys[:5]), {"unservable.jpg"})
+    for i, key in enumerate(keys[:5]):  # each id's rows come from its own object's pixels
+        [expected] = BrightPredictor().predict(image_io.decode(jpeg_bytes(i))[None])
+        got = rows.loc[(rows["ImageId"] == key) & (rows["ClassId"] == 1), "EncodedPixels"].item()
+        assert got == expected["masks"][0], key
+    errors = score_io.read_errors_file(storage.list_files(storage.join(out, "errors"))[0])
+    assert errors["reason"].item().startswith("listed but cannot be read by its own key")
+    assert storage.exists(storage.join(out, "_SUCCESS"))
+    monkeypatch.undo()
+    assert merge.merge(out, f"{out}/submission.csv", fill_errors=True)["images"] == 6
+
+
+def test_storage_attempts_are_counted_once(tiny_bundle, scoring_without_ray, s3_endpoint, s3_bucket):
+    """botocore retries nothing itself: a key that always fails is tried exactly score.retries + 1 times."""
+    from steel.score.run import score
+    from tests.faulty_proxy import FaultyProxy
+
+    images, out = f"s3://{s3_bucket}/archive", f"s3://{s3_bucket}/scores"
+    write_images(images, ["ok.jpg", "bad.jpg"])
+    with FaultyProxy(s3_endpoint, persist=["/bad.jpg"]) as proxy:
+        s3.set_endpoint(proxy.url)
+        try:
+            s = score(tiny_bundle, images, out, ScoreConfig(batch_size=2, retries=2, retry_backoff_s=0.0),
+                      predictor=BrightCascade)
+        finally:
+            s3.set_endpoint(None)
+    assert (s["scored"], s["transient_failures"]) == (1, 1)
+    assert proxy.per_key[("GET", f"/{s3_bucket}/archive/bad.jpg")] == 3
+    assert proxy.per_key[("GET", f"/{s3_bucket}/archive/ok.jpg")] == 1
+
+
+def test_a_bundle_folder_rewritten_mid_run_fails_the_actor_not_the_rows(tiny_bundle, scoring_without_ray, tmp_path,
+                                                                      monkeypatch):
+    """The driver reads the bundle's weights hashes; an actor that loads other weights refuses to score,
+    so no row carries a bundle_version its weights do not have."""
+    import shutil
+
+    from steel.core import faults
+    from steel.model.bundle import BundleError
+    from steel.score.run import score
+
+    bundle, images, out = str(tmp_path / "bundle"), str(tmp_path / "images"), str(tmp_path / "out")
+    shutil.copytree(tiny_bundle, bundle)
+    write_images(images, ["a.jpg", "b.jpg"])
+
+    def retrain(point):  # training saves a new binary model into the same folder while the run lists
+        if point == "listed":
+            manifest = bundle_lib.read_manifest(bundle)
+            manifest["models"]["binary"]["sha256"] = "0" * 64
+            storage.write_text(storage.join(bundle, bundle_lib.MANIFEST), json.dumps(manifest))
+
+    monkeypatch.setattr(faults, "pause_point", retrain)
+    with pytest.raises(BundleError, match="the bundle changed after this run started .*binary"):
+        score(bundle, images, out, ScoreConfig(settle_s=0), predictor=BrightCascade)
+    assert score_io.complete_shards(out) == {}
 
 
 def test_exit_rules_one_per_reason():
@@ -335,8 +476,6 @@ class Jobs:
 def test_kill_at_each_point_then_rerun_loses_nothing(ray_head, tiny_bundle, tmp_path):
     from ray.job_submission import JobStatus
 
-    from tests.score_driver import LOCK_TTL_S
-
     images, out = str(tmp_path / "archive"), str(tmp_path / "out")
     jobs = Jobs(ray_head, tiny_bundle)
     day1 = [f"dt=2026-11-28/a{i}.jpg" for i in range(4)]
@@ -363,7 +502,8 @@ def test_kill_at_each_point_then_rerun_loses_nothing(ray_head, tiny_bundle, tmp_
             merge.merge(out, str(tmp_path / "s.csv"))
         if point == "shard_written":  # a shard without its index: recovered by the next run
             assert len(score_io.complete_shards(out)) == len(storage.list_files(storage.join(out, "index"))) + 1
-        time.sleep(LOCK_TTL_S + 0.5)  # the killed run's lease goes stale; the next run takes it over
+        # No wait: the killed run's lease (TTL 600 s) names a pid on this host that is gone; the next
+        # run takes it over at once.
 
     assert index_ids(out) == set(day1) | set(day2)  # the last killed run had written every shard
     job = jobs.submit(images, out)
@@ -374,7 +514,52 @@ def test_kill_at_each_point_then_rerun_loses_nothing(ray_head, tiny_bundle, tmp_
     records = score_io.read_run_records(out)
     # Runs killed earlier leave no record; the one killed before _SUCCESS had written its record.
     assert [r["status"] for r in records] == ["ok", "ok", "ok"]
-    assert records[-1]["took_over_from"]["heartbeat"] and records[-1]["images_in"] == 0
+    assert records[-1]["took_over_from"]["dead"] and records[-1]["images_in"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_stalled_run_that_lost_its_lease_writes_nothing_more(ray_head, tiny_bundle, tmp_path):
+    """Run A writes a shard, stalls (SIGSTOP: its heartbeat too) past its TTL; run B takes the stale
+    lease over and scores the rest, with two late uploads that regroup the shards A had planned. A
+    wakes up and stops at its next fence: no file of its lands, no image is in two shards."""
+    from ray.job_submission import JobStatus
+
+    images, out = str(tmp_path / "archive"), str(tmp_path / "out")
+    names = [f"dt=2026-11-30/c{i}.jpg" for i in range(9)]  # A plans 3 shards of 3
+    write_images(images, names)
+    jobs = Jobs(ray_head, tiny_bundle)
+    ttl = {"STEEL_TEST_LOCK_TTL_S": "4"}
+    marker, resume = tmp_path / "paused", tmp_path / "resume"
+    a = jobs.submit(images, out, {**ttl, "STEEL_SCORE_PAUSE_AT": "shard_written:2", "STEEL_SCORE_PAUSE_FILE": str(marker),
+                                  "STEEL_SCORE_RESUME_FILE": str(resume)})
+    deadline = time.time() + 240
+    while not marker.exists() or len(marker.read_text().split()) < 2:
+        assert jobs.client.get_job_status(a) in (JobStatus.PENDING, JobStatus.RUNNING), jobs.logs(a)
+        assert time.time() < deadline, "A never reached its second shard"
+        time.sleep(0.2)
+    pid = int(marker.read_text().split()[1])
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert len(score_io.complete_shards(out)) == 2  # A's first shard, and its second without an index
+        late = ["dt=2026-11-30/c6a.jpg", "dt=2026-11-30/c7a.jpg"]
+        write_images(images, late, start=40)
+        time.sleep(5)  # A's lease, not renewed, goes stale by the store's clock
+        b = jobs.submit(images, out, ttl)
+        assert jobs.wait(b) == JobStatus.SUCCEEDED, jobs.logs(b)
+        after_b = {n: storage.read_bytes(u) for n, u in score_io.complete_shards(out).items()}
+        records = score_io.read_run_records(out)
+        assert records[-1]["took_over_from"]["dead"] is False and records[-1]["images_in"] == 5
+        resume.write_text("")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert jobs.wait(a, 120) == JobStatus.FAILED
+    assert "lease lost" in jobs.logs(a)
+    assert {n: storage.read_bytes(u) for n, u in score_io.complete_shards(out).items()} == after_b
+    check_output(out, set(names) | set(late))  # each image in exactly one shard
+    done, _ = score_io.done_images(out)
+    assert not [e for e in done.values() if e.get("ignored")]
+    assert merge.merge(out, str(tmp_path / "s.csv"))["images"] == 11
 
 
 def test_drift_chart_from_run_records(tmp_path):

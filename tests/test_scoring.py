@@ -82,20 +82,24 @@ class BrightPredictor:
 class BrightCascade:
     """Stand-in for ``steel.model.predictor.BundleCascade`` (same constructor): builds a
     :class:`BrightPredictor` where it is called, after reading the bundle's manifest from the URI it
-    was given (so the actor must see the run's resolved bundle folder)."""
+    was given (so the actor must see the run's resolved bundle folder, holding the weights the driver read)."""
 
     bundle_uri: str
     thresholds: dict
     tta: str = "none"
     endpoint: str | None = None
     threads: int | None = None
+    weights: dict | None = None
 
     def __call__(self) -> BrightPredictor:
-        from steel.model.bundle import read_manifest
+        from steel.model.bundle import Bundle, read_manifest
+        from steel.model.predictor import check_weights
 
         if self.endpoint:
             s3.set_endpoint(self.endpoint)
-        read_manifest(self.bundle_uri)
+        manifest = read_manifest(self.bundle_uri)
+        if self.weights is not None:
+            check_weights(Bundle(self.bundle_uri, manifest), self.weights)
         return BrightPredictor()
 
 
@@ -145,6 +149,8 @@ def test_shards_are_deterministic_and_disjoint():
     assert sorted(i for s in plan for i in s.image_ids) == ids
     assert all(s.name.startswith("part-") and len(s.name) == 5 + 16 for s in plan)
     assert plan[0].name == score_io.shard_name(ids[:5]) != score_io.shard_name(ids[:4])
+    # No separator an id could hold: a newline in a key does not make two sets one name.
+    assert score_io.shard_name(["a.jpg", "b.jpg"]) != score_io.shard_name(["a.jpg\nb.jpg"])
     with pytest.raises(ValueError, match="at least 1"):
         score_io.plan_shards(ids, 0)
 
@@ -177,7 +183,7 @@ def test_list_inputs_uses_relative_paths_as_ids(tmp_path):
     write_images(root, ["b.jpg", "a.jpg", "day2/a.jpg"])
     storage.write_text(storage.join(root, "notes.txt"), "not an image")
     storage.write_text(storage.join(root, "out", "manifest.json"), "{}")
-    inputs = score_io.list_inputs(root, exclude=storage.join(root, "out"))
+    inputs = score_io.list_inputs(root, exclude=storage.join(root, "out")).inputs
     assert list(inputs) == ["a.jpg", "b.jpg", "day2/a.jpg", "notes.txt"]
     assert inputs["day2/a.jpg"] == storage.join(root, "day2/a.jpg")
     with pytest.raises(FileNotFoundError):
@@ -215,12 +221,16 @@ def test_shard_files_resume_state_and_recovery(tmp_path):
     storage.write_text(score_io.errors_uri(out, "part-b"), "ImageId,file,reason\n")
     assert score_io.remove_orphan_errors(out, {"part-a"}) == ["part-b"]
     assert storage.exists(score_io.errors_uri(out, "part-a"))
-    # The same image in two complete shards is reported, not merged silently.
+    # The same image in two complete shards (two runs wrote it): it belongs to the shard written first,
+    # whatever the names say; the other one lists it as ignored. Nothing blocks the next run.
+    score_io.write_index(out, "part-a", {**score_io.shard_contents(out, "part-a", score_io.shard_uri(out, "part-a", "parquet")),
+                                         "written_at": "2026-12-02T01:00:00Z"})
     b = score_io.ShardResult("part-b", ["x.jpg"])
     b.add_scored("x.jpg", result)
-    b.write(out, "parquet")
-    with pytest.raises(ValueError, match="in two shards"):
-        score_io.done_images(out, None)
+    b.write(out, "parquet", {"written_at": "2026-12-01T01:00:00Z"})
+    done, owner = score_io.done_images(out, None)
+    assert owner == {"x.jpg": "part-b", "y.jpg": "part-a"}
+    assert done["part-a"]["ignored"] == ["x.jpg"] and "ignored" not in done["part-b"]
 
 
 def test_cascade_actor_isolates_failing_images_and_passes_errors():
@@ -240,10 +250,10 @@ def test_cascade_actor_isolates_failing_images_and_passes_errors():
     assert list(out["error_kind"]) == ["", "transient", "", "decode"]  # a predictor failure is never a row
     assert out["mask_1"][0] and rle.area(out["mask_1"][0]) == out["area_1"][0] > 0
     assert json.loads(out["stats"][0]) == {"images": 2, "seg_calls": 2}
-    # decode stage without a filesystem reads through steel.core.storage
-    dec = decode_batch({"shard": ["s"], "image_id": ["z"], "file": ["/no/such/file.jpg"], "path": ["x"]})
-    assert dec["error"][0].startswith("could not read the file: FileNotFoundError")
-    assert dec["error_kind"][0] == "transient"
+    # a file deleted since the listing is "gone": no row, the next listing decides
+    dec = decode_batch({"shard": ["s"], "image_id": ["z"], "file": ["/no/such/file.jpg"]})
+    assert dec["error"][0].startswith("deleted since it was listed:")
+    assert dec["error_kind"][0] == "gone"
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,7 +278,7 @@ def test_score_local_with_bad_inputs_and_merge(ray_local, stand_in, tiny_bundle,
     write_images(images, good)
     for name, make in BAD_FILES.items():
         storage.write_bytes(storage.join(images, name), make())
-    cfg = ScoreConfig(batch_size=3, images_per_shard=4, format="parquet")
+    cfg = ScoreConfig(batch_size=3, images_per_shard=4, format="parquet", settle_s=0)  # written long ago
     summary = score(tiny_bundle, images, out, cfg, predictor=stand_in)
     assert summary["images_in"] == 14 == summary["scored"] + summary["errors"]
     assert (summary["scored"], summary["errors"], summary["shards_written"]) == (9, 5, 4)
@@ -368,9 +378,17 @@ def test_score_from_and_to_s3(ray_local, stand_in, tiny_bundle, s3_bucket, tmp_p
     images, out = f"s3://{s3_bucket}/archive/2026-11-24", f"s3://{s3_bucket}/scores/nightly"
     good = [f"s{i}.jpg" for i in range(5)]
     write_images(images, good)
-    storage.write_bytes(storage.join(images, "zero.jpg"), b"")
-    summary = score(tiny_bundle, images, out, ScoreConfig(batch_size=2, images_per_shard=4), predictor=stand_in)
-    assert (summary["images_in"], summary["scored"], summary["errors"], summary["shards_written"]) == (6, 5, 1, 2)
+    storage.write_bytes(storage.join(images, "zero.jpg"), b"")  # an upload that has not finished?
+    cfg = ScoreConfig(batch_size=2, images_per_shard=4)
+    summary = score(tiny_bundle, images, out, cfg, predictor=stand_in)
+    # Written a moment ago (S3's clock, score.settle_s 60 s) and not decodable: pending, not an error row.
+    assert (summary["images_in"], summary["scored"], summary["errors"], summary["images_settling"]) == (6, 5, 0, 1)
+    assert summary["pending"] == {"zero.jpg": storage.join(images, "zero.jpg")} and summary["status"] == "ok"
+    assert storage.exists(storage.join(out, "_SUCCESS"))
+    # Once it is older than settle_s (here: 0), still empty, it is a permanent error row.
+    summary = score(tiny_bundle, images, out, dataclasses.replace(cfg, settle_s=0), predictor=stand_in)
+    assert (summary["images_in"], summary["scored"], summary["errors"], summary["images_settling"]) == (1, 0, 1, 0)
+    assert summary["pending"] == {}
     check_output(out, set(good), {"zero.jpg"})
     assert storage.exists(storage.join(out, "_SUCCESS"))
     s = merge.merge(out, storage.join(out, "submission.csv"))

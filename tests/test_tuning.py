@@ -147,7 +147,6 @@ def test_prob_curve_matches_class_dice():
 
 
 def test_search_tunes_min_area_against_small_false_positives():
-    rng = np.random.default_rng(1)
     n = 40
     seg = {k: np.zeros((n, *CS), np.float32) for k in (1, 2, 3, 4)}
     truth = [["", "", "", ""] for _ in range(n)]
@@ -266,6 +265,7 @@ class StubCascade:
     tta: str = "none"
     endpoint: str | None = None
     threads: int | None = None
+    weights: dict | None = None
 
     def __call__(self):
         from steel.model.cascade import Cascade

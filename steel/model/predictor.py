@@ -51,16 +51,20 @@ def traced_callable(model: Any) -> Callable[[np.ndarray], Any]:
 
 
 def cascade_from_bundle(bundle: Any, thresholds: dict | str | None = None, tta: str | Mapping[str, str] | None = None,
-                        batch_size: int | None = None) -> Cascade:
+                        batch_size: int | None = None, weights: Mapping[str, str | None] | None = None) -> Cascade:
     """The cascade of a loaded ``steel.model.bundle.Bundle`` (or a bundle URI, loaded here).
 
     ``thresholds``: a mapping or a thresholds URI; default the bundle's ``thresholds.json``, else the
-    seed's. ``tta`` defaults to the thresholds' own ``tta`` (what they were tuned with).
+    seed's. ``tta`` defaults to the thresholds' own ``tta`` (what they were tuned with). ``weights``
+    (``{model: sha256}``, what the driver read): the loaded bundle must hold exactly these, so a
+    folder replaced while a run is under way fails the actor instead of scoring with other models.
     """
     if isinstance(bundle, str):
         from steel.model.bundle import load_bundle
 
         bundle = load_bundle(bundle)
+    if weights is not None:
+        check_weights(bundle, weights)
     used = th.resolve(None, getattr(bundle, "thresholds", None) if thresholds is None else thresholds)
     specs = bundle.specs
     missing = [name for name, spec in specs.items() if "input_size" not in spec]
@@ -72,13 +76,26 @@ def cascade_from_bundle(bundle: Any, thresholds: dict | str | None = None, tta: 
                    preprocessing={name: spec.get("preprocessing") for name, spec in specs.items()})
 
 
+def check_weights(bundle: Any, expected: Mapping[str, str | None]) -> None:
+    """Raise :class:`~steel.model.bundle.BundleError` unless ``bundle`` holds the models of ``expected``."""
+    from steel.model.bundle import BundleError
+
+    got = {name: m.get("sha256") for name, m in bundle.manifest.get("models", {}).items()}
+    if got != dict(expected):
+        changed = sorted(n for n in set(got) | set(expected) if got.get(n) != expected.get(n))
+        raise BundleError(
+            f"{bundle.uri}: the bundle changed after this run started (models {', '.join(changed)} differ "
+            f"from what the driver read): score from a published version (bundles/versions/<v>/ or a "
+            f"CURRENT pointer), which is never rewritten, or run again")
+
+
 @dataclass
 class BundleCascade:
     """Picklable factory: ``BundleCascade(uri, thresholds, tta)()`` loads the bundle where it is called
     (a Ray actor, a Serve replica) and returns its cascade.
 
     Every stage that runs models takes a factory class of this shape (``(bundle_uri, thresholds, tta,
-    endpoint=, threads=)``, an instance building an object with ``predict(images)`` and ``stats``), so
+    endpoint=, threads=, weights=)``, an instance building an object with ``predict(images)`` and ``stats``), so
     a test hands in a light stand-in through the same door.
     """
 
@@ -87,6 +104,7 @@ class BundleCascade:
     tta: str = "none"
     endpoint: str | None = None  # the driver's S3 endpoint (workers do not share set_endpoint)
     threads: int | None = None  # TensorFlow intra-op threads (CPU actors sharing a node)
+    weights: dict | None = None  # {model: sha256} the driver read: the actor must load the same
 
     def __call__(self) -> Cascade:
 
@@ -100,7 +118,7 @@ class BundleCascade:
                 tf.config.threading.set_inter_op_parallelism_threads(min(2, self.threads))
             except RuntimeError:  # TF already initialised in this worker: keep its pools
                 pass
-        return cascade_from_bundle(self.bundle_uri, self.thresholds, self.tta)
+        return cascade_from_bundle(self.bundle_uri, self.thresholds, self.tta, weights=self.weights)
 
 
-__all__ = ["BundleCascade", "cascade_from_bundle", "traced_callable", "to_numpy"]
+__all__ = ["BundleCascade", "cascade_from_bundle", "check_weights", "traced_callable", "to_numpy"]

@@ -10,7 +10,7 @@ different ids (``2026-11-23/a.jpg`` and ``2026-11-24/a.jpg``), so an image can n
 under one id. Files that are not images are still inputs: they get an error row, never a silent skip.
 
 **Shards.** The pending ids are sorted and cut into groups of ``images_per_shard``; a shard is named
-``part-<first 16 hex digits of sha1(its sorted ids joined by newlines)>``, so the name depends only
+``part-<first 16 hex digits of sha1(its sorted ids as a JSON list)>``, so the name depends only
 on which images it holds. A shard is *complete* when ``<out>/shards/<name>.csv|parquet`` exists: it
 is written (after ``<out>/errors/<name>.csv`` when the shard has errors) atomically, and only
 once every image of the shard has a result; then its index file ``<out>/index/<name>.json`` (its
@@ -30,6 +30,8 @@ Parquet rows also carry ``bundle_version`` and ``scored_at``. Errors: ``ImageId,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
 import gc
 import hashlib
 import io
@@ -59,44 +61,81 @@ ERROR_COLUMNS: tuple[str, ...] = ("ImageId", "file", "reason", "kind")
 # Error kinds: "decode" rows are permanent (the file itself is bad). Transient failures (storage,
 # network, throttling, credentials, predictor/OOM) are never written as rows: the image stays pending.
 PERMANENT_KINDS: tuple[str, ...] = ("decode",)
+# Images left without a row this run: "transient" (retried next run; the run exits 1), "settling" (a
+# file younger than score.settle_s that does not decode yet: next run), "gone" (deleted since the listing).
+LEFT_KINDS: tuple[str, ...] = ("transient", "settling", "gone")
 VERSION_COLUMNS: tuple[str, ...] = ("bundle_version", "scored_at")  # parquet only
 INDEX_DIR = "index"
 RUNS_DIR = "runs"
-PARTITION = re.compile(r"^(?:dt=)?(\d{4}-\d{2}-\d{2})$")
 
 
 # --------------------------------------------------------------------------------------------
 # Listing and shards
 # --------------------------------------------------------------------------------------------
 
-def list_inputs(images_uri: str, exclude: str | None = None, since: str | None = None) -> dict[str, str]:
-    """``{ImageId: file URI}`` for every file under ``images_uri`` (recursively), sorted by id.
+@dataclass
+class Listing:
+    """What one listing of the images found.
+
+    ``inputs``: ``{ImageId: URI}`` to score (ImageId = the path below the images folder exactly as the
+    store holds it). ``young``: the ids of files the store wrote less than ``score.settle_s`` ago: if
+    one does not decode, a copy may still be writing it, so it stays pending instead of becoming an
+    error row. ``unplaced``: with ``since``, entries at the top that are no
+    date partition (a stray file, a folder named otherwise): not scored, and the run reports them.
+    ``partitions``: the date partitions listed.
+    """
+
+    inputs: dict[str, str] = field(default_factory=dict)
+    young: set[str] = field(default_factory=set)
+    unplaced: list[str] = field(default_factory=list)
+    partitions: list[str] = field(default_factory=list)
+
+
+# A date partition directly under the images folder: dt=YYYY-MM-DD, date=YYYY-MM-DD or YYYY-MM-DD; or the
+# nested form YYYY/MM/DD.
+PARTITION = re.compile(r"^(?:dt=|date=)?(\d{4}-\d{2}-\d{2})$")
+YEAR, TWO_DIGITS = re.compile(r"^\d{4}$"), re.compile(r"^\d{2}$")
+
+
+def list_inputs(images_uri: str, exclude: str | None = None, since: str | None = None, lookback_days: int = 0,
+                settle_s: float = 0.0) -> Listing:
+    """Every file under ``images_uri`` (recursively) as a :class:`Listing`, ids sorted.
 
     ``exclude`` (a URI) drops files under it, so an output folder inside the input is not re-read.
-    ``since`` (``YYYY-MM-DD``) lists only the date partitions directly under ``images_uri`` named
-    ``dt=YYYY-MM-DD`` (or ``YYYY-MM-DD``) on or after that day, so a night lists only new partitions;
-    anything else at the top is skipped (counted in a log line). Ids stay relative to ``images_uri``.
+    ``since`` (``YYYY-MM-DD``) lists only the date partitions on or after that day minus
+    ``lookback_days`` (a late upload into yesterday's partition is still found); anything else at the
+    top is ``unplaced``. Files the store wrote less than ``settle_s`` ago are ``young``.
     A folder that does not exist raises FileNotFoundError naming it.
     """
     root = str(images_uri).rstrip("/")
+    listing = Listing()
     if since is None:
-        files = storage.list_files(root, recursive=True)
+        entries, now = storage.list_entries(root, recursive=True)
     else:
-        files = []
-        for part in _partitions(root, since):
-            files.extend(storage.list_files(storage.join(root, part), recursive=True))
-    if not files and not storage.exists(root):
+        first = (datetime.date.fromisoformat(check_since(since)) - datetime.timedelta(days=lookback_days)).isoformat()
+        entries, now = [], time.time()
+        top, now = storage.list_entries(root, recursive=False)
+        listing.unplaced += [e.name for e in top]
+        for part, day in _partitions(root, listing.unplaced):
+            if day >= first:
+                found, now = storage.list_entries(storage.join(root, part), recursive=True)
+                entries += [dataclasses.replace(e, name=f"{part}/{e.name}") for e in found]
+                listing.partitions.append(part)
+    if not entries and not listing.unplaced and not storage.exists(root):
         raise FileNotFoundError(f"{images_uri}: no such folder (or S3 prefix)")
     skip = str(exclude).rstrip("/") + "/" if exclude else None
-    out: dict[str, str] = {}
-    for uri in files:
-        if skip and uri.startswith(skip):
+    for e in entries:
+        if skip and e.uri.startswith(skip):
             continue
-        rel = uri[len(root):].lstrip("/")
-        if not rel:
-            raise ValueError(f"{images_uri}: expected a folder (or S3 prefix) of images, got a file")
-        out[rel] = uri
-    return dict(sorted(out.items()))
+        listing.inputs[e.name] = e.uri
+        if now - e.modified < settle_s:
+            listing.young.add(e.name)
+    listing.inputs = dict(sorted(listing.inputs.items()))
+    listing.unplaced.sort()
+    if listing.unplaced:
+        log.warning("%s: %d entries are not date partitions (dt=/date=YYYY-MM-DD, YYYY-MM-DD or YYYY/MM/DD): "
+                    "not scored with --since (e.g. %s)", root, len(listing.unplaced), listing.unplaced[0])
+    return listing
 
 
 def check_since(since: str) -> str:
@@ -105,29 +144,32 @@ def check_since(since: str) -> str:
     return str(since)
 
 
-def _partitions(root: str, since: str) -> list[str]:
-    """Names of the date partitions directly under ``root`` on or after ``since``."""
-    import pyarrow.fs as pafs
-
-    check_since(since)
-    fs, path = storage.resolve(root)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
-    keep, other = [], 0
-    for info in infos:
-        m = PARTITION.match(info.base_name)
-        if info.type == pafs.FileType.Directory and m:
-            if m.group(1) >= since:
-                keep.append(info.base_name)
-        else:
-            other += 1
-    if other:
-        log.warning("%s: %d entries are not date partitions (dt=YYYY-MM-DD): not listed with --since", root, other)
-    return sorted(keep)
+def _partitions(root: str, unplaced: list[str]) -> list[tuple[str, str]]:
+    """``(path below root, YYYY-MM-DD)`` of every date partition; folders that are none go to ``unplaced``."""
+    out = []
+    for name in storage.list_dirs(root):
+        m = PARTITION.match(name)
+        if m:
+            out.append((name, m.group(1)))
+            continue
+        if not YEAR.match(name):
+            unplaced.append(name + "/")
+            continue
+        for month in storage.list_dirs(storage.join(root, name)):
+            for day in storage.list_dirs(storage.join(root, name, month)) if TWO_DIGITS.match(month) else []:
+                if TWO_DIGITS.match(day):
+                    out.append((f"{name}/{month}/{day}", f"{name}-{month}-{day}"))
+                else:
+                    unplaced.append(f"{name}/{month}/{day}/")
+            if not TWO_DIGITS.match(month):
+                unplaced.append(f"{name}/{month}/")
+    return sorted(out)
 
 
 def shard_name(image_ids) -> str:
-    """``part-<16 hex digits>`` from the sorted ids: the same images always give the same name."""
-    digest = hashlib.sha1("\n".join(sorted(image_ids)).encode("utf-8")).hexdigest()
+    """``part-<16 hex digits>`` from the sorted ids: the same images always give the same name, and two
+    different sets never share one (the ids are hashed as a JSON list: no separator an id could hold)."""
+    digest = hashlib.sha1(json.dumps(sorted(image_ids)).encode("utf-8")).hexdigest()
     return f"part-{digest[:16]}"
 
 
@@ -256,8 +298,8 @@ def done_images(out_uri: str, manifest: dict | None = None, threads: int = 16,
     no index file (a killed run wrote the shard but not its index, or an output from before index
     files) is taken from the old ``manifest.json`` if that lists it, else read from the shard's own
     files and marked ``recovered`` (the caller writes its index). ``owner`` maps every ImageId held by
-    a complete shard to that shard. An image in two shards is an error. ``retry_call(fn)`` wraps
-    each read (transient storage faults).
+    a complete shard to that shard; an image in two shards belongs to the one written first (the other's
+    entry lists it under ``ignored``). ``retry_call(fn)`` wraps each read (transient storage faults).
     """
     with _no_gc():  # a million ids in small lists: the cyclic GC's passes would double the time (no cycles here)
         return _done_images(out_uri, manifest, threads, retry_call or (lambda fn: fn()))
@@ -298,12 +340,21 @@ def _done_images(out_uri, manifest, threads, call):
             entry = {**entry, "legacy": True}
         shards[name] = {**entry, "file": storage.basename(uri)}
     owner: dict[str, str] = {}
-    for name in sorted(shards):
+    twice: dict[str, list[str]] = {}
+    # An image in two shards (two runs wrote it: a lease lost without fencing, by older code): the
+    # shard written first owns it; the other shard's rows for it are ignored, and the output says so.
+    for name in sorted(shards, key=lambda n: (str(shards[n].get("written_at") or ""), n)):
         for image_id in shards[name]["images"]:
             if image_id in owner:
-                raise ValueError(f"{out_uri}: image {image_id!r} is in two shards ({owner[image_id]}, {name}); "
-                                 "delete one of them and run again")
-            owner[image_id] = name
+                twice.setdefault(image_id, [owner[image_id]]).append(name)
+            else:
+                owner[image_id] = name
+    if twice:
+        log.warning("%s: %d images are in two shards (e.g. %s in %s): each counts once, from the first shard "
+                    "written", out_uri, len(twice), *next(iter(twice.items())))
+    for image_id, names in twice.items():
+        for name in names[1:]:
+            shards[name].setdefault("ignored", []).append(image_id)
     return shards, owner
 
 
@@ -334,6 +385,25 @@ def read_run_records(out_uri: str) -> list[dict]:
         except (ValueError, OSError) as e:
             log.warning("%s: skipped (%s)", uri, e)
     return sorted(records, key=lambda r: (str(r.get("started_at")), str(r.get("run_id"))))
+
+
+def carried_pending(out_uri: str) -> dict[str, str]:
+    """``{ImageId: URI}`` the newest finished run left pending (failed transiently, still settling, or
+    carried over from before it): retried by the next run whatever its ``since``. Runs killed before
+    their record leave the previous record in charge; a record from before pending was kept has none."""
+    try:
+        files = storage.list_files(storage.join(out_uri, RUNS_DIR), suffixes=".json")
+    except FileNotFoundError:
+        return {}
+    for uri in reversed(files):  # run ids sort by start time
+        try:
+            record = json.loads(storage.read_text(uri))
+        except (ValueError, OSError) as e:
+            log.warning("%s: skipped (%s)", uri, e)
+            continue
+        if isinstance(record.get("pending"), dict):
+            return {str(k): str(v) for k, v in record["pending"].items()}
+    return {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,8 +458,9 @@ def encode_errors(errors: list[dict]) -> bytes:
 class ShardResult:
     """What a shard collected so far; :meth:`write` commits it (errors, rows file, then index).
 
-    An image with a transient failure (:meth:`add_failure`) keeps the shard from ever being
-    written in this run: its images stay pending for the next run.
+    An image left without a result (:meth:`add_left`: a transient failure, a file still settling, a
+    file gone) keeps the shard from being written whole in this run: the run writes the rest as a
+    shard of their own (:meth:`recorded_part`) and the left images stay pending.
     """
 
     name: str
@@ -397,16 +468,25 @@ class ShardResult:
     rows: list[dict] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
     seen: set = field(default_factory=set)
-    failed: dict = field(default_factory=dict)  # ImageId -> transient failure reason
+    # ImageId -> (kind, reason) of the images without a result this run, each kind in LEFT_KINDS.
+    left: dict = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
-        return not self.failed and len(self.seen) == len(self.image_ids)
+        return not self.left and len(self.seen) == len(self.image_ids)
 
     @property
     def settled(self) -> bool:
-        """Every image has a result or a transient failure: nothing more will come for this shard."""
-        return len(self.seen) + len(self.failed) >= len(self.image_ids)
+        """Every image has a result or was left: nothing more will come for this shard."""
+        return len(self.seen) + len(self.left) >= len(self.image_ids)
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """ImageId -> reason of the transient failures."""
+        return self.left_as("transient")
+
+    def left_as(self, kind: str) -> dict[str, str]:
+        return {i: reason for i, (k, reason) in self.left.items() if k == kind}
 
     def add_scored(self, image_id: str, result: dict, extra: dict | None = None) -> None:
         if self._first(image_id):
@@ -415,24 +495,30 @@ class ShardResult:
     def add_error(self, image_id: str, file: str, reason: str, kind: str = "decode") -> None:
         if kind not in PERMANENT_KINDS:
             raise ValueError(f"error kind {kind!r} is not permanent ({', '.join(PERMANENT_KINDS)}): "
-                             "use add_failure")
+                             "use add_left")
         if self._first(image_id):
             self.errors.append({"ImageId": image_id, "file": file, "reason": reason, "kind": kind})
 
-    def add_failure(self, image_id: str, reason: str) -> None:
+    def add_left(self, image_id: str, kind: str, reason: str) -> None:
+        """No result for ``image_id`` this run (``kind`` in LEFT_KINDS); a later result wins."""
+        if kind not in LEFT_KINDS:
+            raise ValueError(f"kind {kind!r} is not one of {', '.join(LEFT_KINDS)}")
         if image_id not in self.seen:
-            self.failed.setdefault(image_id, reason)
+            self.left.setdefault(image_id, (kind, reason))
+
+    def add_failure(self, image_id: str, reason: str) -> None:
+        self.add_left(image_id, "transient", reason)
 
     def _first(self, image_id: str) -> bool:
         if image_id in self.seen:  # a retried Ray task must not give an image two row sets
             return False
-        self.failed.pop(image_id, None)
+        self.left.pop(image_id, None)
         self.seen.add(image_id)
         return True
 
     def recorded_part(self) -> "ShardResult | None":
-        """The images of a settled shard that did not fail, as a shard of their own (named by its
-        ids like any other), or None when none is left: written so that only the failed images
+        """The images of a settled shard that did not fail (nor vanish), as a shard of their own (named
+        by its ids like any other), or None when none is left: written so that only the failed images
         stay pending and the next run scores exactly those."""
         ids = sorted(self.seen)
         if not ids:
@@ -443,13 +529,17 @@ class ShardResult:
         return {"images": sorted(self.image_ids), "scored": len(self.image_ids) - len(self.errors),
                 "errors": len(self.errors), "file": f"{self.name}.{fmt}"}
 
-    def write(self, out_uri: str, fmt: str, index_extra: dict | None = None, between=None) -> dict:
+    def write(self, out_uri: str, fmt: str, index_extra: dict | None = None, before_commit=None,
+              between=None) -> dict:
         """Write the shard atomically (errors file, rows file, then its index file); returns its entry.
 
-        ``between()`` is called after the rows file and before the index (a test hook)."""
+        ``before_commit()`` runs before the first file and again before the index, and may raise to
+        write nothing more (the lease's fence); ``between()`` runs after the rows file (a test hook)."""
         if not self.complete:
             missing = sorted(set(self.image_ids) - self.seen)[:5]
             raise RuntimeError(f"shard {self.name} is not complete (missing e.g. {missing})")
+        if before_commit is not None:
+            before_commit()
         err_uri = errors_uri(out_uri, self.name)
         if self.errors:
             storage.write_bytes(err_uri, encode_errors(self.errors))
@@ -458,6 +548,8 @@ class ShardResult:
         storage.write_bytes(shard_uri(out_uri, self.name, fmt), encode_rows(self.rows, fmt))
         if between is not None:
             between()
+        if before_commit is not None:
+            before_commit()
         entry = self.entry(fmt)
         write_index(out_uri, self.name, {**entry, **(index_extra or {})})
         return entry
@@ -480,8 +572,8 @@ def remove_orphan_errors(out_uri: str, complete: set[str]) -> list[str]:
 
 __all__ = [
     "MANIFEST", "SUCCESS", "ROW_COLUMNS", "EXTRA_COLUMNS", "ERROR_COLUMNS",
-    "PERMANENT_KINDS", "VERSION_COLUMNS", "index_uri", "write_index", "new_run_id", "run_record_uri",
-    "read_run_records", "check_since",
+    "PERMANENT_KINDS", "LEFT_KINDS", "VERSION_COLUMNS", "index_uri", "write_index", "new_run_id", "run_record_uri",
+    "read_run_records", "carried_pending", "check_since", "Listing",
     "Shard", "ShardResult", "list_inputs", "shard_name",
     "plan_shards", "shard_uri", "errors_uri", "complete_shards", "read_manifest", "read_rows_file",
     "read_errors_file", "shard_contents", "done_images", "result_rows", "encode_rows",

@@ -3,11 +3,12 @@
     steel merge OUT --to submission.csv [--layout long|combined] [--fill-errors] [--partial]
 
 Reads every complete shard under ``OUT/shards`` (csv or parquet), checks that each image has
-exactly four rows (ClassId 1..4 once each), that no image appears in two shards and that every RLE
-is valid, and writes the rows sorted by ImageId, ClassId (atomically). Images that failed to score
+exactly four rows (ClassId 1..4 once each) and that every RLE is valid, and writes the rows sorted by ImageId, ClassId (atomically). Images that failed to score
 (``OUT/errors``) are not in the shards: they are reported, and with ``--fill-errors`` written with
 four empty rows so the file covers every input image. A run without ``_SUCCESS`` is refused unless
-``--partial``.
+``--partial``. An image in two shards (two runs wrote it: older code, or a run that lost its lease
+before fencing existed) is taken from the shard that owns it, the one scoring itself counts
+(:func:`steel.score.io.done_images`: the first written); the summary counts the ignored copies.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ def _problems_text(title: str, items: list[str], limit: int = 10) -> str:
 
 
 def load_shards(out_uri: str, partial: bool = False):
-    """All shard rows (long layout + ``shard`` column) and all error rows of a scoring output."""
+    """All shard rows (long layout + ``shard`` column) and all error rows of a scoring output, each
+    image's from the shard that owns it; the number of images whose other copies were left out; and the
+    images an index lists that its shard's files do not hold (one line each)."""
     import pandas as pd
 
     from steel.core import storage
@@ -41,6 +44,7 @@ def load_shards(out_uri: str, partial: bool = False):
     shards = score_io.complete_shards(out_uri)
     if not shards:
         raise MergeError(f"{out_uri}: no shards found under {storage.join(out_uri, 'shards')}")
+    entries, owner = score_io.done_images(out_uri, score_io.read_manifest(out_uri))
     frames, errors = [], []
     for name, uri in sorted(shards.items()):
         df = score_io.read_rows_file(uri)[list(score_io.ROW_COLUMNS)]
@@ -54,15 +58,29 @@ def load_shards(out_uri: str, partial: bool = False):
     rows = pd.concat(frames, ignore_index=True)
     errs = pd.concat(errors, ignore_index=True) if errors else pd.DataFrame(
         columns=[*score_io.ERROR_COLUMNS, "shard"])
-    return rows, errs
+    ignored = sum(len(e.get("ignored", ())) for e in entries.values())
+    rows, errs = _owned(rows, owner), _owned(errs, owner)
+    # An index that promises an image its shard's files do not hold: never dropped silently.
+    lost = [f"{i}: listed by the index of {owner[i]} but not in its files"
+            for i in sorted(set(owner) - set(rows["ImageId"]) - set(errs["ImageId"]))]
+    return rows, errs, ignored, lost
 
 
-def check_rows(rows) -> None:
+def _owned(frame, owner: dict[str, str]):
+    """The rows of ``frame`` whose shard owns their image (an image no index lists keeps its rows)."""
+    import numpy as np
+
+    keep = np.array([owner.get(str(i), s) == s for i, s in zip(frame["ImageId"], frame["shard"])], dtype=bool)
+    return frame.loc[keep].reset_index(drop=True)
+
+
+def check_rows(rows, problems: list[str] | None = None) -> None:
     """Raise :class:`MergeError` unless every image has exactly one row for each class 1..4,
-    every image is in one shard only, and every EncodedPixels is a valid RLE."""
+    every image is in one shard only, every EncodedPixels is a valid RLE and ``problems`` (found
+    before) is empty."""
     from steel.data import rle
 
-    problems: list[str] = []
+    problems = list(problems or [])
     shards_per_image = rows.groupby("ImageId")["shard"].nunique()
     for image_id in shards_per_image[shards_per_image > 1].index:
         names = sorted(set(rows.loc[rows["ImageId"] == image_id, "shard"]))
@@ -94,8 +112,8 @@ def merge(out_uri: str, to_uri: str, layout: str = "long", fill_errors: bool = F
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be 'long' or 'combined', got {layout!r}")
-    rows, errors = load_shards(out_uri, partial=partial)
-    check_rows(rows)
+    rows, errors, ignored, lost = load_shards(out_uri, partial=partial)
+    check_rows(rows, lost)
     scored = set(rows["ImageId"])
     error_ids = sorted(set(errors["ImageId"]) - scored)
     both = sorted(set(errors["ImageId"]) & scored)
@@ -105,7 +123,9 @@ def merge(out_uri: str, to_uri: str, layout: str = "long", fill_errors: bool = F
     storage.write_text(to_uri, table.to_csv(index=False))
     summary = {"to": str(to_uri), "images": len(scored) + (len(error_ids) if fill_errors else 0),
                "rows": len(table), "errors": len(error_ids), "filled": len(error_ids) if fill_errors else 0,
-               "shards": int(rows["shard"].nunique()), "layout": layout}
+               "shards": int(rows["shard"].nunique()), "layout": layout, "duplicates_ignored": ignored}
+    if ignored:
+        log.warning("%d images were in two shards: each merged once, from the shard written first", ignored)
     if error_ids and not fill_errors:
         log.warning("%d images failed to score and are not in %s (e.g. %s); --fill-errors writes them "
                     "as empty", len(error_ids), to_uri, ", ".join(error_ids[:3]))

@@ -179,13 +179,8 @@ class ProbabilityActor(CascadeActor):
 # Driver side
 # --------------------------------------------------------------------------------------------
 
-def _items(image_ids: Sequence[str], images_uri: str) -> tuple[list[dict], Any]:
-    fs, _ = storage.resolve(images_uri)
-    items = []
-    for image_id in image_ids:
-        uri = storage.join(images_uri, image_id)
-        items.append({"shard": "validation", "image_id": str(image_id), "file": uri, "path": storage.resolve(uri)[1]})
-    return items, fs
+def _items(image_ids: Sequence[str], images_uri: str) -> list[dict]:
+    return [{"shard": "validation", "image_id": str(i), "file": storage.join(images_uri, i)} for i in image_ids]
 
 
 def _skip_reason(batch: dict, i: int) -> str:
@@ -193,7 +188,7 @@ def _skip_reason(batch: dict, i: int) -> str:
     (storage, network, predictor) that outlived scoring's retries fails the pass instead, so tuning
     never quietly drops validation images."""
     reason = str(batch["error"][i])
-    if str(batch.get("error_kind", [""] * (i + 1))[i]) == "transient":
+    if str(batch.get("error_kind", [""] * (i + 1))[i]) in ("transient", "gone"):
         raise RuntimeError(f"{batch['image_id'][i]}: failed after retries ({reason}); tuning needs every "
                            f"validation image: run it again once the store answers")
     return reason
@@ -219,9 +214,9 @@ def predict_probabilities(cascade_factory: Callable[[], Any], image_ids: Sequenc
     """
     if truth is not None and not edges:
         raise ValueError("truth tables need the pixel thresholds (edges) to count at")
-    items, fs = _items(image_ids, images_uri)
+    items = _items(image_ids, images_uri)
     factory = ProbabilityPredictor(cascade_factory, sizes, truth, tuple(float(v) for v in edges) if edges else None)
-    ds = cascade_dataset(items, score_cfg, fs, _formats(score_cfg), factory, actor=ProbabilityActor)
+    ds = cascade_dataset(items, score_cfg, _formats(score_cfg), factory, actor=ProbabilityActor)
     got: dict[str, dict] = {}
     skipped: dict[str, str] = {}
     extra = ("area", "inter", "soft") if truth is not None else ()
@@ -261,8 +256,8 @@ def predict_masks(cascade_factory: Callable[[], Any], image_ids: Sequence[str], 
     Returns ``(rows, used_ids, gating)``: ``rows`` ImageId/ClassId/EncodedPixels (4 per used image),
     the ids that decoded, and the cascade's summed gating counts.
     """
-    items, fs = _items(image_ids, images_uri)
-    ds = cascade_dataset(items, score_cfg, fs, _formats(score_cfg), cascade_factory)
+    items = _items(image_ids, images_uri)
+    ds = cascade_dataset(items, score_cfg, _formats(score_cfg), cascade_factory)
     rows: list[dict] = []
     used: list[str] = []
     gating: dict = {}

@@ -46,6 +46,7 @@ from steel.model import bundle as bundle_lib
 from steel.model import thresholds as th
 from steel.model.predictor import BundleCascade
 from steel.score import io as score_io
+from steel.score.lease import Lease, LeaseHeld, LeaseLost
 from steel.score.stages import add_stats, batch_result, cascade_dataset
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,6 @@ def score(bundle_uri: str, images_uri: str, out_uri: str, score_cfg: ScoreConfig
     ``images_already_scored``, ``images_in`` (new this run) = ``scored`` + ``errors`` (permanent) +
     ``transient_failures``, ``problems`` (reasons the run must exit non-zero; empty when fine) ...
     """
-    from steel.score.lease import Lease, LeaseHeld
-
     cfg = check_section(score_cfg or ScoreConfig(), "score")
     expect_new = cfg.expect_new if expect_new is None else expect_new
     run_id = score_io.new_run_id()
@@ -106,7 +105,7 @@ def score(bundle_uri: str, images_uri: str, out_uri: str, score_cfg: ScoreConfig
 
     def call(fn, what=""):
         return retry(fn, retries=cfg.retries, backoff_s=cfg.retry_backoff_s, what=what,
-                              permanent=(FileNotFoundError, ValueError))
+                     permanent=(FileNotFoundError, ValueError, LeaseLost))
 
     lease = Lease(out_uri, run_id, ttl_s=cfg.lock_ttl_s, retries=cfg.retries, backoff_s=cfg.retry_backoff_s)
     call_lease = dict(retries=cfg.retries, backoff_s=cfg.retry_backoff_s, what="taking the lease")
@@ -135,16 +134,23 @@ def score(bundle_uri: str, images_uri: str, out_uri: str, score_cfg: ScoreConfig
 
 def _score_locked(record, resolved, bundle, used_thresholds, images_uri, out_uri, cfg, formats,
                   predictor, ray_address, expect_new, lease, call, t_start) -> dict:
-    inputs = call(lambda: score_io.list_inputs(images_uri, exclude=out_uri, since=cfg.since), "listing inputs")
+    listing = call(lambda: score_io.list_inputs(
+        images_uri, exclude=out_uri, since=cfg.since, lookback_days=cfg.since_lookback_days if cfg.since else 0,
+        settle_s=cfg.settle_s), "listing inputs")
     faults.pause_point("listed")
     previous = call(lambda: score_io.read_manifest(out_uri), "reading the manifest")
     done, owner = score_io.done_images(out_uri, previous, retry_call=lambda fn: call(fn, "reading the index"))
     for name, entry in done.items():  # shards a killed run (or older code) left without an index file
         if entry.get("recovered") or entry.get("legacy"):
-            lease.check()
+            lease.fence()
             call(lambda: score_io.write_index(out_uri, name, {k: v for k, v in entry.items()
-                                                              if k not in ("recovered", "legacy")}),
+                                                              if k not in ("recovered", "legacy", "ignored")}),
                  "writing an index")
+    # What an earlier run left pending is retried whatever `since` lists now (a transient failure last
+    # night, a file that was still settling); a file it listed that is gone now drops out at reading.
+    carried = {i: u for i, u in call(lambda: score_io.carried_pending(out_uri), "reading the pending images").items()
+               if i not in owner and i not in listing.inputs}
+    inputs = dict(sorted({**listing.inputs, **carried}.items()))
     pending = [i for i in inputs if i not in owner]
     plan = score_io.plan_shards(pending, cfg.images_per_shard)
     t_listed = time.time()
@@ -155,6 +161,8 @@ def _score_locked(record, resolved, bundle, used_thresholds, images_uri, out_uri
              len(pending), len(plan), record["run_id"], bundle.get("version"))
 
     written: dict[str, dict] = {}
+    gone: set[str] = set()
+    settling: dict[str, str] = {}
     gating: dict = {}
     error_reasons: Counter = Counter()
     error_examples: list[dict] = []
@@ -164,7 +172,7 @@ def _score_locked(record, resolved, bundle, used_thresholds, images_uri, out_uri
         factory = predictor(
             str(resolved.uri), used_thresholds, cfg.tta, endpoint=s3.current_endpoint(),
             threads=(max(1, (os.cpu_count() or 1) // cfg.actors) if cfg.gpus_per_actor == 0 and cfg.actors > 1
-                     else None))
+                     else None), weights={n: m.get("sha256") for n, m in bundle.get("models", {}).items()})
         from steel.core.ray_session import ensure_ray
 
         ensure_ray(ray_address)  # no-op when the caller (a job, the pipeline, a test) already started Ray
@@ -175,8 +183,8 @@ def _score_locked(record, resolved, bundle, used_thresholds, images_uri, out_uri
         extra = {"bundle_version": str(resolved.version), "scored_at": record["started_at"]}
         index_extra = {"run_id": record["run_id"], "bundle_version": str(resolved.version),
                        "written_at": record["started_at"]}
-        for entry in _run_pipeline(plan, inputs, images_uri, out_uri, cfg, formats, factory, gating, extra,
-                                   index_extra, lease, call, failures):
+        for entry in _run_pipeline(plan, inputs, listing.young, out_uri, cfg, formats, factory, gating, extra,
+                                   index_extra, lease, call, failures, settling, gone):
             written[entry["name"]] = entry
             for k, n in entry.pop("defects").items():
                 defects[k] += n
@@ -185,14 +193,16 @@ def _score_locked(record, resolved, bundle, used_thresholds, images_uri, out_uri
                 if len(error_examples) < 20:
                     error_examples.append(err)
     t_scored = time.time()
-    lease.check()
+    lease.fence()
     call(lambda: score_io.remove_orphan_errors(out_uri, set(done) | set(written)), "removing orphan errors")
 
     scored = sum(e["scored"] for e in written.values())
     errors = sum(e["errors"] for e in written.values())
-    if scored + errors + len(failures) != len(pending):  # guard: every pending image is accounted for
+    left = len(failures) + len(settling) + len(gone)
+    if scored + errors + left != len(pending):  # guard: every pending image is accounted for
         raise RuntimeError(f"internal error: {len(pending)} images pending but {scored} scored + {errors} errors "
-                           f"+ {len(failures)} transient failures")
+                           f"+ {len(failures)} transient failures + {len(settling)} settling + {len(gone)} gone")
+    still_pending = {i: inputs[i] for i in sorted({*failures, *settling})}
     score_seconds = t_scored - t_listed
     summary = {
         **record,
@@ -202,6 +212,15 @@ def _score_locked(record, resolved, bundle, used_thresholds, images_uri, out_uri
         "scored": scored,
         "errors": errors,
         "transient_failures": len(failures),
+        "images_gone": len(gone),
+        "images_carried_over": len(carried),
+        "images_settling": len(settling),
+        "settling_examples": [{"ImageId": k, "reason": v} for k, v in sorted(settling.items())[:20]],
+        "unplaced": len(listing.unplaced),
+        "unplaced_examples": listing.unplaced[:20],
+        "partitions": listing.partitions,
+        "duplicates_ignored": sum(len(e.get("ignored", ())) for e in done.values()),
+        "pending": still_pending,
         "shards_written": len(written),
         "shards_skipped": len(done),
         "error_reasons": dict(error_reasons),
@@ -219,16 +238,16 @@ def _score_locked(record, resolved, bundle, used_thresholds, images_uri, out_uri
         },
     }
     summary["problems"] = exit_problems(summary, cfg, expect_new)
-    summary["status"] = "incomplete" if failures else ("problems" if summary["problems"] else "ok")
+    summary["status"] = "incomplete" if failures or listing.unplaced else ("problems" if summary["problems"] else "ok")
     summary["ended_at"] = _now_iso()
-    lease.check()
+    lease.fence()
     call(lambda: storage.write_text(score_io.run_record_uri(out_uri, record["run_id"]),
                                     json.dumps(summary, indent=1, default=str) + "\n"), "writing the run record")
     call(lambda: _write_manifest(out_uri, done, written, summary, bundle, used_thresholds, cfg, formats),
          "writing the manifest")
     faults.pause_point("before_success")
-    if not failures:  # every listed input has its rows or a permanent error row
-        lease.check()
+    if not failures and not listing.unplaced:  # every listed input has its rows or a permanent error row
+        lease.fence()
         call(lambda: storage.write_text(storage.join(out_uri, score_io.SUCCESS), record["run_id"] + "\n"),
              "writing _SUCCESS")
     return summary
@@ -247,6 +266,11 @@ def exit_problems(summary: dict, cfg: ScoreConfig, expect_new: bool = False) -> 
     if n_in and summary["errors"] / n_in > cfg.max_error_rate:
         problems.append(f"permanent-error rate {summary['errors'] / n_in:.1%} ({summary['errors']}/{n_in}) is above "
                         f"score.max_error_rate {cfg.max_error_rate:.1%}")
+    if summary.get("unplaced"):
+        examples = ", ".join(summary.get("unplaced_examples", [])[:3])
+        problems.append(f"{summary['unplaced']} entries under {summary['images_uri']} are not in a date partition "
+                        f"(dt=/date=YYYY-MM-DD, YYYY-MM-DD or YYYY/MM/DD) and were not scored with since {cfg.since}: "
+                        f"{examples}")
     if expect_new and n_in == 0:
         problems.append(f"no new images under {summary['images_uri']}"
                         + (f" since {cfg.since}" if cfg.since else "") + " (--expect-new): is the camera feed stopped?")
@@ -276,7 +300,7 @@ def _write_manifest(out_uri, done, written, summary, bundle, used_thresholds, cf
                      "since": cfg.since},
         "counts": {k: summary[k] for k in ("images_listed", "images_already_scored", "images_in", "scored",
                                            "errors", "transient_failures", "shards_written", "shards_skipped")},
-        "totals": {"shards": len(entries), "images": sum(len(s["images"]) for s in entries),
+        "totals": {"shards": len(entries), "images": sum(len(s["images"]) - len(s.get("ignored", ())) for s in entries),
                    "scored": sum(s["scored"] for s in entries), "errors": sum(s["errors"] for s in entries)},
         "error_reasons": summary["error_reasons"],
         "gating": summary["gating"],
@@ -285,20 +309,17 @@ def _write_manifest(out_uri, done, written, summary, bundle, used_thresholds, cf
     storage.write_text(storage.join(out_uri, score_io.MANIFEST), json.dumps(manifest, indent=1, default=str) + "\n")
 
 
-def _run_pipeline(plan, inputs, images_uri, out_uri, cfg, formats, factory, gating, extra, index_extra, lease,
-                  call, failures):
+def _run_pipeline(plan, inputs, young, out_uri, cfg, formats, factory, gating, extra, index_extra, lease,
+                  call, failures, settling, gone):
     """Stream the planned shards through Ray Data; yields each shard's entry once written.
 
-    Images with a transient failure go into ``failures`` (ImageId -> reason) and their shard is not
-    written; a shard whose write still fails after retries counts all its images as failures."""
-    fs, _ = storage.resolve(images_uri)
-    items = []
-    for shard in plan:
-        for image_id in shard.image_ids:
-            uri = inputs[image_id]
-            items.append({"shard": shard.name, "image_id": image_id, "file": uri,
-                          "path": storage.resolve(uri)[1]})
-    ds = cascade_dataset(items, cfg, fs, formats, factory)
+    Images left without a result go into ``failures`` (transient: ImageId -> reason), ``settling``
+    (young files that did not decode yet) or ``gone`` (deleted since the listing); their shard is
+    written without them. A shard whose write still fails after retries counts all its images as
+    failures. Each shard is committed behind the lease's fence."""
+    items = [{"shard": shard.name, "image_id": image_id, "file": inputs[image_id], "young": image_id in young}
+             for shard in plan for image_id in shard.image_ids]
+    ds = cascade_dataset(items, cfg, formats, factory)
 
     open_shards = {s.name: score_io.ShardResult(s.name, s.image_ids) for s in plan}
     fail_after = faults.fail_after_shards()
@@ -315,8 +336,9 @@ def _run_pipeline(plan, inputs, images_uri, out_uri, cfg, formats, factory, gati
             n_rows += 1
             if n_rows == 2:
                 faults.pause_point("mid_shard")
-            if batch["error"][i] and batch["error_kind"][i] == "transient":
-                shard.add_failure(image_id, str(batch["error"][i]))
+            kind = str(batch["error_kind"][i])
+            if batch["error"][i] and kind in score_io.LEFT_KINDS:
+                shard.add_left(image_id, kind, str(batch["error"][i]))
             elif batch["error"][i]:
                 shard.add_error(image_id, str(batch["file"][i]), str(batch["error"][i]),
                                 kind=str(batch["error_kind"][i]) or "decode")
@@ -325,20 +347,24 @@ def _run_pipeline(plan, inputs, images_uri, out_uri, cfg, formats, factory, gati
             if not shard.settled:
                 continue
             del open_shards[name]
+            gone.update(shard.left_as("gone"))
+            settling.update(shard.left_as("settling"))
             if not shard.complete:
                 failures.update(shard.failed)
-                log.warning("shard %s: %d of its %d images failed transiently (e.g. %s: %s); they stay pending",
-                            name, len(shard.failed), len(shard.image_ids), *next(iter(shard.failed.items())))
+                if shard.failed:
+                    log.warning("shard %s: %d of its %d images failed transiently (e.g. %s: %s); they stay pending",
+                                name, len(shard.failed), len(shard.image_ids), *next(iter(shard.failed.items())))
                 shard = shard.recorded_part()
                 if shard is None:
                     continue
                 name = shard.name
             try:
                 lease.check()
-                entry = call(lambda: shard.write(out_uri, cfg.format, index_extra,
-                                                 between=lambda: faults.pause_point("shard_written")), f"writing shard {name}")
+                entry = call(lambda: shard.write(out_uri, cfg.format, index_extra, before_commit=lease.fence,
+                                                 between=lambda: faults.pause_point("shard_written")),
+                             f"writing shard {name}")
             except Exception as e:  # noqa: BLE001 - lease lost is re-raised; storage faults fail the shard
-                if type(e).__name__ == "LeaseLost":
+                if isinstance(e, LeaseLost):
                     raise
                 failures.update({i: f"could not write the shard: {type(e).__name__}: {e}" for i in shard.image_ids})
                 log.error("shard %s not written after %d retries: %s", name, cfg.retries, e)
@@ -351,7 +377,7 @@ def _run_pipeline(plan, inputs, images_uri, out_uri, cfg, formats, factory, gati
             if fail_after is not None and n_written >= fail_after:
                 raise RuntimeError(f"injected failure after {n_written} shards ({faults.SCORE_FAIL_AFTER_ENV})")
     if open_shards:
-        missing = {n: len(s.image_ids) - len(s.seen) - len(s.failed) for n, s in open_shards.items()}
+        missing = {n: len(s.image_ids) - len(s.seen) - len(s.left) for n, s in open_shards.items()}
         raise RuntimeError(f"scoring ended with incomplete shards (images missing per shard): {missing}")
 
 
@@ -382,6 +408,19 @@ def format_summary(summary: dict) -> str:
                      + ", ".join(f"{k} x{v}" for k, v in sorted(summary["transient_reasons"].items())))
         for e in summary["transient_examples"][:5]:
             lines.append(f"  {e['ImageId']}: {e['reason']}")
+    if summary.get("images_settling"):
+        lines.append(f"settling (written less than score.settle_s ago and not decodable yet; the next run scores "
+                     f"them): {summary['images_settling']}")
+    if summary.get("images_carried_over"):
+        lines.append(f"carried over from earlier runs (left pending there): {summary['images_carried_over']}")
+    if summary.get("images_gone"):
+        lines.append(f"deleted since the listing (no rows): {summary['images_gone']}")
+    if summary.get("duplicates_ignored"):
+        lines.append(f"images in two shards (each counted once, from the shard written first): "
+                     f"{summary['duplicates_ignored']}")
+    if summary.get("unplaced"):
+        lines.append(f"not in a date partition, not scored with --since: {summary['unplaced']} (e.g. "
+                     + ", ".join(summary["unplaced_examples"][:3]) + ")")
     return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@
 
 ::
 
-    from_items(files)                                  one row per file (shard, image_id, file, path)
+    from_items(files)                                  one row per file (shard, image_id, file)
       .map_batches(decode_batch)                       CPU tasks: bytes -> uint8 256x1600x3, or an error reason
       .map_batches(CascadeActor, ActorPoolStrategy)    models loaded once per actor; the gated cascade
 
@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from steel.core import storage
+from steel.core import s3, storage
 from steel.core.config import ScoreConfig
 from steel.core.names import CLASSES, HEIGHT, IMAGE_FORMATS, WIDTH
 from steel.core.retry import retry
@@ -30,39 +30,41 @@ from steel.score import io as score_io
 log = logging.getLogger(__name__)
 
 
-def decode_batch(batch: dict, filesystem=None, allow_resize: bool = False,
-                 formats=IMAGE_FORMATS, retries: int = 0, backoff_s: float = 1.0) -> dict:
+def decode_batch(batch: dict, allow_resize: bool = False, formats=IMAGE_FORMATS, retries: int = 0,
+                 backoff_s: float = 1.0, endpoint: str | None = None) -> dict:
     """Ray Data stage: read and decode each file of a batch.
 
-    In: columns ``shard``, ``image_id``, ``file`` (URI), ``path`` (path on ``filesystem``). Out: the
-    same ids plus ``image`` (N x 256 x 1600 x 3 uint8; zeros for failed rows), ``error`` (the reason,
-    '' when the image decoded) and ``error_kind``: ``decode`` (the file is bad: a permanent error
-    row) or ``transient`` (the read failed ``retries + 1`` times: not recorded, retried next run).
+    In: columns ``shard``, ``image_id``, ``file`` (the URI exactly as listed: an S3 key is read as it
+    is, so ``a//b.jpg`` and ``a/b.jpg`` stay two images) and optionally ``young`` (the store wrote the
+    file less than ``score.settle_s`` ago). ``endpoint``: the S3 endpoint of the driver
+    (a worker process has none set). Out: the same ids plus ``image`` (N x 256 x 1600 x 3 uint8; zeros
+    for failed rows), ``error`` (the reason, '' when the image decoded) and ``error_kind``:
+
+    - ``decode``: the file is bad, or it is still listed yet its key cannot be read: a permanent error row;
+    - ``settling``: a young file that does not decode (a copy may still be writing it): no row, next run;
+    - ``gone``: deleted since it was listed: no row, and the next listing decides;
+    - ``transient``: the read failed ``retries + 1`` times: no row, retried next run.
     """
     n = len(batch["image_id"])
     images = np.zeros((n, HEIGHT, WIDTH, 3), dtype=np.uint8)
     errors = np.full(n, "", dtype=object)
     kinds = np.full(n, "", dtype=object)
+    young = batch.get("young", np.zeros(n, dtype=bool))
     for i in range(n):
-        path = str(batch["path"][i])
-
-        def read(path=path, uri=str(batch["file"][i])) -> bytes:
-            if filesystem is not None:
-                with filesystem.open_input_stream(path) as fh:
-                    return fh.read()
-            return storage.read_bytes(uri)
-
+        uri = str(batch["file"][i])
         try:
-            # A file deleted since listing is not retried (nor recorded: the next listing decides).
-            data = retry(read, retries=retries, backoff_s=backoff_s, what=f"reading {path}",
-                                  permanent=(FileNotFoundError,))
+            data = retry(lambda: storage.read_bytes(uri, endpoint), retries=retries, backoff_s=backoff_s,
+                         what=f"reading {uri}", permanent=(FileNotFoundError,))
+        except FileNotFoundError as e:
+            errors[i], kinds[i] = _missing(uri, e, endpoint)
+            continue
         except Exception as e:  # noqa: BLE001 - transient: this image stays pending, not the job's end
             errors[i], kinds[i] = f"could not read the file: {type(e).__name__}: {e}", "transient"
             continue
         try:
             images[i] = image_io.decode(data, allow_resize=allow_resize, formats=formats)
         except image_io.BadImage as e:
-            errors[i], kinds[i] = str(e), "decode"
+            errors[i], kinds[i] = str(e), "settling" if young[i] else "decode"
     return {
         "shard": np.asarray(batch["shard"], dtype=object),
         "image_id": np.asarray(batch["image_id"], dtype=object),
@@ -72,6 +74,16 @@ def decode_batch(batch: dict, filesystem=None, allow_resize: bool = False,
         "error_kind": kinds,
     }
 
+
+def _missing(uri: str, exc: FileNotFoundError, endpoint: str | None) -> tuple[str, str]:
+    """``(reason, kind)`` for a listed file whose read said "not found"."""
+    try:
+        listed = storage.exists(uri, endpoint)
+    except Exception as e:  # noqa: BLE001 - cannot tell: leave it pending
+        return f"could not read the file: {exc}; and could not check it: {type(e).__name__}: {e}", "transient"
+    if listed:  # a key the store lists but will not serve by that name: it would fail every night
+        return f"listed but cannot be read by its own key: {exc}", "decode"
+    return f"deleted since it was listed: {exc}", "gone"
 
 
 def stats_delta(before: dict, after: dict) -> dict:
@@ -108,8 +120,8 @@ class _Metrics:
 
             if ray.is_initialized():
                 self.scored = Counter("steel_images_scored", "images the cascade scored")
-                self.errors = Counter("steel_score_errors", "images not scored, by kind "
-                                      "(decode: permanent error row; transient: retried next run)",
+                self.errors = Counter("steel_score_errors", "images not scored, by kind (decode: permanent "
+                                      "error row; transient, settling: retried next run; gone: deleted)",
                                       tag_keys=("kind",))
                 self.defects = Counter("steel_defect_images", "scored images with a mask of the class",
                                        tag_keys=("class_id",))
@@ -213,7 +225,7 @@ class CascadeActor:
                     masks[i, j] = rows[j]["EncodedPixels"]
         scored = errors == ""
         self.metrics.inc("scored", int(scored.sum()))
-        for kind in ("decode", "transient"):
+        for kind in (*score_io.PERMANENT_KINDS, *score_io.LEFT_KINDS):
             self.metrics.inc("errors", int((kinds == kind).sum()), {"kind": kind})
         for j in range(4):
             self.metrics.inc("defects", int((scored & (masks[:, j] != "")).sum()), {"class_id": str(j + 1)})
@@ -248,11 +260,11 @@ def batch_result(batch: dict, i: int) -> dict:
 
 
 
-def cascade_dataset(items: list[dict], cfg: ScoreConfig, filesystem, formats, factory, actor=None):
+def cascade_dataset(items: list[dict], cfg: ScoreConfig, formats, factory, actor=None):
     """The Ray Data pipeline ``from_items -> decode_batch -> actor pool`` (lazy; nothing runs yet).
 
-    ``items``: one dict per file with ``shard``, ``image_id``, ``file`` (URI), ``path`` (on
-    ``filesystem``). ``actor``: the actor stage class, :class:`CascadeActor` or a subclass
+    ``items``: one dict per file with ``shard``, ``image_id`` and ``file`` (its URI), optionally
+    ``young`` (see :func:`decode_batch`). ``actor``: the actor stage class, :class:`CascadeActor` or a subclass
     (threshold tuning's probability stage); built once per actor with ``factory``, on
     ``cfg.gpus_per_actor`` GPUs (and then it refuses to start without one).
     """
@@ -263,8 +275,8 @@ def cascade_dataset(items: list[dict], cfg: ScoreConfig, filesystem, formats, fa
     # Decoding is light (I/O + libjpeg): half a CPU per task. The differing resources also keep Ray
     # from fusing it into the actor stage, so decoding overlaps inference in separate CPU tasks.
     ds = ds.map_batches(decode_batch, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=0.5,
-                        fn_kwargs={"filesystem": filesystem, "allow_resize": cfg.allow_resize, "formats": formats,
-                                   "retries": cfg.retries, "backoff_s": cfg.retry_backoff_s})
+                        fn_kwargs={"allow_resize": cfg.allow_resize, "formats": formats, "retries": cfg.retries,
+                                   "backoff_s": cfg.retry_backoff_s, "endpoint": s3.current_endpoint()})
     actor_args: dict = {}
     if cfg.gpus_per_actor > 0:
         actor_args["num_gpus"] = cfg.gpus_per_actor
