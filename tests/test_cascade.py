@@ -336,6 +336,9 @@ def test_default_thresholds_are_the_seed():
         (lambda d: d["classes"]["4"].pop("max_area"), "classes.4: missing key 'max_area'"),
         (lambda d: d.update(tta="flip"), "tta: must be one of"),
         (lambda d: d.update(binary=float("nan")), "binary: must be finite"),
+        # thresholds.json's `"max_area": 1e400` reads as inf; a 401-digit integer overflows float()
+        (lambda d: d["classes"]["1"].update(max_area=float("inf")), "classes.1.max_area: must be finite"),
+        (lambda d: d["classes"]["1"].update(max_area=10**400), "classes.1.max_area: must be finite, got an integer"),
     ],
 )
 def test_validate_thresholds_errors(change, message):

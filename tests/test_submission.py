@@ -32,6 +32,18 @@ def test_image_ids_with_underscores_split_on_the_last_one(tmp_path):
     assert read_rows(str(path)).values.tolist() == [["plant_7_cam2.jpg", 3, "1 2"]]
 
 
+def test_image_ids_are_kept_exactly_other_cells_stripped(tmp_path):
+    """An ImageId is an object key as scoring listed it: " a.jpg" and "a.jpg " are other images than "a.jpg"."""
+    path = tmp_path / "s.csv"
+    path.write_text("ImageId,ClassId,EncodedPixels\n a.jpg , 1 , 1 2 \na.jpg,2,\n")
+    assert read_rows(str(path)).values.tolist() == [[" a.jpg ", 1, "1 2"], ["a.jpg", 2, ""]]
+    comb = tmp_path / "c.csv"
+    comb.write_text("ImageId_ClassId,EncodedPixels\n a.jpg_3 ,5 1\n")
+    assert read_rows(str(comb)).values.tolist() == [[" a.jpg", 3, "5 1"]]
+    df = pd.DataFrame({"ImageId": ["b.jpg "], "ClassId": [" 4"], "EncodedPixels": [" 3 1"]})
+    assert read_rows(df).values.tolist() == [["b.jpg ", 4, "3 1"]]
+
+
 def test_dataframe_input():
     df = pd.DataFrame({"ImageId_ClassId": ["abc.jpg_3", "abc.jpg_1"], "EncodedPixels": ["1 1", float("nan")]})
     assert read_rows(df).values.tolist() == [["abc.jpg", 3, "1 1"], ["abc.jpg", 1, ""]]

@@ -27,6 +27,8 @@ from steel.data import rle
 LONG_COLUMNS: tuple[str, ...] = ("ImageId", "ClassId", "EncodedPixels")
 COMBINED_COLUMNS: tuple[str, ...] = ("ImageId_ClassId", "EncodedPixels")
 PROBLEM_COLUMNS: tuple[str, ...] = ("row", "ImageId", "ClassId", "reason")
+# How a cell is cleaned: stripped, except an image's id, kept as written (the class suffix may trail spaces).
+CLEAN = {"ImageId": str, "ImageId_ClassId": str.rstrip}
 MAX_LISTED = 20  # offending rows spelled out in an error message; the rest are counted
 
 
@@ -43,7 +45,11 @@ class RowsError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 def read_table(src: str | pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
-    """Read a CSV (URI) or take a DataFrame; all cells as stripped strings, blank lines dropped.
+    """Read a CSV (URI) or take a DataFrame; cells as strings, blank lines dropped.
+
+    Every cell is stripped of surrounding spaces except the image's id (``ImageId``; ``ImageId_ClassId``
+    only after its class): an id is an object key as scoring listed it, and ``" a.jpg"`` is another
+    image than ``"a.jpg"``.
 
     Returns ``(table, layout, name)``: ``layout`` is ``"long"`` or ``"combined"``; ``name`` names the
     source in messages. The table keeps a ``row`` column: the line number in the file (header = 1)
@@ -54,7 +60,7 @@ def read_table(src: str | pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
         table = src.reset_index(drop=True).copy()
         table.columns = [str(c).strip() for c in table.columns]
         for col in table.columns:
-            table[col] = [_cell(v) for v in table[col].tolist()]
+            table[col] = [_cell(v, CLEAN.get(col, str.strip)) for v in table[col].tolist()]
         table.insert(0, "row", np.arange(2, len(table) + 2))
     else:
         from steel.core import storage
@@ -73,19 +79,19 @@ def read_table(src: str | pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
         table.insert(0, "row", np.arange(2, len(table) + 2))
         cells = table.drop(columns="row")
         for col in cells.columns:
-            table[col] = table[col].fillna("").astype(object).map(lambda v: str(v).strip())
+            table[col] = [_cell(v, CLEAN.get(col, str.strip)) for v in table[col].fillna("").tolist()]
         blank = (table.drop(columns="row") == "").all(axis=1)
         table = table[~blank].reset_index(drop=True)
     layout = detect_layout(table.columns.drop("row") if "row" in table.columns else table.columns, name)
     return table, layout, name
 
 
-def _cell(value) -> str:
+def _cell(value, clean=str.strip) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
         return ""
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
         return str(int(value))  # ClassId that pandas turned into 3.0
-    return str(value).strip()
+    return clean(str(value))
 
 
 def detect_layout(columns: Iterable[str], name: str = "CSV") -> str:

@@ -56,7 +56,10 @@ def default_thresholds() -> dict:
 def _number(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ThresholdError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond any float (10**400 in a YAML file)
+        raise ThresholdError(f"{key}: must be finite, got an integer of {len(str(abs(value)))} digits") from None
     if not math.isfinite(value):
         raise ThresholdError(f"{key}: must be finite, got {value!r}")
     return value
