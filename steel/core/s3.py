@@ -155,7 +155,6 @@ def prefix_only_filesystem(bucket: str | None, endpoint: str | None = None) -> p
 def client(bucket: str | None, endpoint: str | None = None):
     """The boto3 S3 client for ``bucket`` on the current endpoint (one per endpoint and region)."""
     import boto3
-    import botocore.config
 
     url = current_endpoint(endpoint)
     region = bucket_region(url, bucket)
@@ -165,7 +164,7 @@ def client(bucket: str | None, endpoint: str | None = None):
         if made is None:
             # Standard mode, one attempt: every retry is steel's (steel.core.retry), counted once; botocore's
             # legacy mode would retry each call 5 times inside each of steel's attempts.
-            config = botocore.config.Config(retries={"mode": "standard", "total_max_attempts": 1})
+            config = boto3.session.Config(retries={"mode": "standard", "total_max_attempts": 1})  # botocore's
             made = _clients[key] = boto3.session.Session().client("s3", endpoint_url=url, region_name=region,
                                                                   config=config)
     return made
