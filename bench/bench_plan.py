@@ -64,9 +64,10 @@ def make_data(root: str, scored: int, new: int, per_shard: int) -> None:
 def measure(root: str, kind: str, per_shard: int) -> dict:
     """One planning pass (run in its own process)."""
     from steel.score import io as score_io
+    from steel.score import listing
 
     t0 = time.perf_counter()
-    inputs = score_io.list_inputs(os.path.join(root, "archive"), since=NEW_DAY)
+    inputs = listing.list_inputs(os.path.join(root, "archive"), since=NEW_DAY).inputs
     t_list = time.perf_counter()
     out = os.path.join(root, kind)
     done, owner = score_io.done_images(out, score_io.read_manifest(out))

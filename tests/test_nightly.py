@@ -27,7 +27,7 @@ from steel.data import images as image_io
 from steel.model import bundle as bundle_lib
 from steel.model.thresholds import bundle_thresholds, default_thresholds, save_thresholds
 from steel.score import io as score_io
-from steel.score import merge
+from steel.score import listing, merge
 from tests.test_scoring import BrightCascade, BrightPredictor, check_output, jpeg_bytes, write_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,12 +129,12 @@ def test_since_lists_only_new_date_partitions(tmp_path):
     for day in ("dt=2026-11-27", "dt=2026-11-28", "2026-11-29", "dt=2026-11-30"):
         write_images(storage.join(root, day), ["a.jpg", "cam2/b.jpg"])
     write_images(root, ["loose.jpg"])
-    inputs = score_io.list_inputs(root, since="2026-11-29").inputs
+    inputs = listing.list_inputs(root, since="2026-11-29").inputs
     assert list(inputs) == ["2026-11-29/a.jpg", "2026-11-29/cam2/b.jpg", "dt=2026-11-30/a.jpg",
                             "dt=2026-11-30/cam2/b.jpg"]
-    assert len(score_io.list_inputs(root).inputs) == 9  # without --since: everything, same ids
+    assert len(listing.list_inputs(root).inputs) == 9  # without --since: everything, same ids
     with pytest.raises(ValueError, match="YYYY-MM-DD"):
-        score_io.list_inputs(root, since="29/11/2026")
+        listing.list_inputs(root, since="29/11/2026")
 
 
 def test_since_finds_every_partition_form_late_uploads_and_reports_the_rest(tmp_path):
@@ -146,12 +146,12 @@ def test_since_finds_every_partition_form_late_uploads_and_reports_the_rest(tmp_
     write_images(root, ["loose.jpg"])
     write_images(storage.join(root, "misc"), ["x.jpg"])
     write_images(storage.join(root, "2026", "extra"), ["y.jpg"])
-    listing = score_io.list_inputs(root, since="2026-11-30", lookback_days=1)
-    assert list(listing.inputs) == ["2026-11-30/c.jpg", "2026/11/30/d.jpg", "2026/12/01/cam/e.jpg",
+    found = listing.list_inputs(root, since="2026-11-30", lookback_days=1)
+    assert list(found.inputs) == ["2026-11-30/c.jpg", "2026/11/30/d.jpg", "2026/12/01/cam/e.jpg",
                                     "date=2026-11-29/b.jpg"]  # 11-29: the day of lookback
-    assert listing.unplaced == ["2026/extra/", "loose.jpg", "misc/"]
-    assert listing.partitions == ["2026-11-30", "2026/11/30", "2026/12/01", "date=2026-11-29"]
-    assert len(score_io.list_inputs(root, since="2026-11-30", lookback_days=3).inputs) == 5  # + dt=2026-11-28
+    assert found.unplaced == ["2026/extra/", "loose.jpg", "misc/"]
+    assert found.partitions == ["2026-11-30", "2026/11/30", "2026/12/01", "date=2026-11-29"]
+    assert len(listing.list_inputs(root, since="2026-11-30", lookback_days=3).inputs) == 5  # + dt=2026-11-28
 
 
 def test_a_night_retries_what_the_last_left_pending_whatever_since_says(tiny_bundle, scoring_without_ray, tmp_path,

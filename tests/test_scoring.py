@@ -24,6 +24,7 @@ from steel.data import images as image_io
 from steel.data import rle
 from steel.model.thresholds import save_thresholds
 from steel.score import io as score_io
+from steel.score import listing
 
 H, W = 256, 1600
 
@@ -183,11 +184,11 @@ def test_list_inputs_uses_relative_paths_as_ids(tmp_path):
     write_images(root, ["b.jpg", "a.jpg", "day2/a.jpg"])
     storage.write_text(storage.join(root, "notes.txt"), "not an image")
     storage.write_text(storage.join(root, "out", "manifest.json"), "{}")
-    inputs = score_io.list_inputs(root, exclude=storage.join(root, "out")).inputs
+    inputs = listing.list_inputs(root, exclude=storage.join(root, "out")).inputs
     assert list(inputs) == ["a.jpg", "b.jpg", "day2/a.jpg", "notes.txt"]
     assert inputs["day2/a.jpg"] == storage.join(root, "day2/a.jpg")
     with pytest.raises(FileNotFoundError):
-        score_io.list_inputs(str(tmp_path / "missing"))
+        listing.list_inputs(str(tmp_path / "missing"))
 
 
 def test_shard_files_resume_state_and_recovery(tmp_path):

@@ -46,6 +46,7 @@ from steel.model import bundle as bundle_lib
 from steel.model import thresholds as th
 from steel.model.predictor import BundleCascade
 from steel.score import io as score_io
+from steel.score import listing as listing_lib
 from steel.score.lease import Lease, LeaseHeld, LeaseLost
 from steel.score.stages import add_stats, batch_result, cascade_dataset
 
@@ -134,7 +135,7 @@ def score(bundle_uri: str, images_uri: str, out_uri: str, score_cfg: ScoreConfig
 
 def _score_locked(record, resolved, bundle, used_thresholds, images_uri, out_uri, cfg, formats,
                   predictor, ray_address, expect_new, lease, call, t_start) -> dict:
-    listing = call(lambda: score_io.list_inputs(
+    listing = call(lambda: listing_lib.list_inputs(
         images_uri, exclude=out_uri, since=cfg.since, lookback_days=cfg.since_lookback_days if cfg.since else 0,
         settle_s=cfg.settle_s), "listing inputs")
     faults.pause_point("listed")
