@@ -158,6 +158,34 @@ def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_a_fence_retries_store_faults_and_knows_its_own_write_whose_answer_was_lost(out_uri, monkeypatch):
+    a = lease.Lease(out_uri, "run-a", ttl_s=60, heartbeat_s=3600, retries=3, backoff_s=0.0).acquire()
+    real = storage.replace_if
+    faults = ["refused", "landed"]
+
+    def flaky(uri, data, tag, endpoint=None):
+        fault = faults.pop(0) if faults else None
+        if fault == "refused":  # the store answered 503: nothing written
+            raise ConnectionError("SlowDown")
+        new = real(uri, data, tag, endpoint)
+        if fault == "landed":  # written, but the answer never came back
+            raise ConnectionError("connection reset by peer")
+        return new
+
+    monkeypatch.setattr(storage, "replace_if", flaky)
+    try:
+        a.fence()  # both faults absorbed: still the holder
+        assert not faults and a.lost is None and lease.read_holder(out_uri)["nonce"] == a._nonce
+        a.fence()  # and the tag it adopted is the lease's real one
+        monkeypatch.setattr(storage, "replace_if", lambda *args, **kw: (_ for _ in ()).throw(ConnectionError("down")))
+        with pytest.raises(lease.LeaseLost, match="could not be confirmed before a write"):
+            a.fence()  # a store that never answers: nothing may be committed
+    finally:
+        monkeypatch.setattr(storage, "replace_if", real)
+        a.release()
+
+
+@pytest.mark.timeout(60)
 def test_a_taker_with_a_shorter_ttl_waits_out_the_holders(out_uri):
     a = lease.Lease(out_uri, "long-ttl", ttl_s=60.0, heartbeat_s=3600).acquire()
     try:

@@ -6,6 +6,7 @@ retrying cannot fix as ``permanent`` (a missing file, a bad image, a lease anoth
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import random
@@ -15,12 +16,30 @@ log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 60.0
 _active = contextvars.ContextVar("steel_retry_active", default=False)
+_policy: contextvars.ContextVar[tuple[int, float] | None] = contextvars.ContextVar("steel_retry_policy", default=None)
 
 
 def active() -> bool:
     """True inside a :func:`retry` call: the layers below (``steel.core.storage``) then try once and let
     the caller's loop count the attempts, so retries are never multiplied."""
     return _active.get()
+
+
+@contextlib.contextmanager
+def policy(retries: int, backoff_s: float):
+    """Inside this block, each storage request (``steel.core.storage``) is retried ``retries`` times
+    with this backoff: retries where the fault is, one request at a time, so an operation of several
+    requests (a shard: its rows, its index) never repeats the ones that succeeded."""
+    token = _policy.set((int(retries), float(backoff_s)))
+    try:
+        yield
+    finally:
+        _policy.reset(token)
+
+
+def current_policy(default: tuple[int, float]) -> tuple[int, float]:
+    """``(retries, backoff_s)`` of the enclosing :func:`policy`, else ``default``."""
+    return _policy.get() or default
 
 
 def retry(fn, *, retries: int, backoff_s: float, what: str = "", permanent: tuple = (),
@@ -52,4 +71,4 @@ def retry(fn, *, retries: int, backoff_s: float, what: str = "", permanent: tupl
             _active.reset(token)
 
 
-__all__ = ["retry", "active", "MAX_BACKOFF_S"]
+__all__ = ["retry", "active", "policy", "current_policy", "MAX_BACKOFF_S"]

@@ -42,8 +42,9 @@ os.umask(_umask)
 
 
 # ----------------------------------------------------------------------------------------------
-# Retries: an S3 call outside a caller's retry loop is retried here; inside one (steel.core.retry),
-# it is tried once and the caller counts the attempts (botocore itself makes one attempt per call).
+# Retries: each S3 request is retried here, ``retry.policy``'s number of times (default S3_RETRIES);
+# inside a caller's own retry loop (steel.core.retry.retry) it is tried once and that loop counts the
+# attempts. botocore itself makes one attempt per call: attempts are counted once, never multiplied.
 
 S3_RETRIES = 4
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, ValueError, TypeError)
@@ -54,7 +55,8 @@ def _retried(fn):
     def call(uri, *args, **kwargs):
         if not is_s3(uri) or retry.active():
             return fn(uri, *args, **kwargs)
-        return retry.retry(lambda: fn(uri, *args, **kwargs), retries=S3_RETRIES, backoff_s=0.5,
+        retries, backoff_s = retry.current_policy((S3_RETRIES, 0.5))
+        return retry.retry(lambda: fn(uri, *args, **kwargs), retries=retries, backoff_s=backoff_s,
                            what=f"{fn.__name__}({uri})", permanent=_PERMANENT)
 
     return call

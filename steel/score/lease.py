@@ -31,6 +31,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 
 from steel.core import storage
 from steel.core.retry import retry
@@ -110,7 +111,8 @@ class Lease:
         self.run_id = run_id
         self.ttl_s = float(ttl_s)
         self.heartbeat_s = heartbeat_s if heartbeat_s is not None else self.ttl_s / 4
-        self.retries, self.backoff_s = retries, backoff_s  # for release (acquire: the caller retries)
+        self.retries, self.backoff_s = retries, backoff_s  # for fence and release (acquire: the caller retries)
+        self._nonce = ""
         self.tag: str | None = None
         self.took_over: dict | None = None
         self.lost: str | None = None
@@ -121,11 +123,19 @@ class Lease:
         self.acquired_at: float | None = None
 
     def _body(self) -> bytes:
+        """The lease's content; each write carries a fresh ``nonce``, so a writer whose answer was lost
+        can tell whether its write landed."""
         now = time.time()
+        self._nonce = uuid.uuid4().hex
         return json.dumps({"run_id": self.run_id, "host": socket.gethostname(), "boot_id": _boot_id(),
                            "pid": os.getpid(), "pid_started": _started(os.getpid()),
                            "acquired_at": _iso(self.acquired_at or now), "heartbeat_at": _iso(now),
-                           "ttl_s": self.ttl_s}).encode()
+                           "ttl_s": self.ttl_s, "nonce": self._nonce}).encode()
+
+    def _landed(self) -> str | None:
+        """The lease's tag if it holds our last write (its answer was lost, or a retry saw our own change)."""
+        current = storage.read_versioned(self.uri)
+        return current.tag if current is not None and parse(current).get("nonce") == self._nonce else None
 
     # -- taking ------------------------------------------------------------------------------
     def acquire(self) -> "Lease":
@@ -174,7 +184,14 @@ class Lease:
         with self._lock:
             if self.lost:
                 return
-            tag = storage.replace_if(self.uri, self._body(), self.tag)
+            try:
+                tag = storage.replace_if(self.uri, self._body(), self.tag)
+            except Exception:  # noqa: BLE001 - a dropped answer: the write may still have landed
+                tag = self._landed()
+                if tag is None:
+                    raise
+            if tag is None:
+                tag = self._landed()
             if tag is None:
                 holder = parse(storage.read_versioned(self.uri))
                 self.lost = (f"lease {self.uri} was taken over by {describe(holder)}" if holder
@@ -208,9 +225,9 @@ class Lease:
         """Renew now, and raise :class:`LeaseLost` unless the lease is still this run's: call it right
         before a write that commits work, so a run that lost its lease writes nothing more."""
         self.check()
-        try:
-            self.renew()
-        except Exception as e:  # noqa: BLE001 - the store could not say: nothing may be committed
+        try:  # a store fault is retried (within ttl/2 of silence: check() below); then nothing is committed
+            retry(self.renew, retries=self.retries, backoff_s=self.backoff_s, what=f"renewing {self.uri}")
+        except Exception as e:  # noqa: BLE001
             raise LeaseLost(f"lease {self.uri} could not be confirmed before a write: {type(e).__name__}: {e}") from e
         self.check()
 

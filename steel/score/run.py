@@ -41,6 +41,7 @@ from typing import Any, Callable
 from steel.core import faults, s3, storage
 from steel.core.config import ScoreConfig, check_section
 from steel.core.names import CLASSES, IMAGE_FORMATS
+from steel.core.retry import policy as retry_policy
 from steel.core.retry import retry
 from steel.model import bundle as bundle_lib
 from steel.model import thresholds as th
@@ -105,8 +106,14 @@ def score(bundle_uri: str, images_uri: str, out_uri: str, score_cfg: ScoreConfig
                     "to match)", cfg.tta, tuned_tta, tuned_tta)
 
     def call(fn, what=""):
-        return retry(fn, retries=cfg.retries, backoff_s=cfg.retry_backoff_s, what=what,
-                     permanent=(FileNotFoundError, ValueError, LeaseLost))
+        """``fn()`` with each of its storage requests retried ``score.retries`` times (one at a time)."""
+        try:
+            with retry_policy(cfg.retries, cfg.retry_backoff_s):
+                return fn()
+        except Exception as e:  # noqa: BLE001 - re-raised, saying what the run was doing
+            if what:
+                e.add_note(f"(while {what})")
+            raise
 
     lease = Lease(out_uri, run_id, ttl_s=cfg.lock_ttl_s, retries=cfg.retries, backoff_s=cfg.retry_backoff_s)
     call_lease = dict(retries=cfg.retries, backoff_s=cfg.retry_backoff_s, what="taking the lease")
