@@ -244,7 +244,7 @@ def test_answers_equal_batch_scoring_rows_and_error_reasons(endpoint, tmp_path):
     url, images, names = endpoint["url"], endpoint["images"], endpoint["names"]
     out = str(tmp_path / "scores")
     summary = scoring.score(endpoint["bundle"], str(images), out,
-                            ScoreConfig(format="parquet", batch_size=4, images_per_shard=4))
+                            ScoreConfig(format="parquet", batch_size=4, images_per_shard=4, settle_s=0))
     assert summary["scored"] == N_GOOD and summary["errors"] == len(bad_inputs())
     batch_rows = pd.concat([score_io.read_rows_file(u) for u in score_io.complete_shards(out).values()])
     batch_errors = pd.concat([score_io.read_errors_file(u) for u in storage.list_files(storage.join(out, "errors"))])
